@@ -1,0 +1,145 @@
+"""Logged metric keys, and their reduction over a logging interval and across ranks.
+
+Keys follow one scheme, ``ppo_guard/<role>/<metric>``. Each metric is declared once here, with how it is
+reduced over the steps of a logging interval (and across DDP ranks), its meaning and its healthy range;
+README's metric table is checked against this table by the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["OBSERVE_METRICS", "STEP_METRICS", "MetricSpec", "VectorStats", "metric_key"]
+
+Reduce = Literal["mean", "min", "max", "sum"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    reduce: Reduce
+    meaning: str
+    healthy: str
+    roles: Literal["all", "actor"] = "all"
+
+
+#: Measured at every measured optimizer step, for each role the optimizer holds (or every role not held).
+STEP_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("grad_norm", "mean", "L2 norm of the role's gradient after backward, before any clipping "
+               "(unscaled under AMP)", "> 0; actor typically 1e-3..1e1"),
+    MetricSpec("grad_norm_clipped", "mean", "L2 norm of the gradient the optimizer steps with (after clipping)",
+               "> 0"),
+    MetricSpec("clip_coef", "mean", "grad_norm_clipped / grad_norm: the factor gradient clipping applied",
+               "0.1..1; << 0.01 means the clip budget is spent elsewhere"),
+    MetricSpec("grad_nonzero_frac", "mean", "fraction of the role's trainable elements with a nonzero gradient "
+               "at the step", "close to 1 (ReLU nets: 0.5..1)"),
+    MetricSpec("grad_none", "max", "trainable parameters of the role whose .grad is None at the step", "0"),
+    MetricSpec("grad_nonfinite", "sum", "parameter tensors of the role with a NaN/Inf gradient", "0"),
+    MetricSpec("update_norm", "mean", "exact ||theta_after - theta_before|| over the optimizer step", "> 0",
+               roles="actor"),
+    MetricSpec("update_ratio", "mean", "update_norm / ||theta_before||: relative size of the step",
+               "1e-5..1e-2 (Adam, lr 1e-4..1e-3)", roles="actor"),
+    MetricSpec("param_norm", "mean", "||theta|| of the role's trainable parameters", "finite", roles="actor"),
+)
+
+#: Measured at each ``observe`` call (one per minibatch update of an actor role).
+OBSERVE_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("approx_kl", "mean", "k3 estimate of KL(pi_old||pi_new), mean((r-1) - log r)",
+               "1e-4..3e-2 (healthy CartPole: 1e-4..6e-4); exactly 0 means the policy is frozen", roles="actor"),
+    MetricSpec("approx_kl_k1", "mean", "k1 estimate mean(-log r) (noisy, may be negative)", "|x| < 0.05",
+               roles="actor"),
+    MetricSpec("clip_fraction", "mean", "fraction of samples with |r - 1| > clip_eps (needs clip_eps)",
+               "0..0.3 (median 0 is normal early)", roles="actor"),
+    MetricSpec("ratio_mean", "mean", "mean importance ratio r = exp(new_logp - old_logp)", "about 1",
+               roles="actor"),
+    MetricSpec("ratio_min", "min", "smallest ratio in the interval", "0.5..1", roles="actor"),
+    MetricSpec("ratio_max", "max", "largest ratio in the interval", "1..2", roles="actor"),
+    MetricSpec("ratio_dev", "max", "largest |r - 1| in the interval", "< 1; exactly 0 on every minibatch "
+               "of a rollout means the policy never moved", roles="actor"),
+    MetricSpec("entropy", "mean", "mean policy entropy (needs dist or entropy)", "below log(num_actions), "
+               "decreasing slowly", roles="actor"),
+    MetricSpec("entropy_norm", "mean", "entropy / log(num_actions) (needs dist or num_actions)", "0.1..1, "
+               "falling over training", roles="actor"),
+    MetricSpec("entropy_drift", "mean", "entropy minus the entropy at the role's first observe",
+               "moves away from 0 as the policy learns", roles="actor"),
+    MetricSpec("adv_mean", "mean", "mean of the advantages as used in the loss", "about 0 if normalised",
+               roles="actor"),
+    MetricSpec("adv_std", "mean", "std of the advantages as used in the loss", "about 1 if normalised; "
+               "not << 1e-3", roles="actor"),
+    MetricSpec("explained_variance", "mean", "1 - Var[returns - values] / Var[returns] (needs values and "
+               "returns)", "rising towards 1", roles="actor"),
+)
+
+#: Logged once per rollout (needs ``rollout=`` in ``observe``).
+ROLLOUT_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("updates_per_rollout", "mean", "optimizer steps of the actor during the last finished rollout",
+               "epochs x minibatches; 1 every rollout means target_kl stops at once", roles="actor"),
+)
+
+#: Read from the optimizers at each refresh (host values, no reduction needed).
+BINDING_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("binding", "min", "fraction of the role's trainable elements held by some optimizer "
+               "param group (by tensor identity)", "1.0"),
+    MetricSpec("lr", "mean", "smallest learning rate among the param groups holding the role", "> 0"),
+)
+
+
+def metric_key(prefix: str, role: str, metric: str) -> str:
+    return f"{prefix}/{role}/{metric}"
+
+
+class VectorStats(Metric):
+    """Sum, count, min and max of a fixed-length vector of measurements, with masked updates.
+
+    One ``update`` per measurement adds a whole vector at once (entries outside ``mask`` were not measured
+    this time). The states declare their own reduction, so a ``compute`` under DDP gives the statistics
+    over all ranks; values are never silently dropped: a NaN measured inside the mask makes the mean NaN.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    total: Tensor
+    count: Tensor
+    low: Tensor
+    high: Tensor
+
+    def __init__(self, size: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.size = size
+        self.add_state("total", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("low", default=torch.full((size,), float("inf"), dtype=torch.float64), dist_reduce_fx="min")
+        self.add_state("high", default=torch.full((size,), float("-inf"), dtype=torch.float64),
+                       dist_reduce_fx="max")
+
+    def update(self, values: Tensor, mask: Tensor) -> None:  # type: ignore[override]
+        values = values.to(self.total.device, torch.float64)
+        mask = mask.to(self.total.device)
+        self.total += torch.where(mask, values, 0.0)
+        self.count += mask
+        self.low = torch.fmin(self.low, torch.where(mask, values, float("inf")))
+        self.high = torch.fmax(self.high, torch.where(mask, values, float("-inf")))
+        # fmin/fmax skip NaN; a NaN measurement still reaches the mean through ``total``.
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        """Rows: mean, min, max, sum, count (NaN where nothing was measured)."""
+        nan = torch.full_like(self.total, float("nan"))
+        measured = self.count > 0
+        mean = torch.where(measured, self.total / self.count.clamp_min(1), nan)
+        return torch.stack([
+            mean,
+            torch.where(measured, self.low, nan),
+            torch.where(measured, self.high, nan),
+            torch.where(measured, self.total, nan),
+            self.count,
+        ])
+
+
+REDUCE_ROW = {"mean": 0, "min": 1, "max": 2, "sum": 3}

@@ -1,0 +1,550 @@
+"""``PPOMonitor``: measure every optimizer step of the actor(s) and critic, and log it.
+
+What is measured, per role (actor, ``agent_i``, critic):
+
+* gradient after backward and before any clipping the user does (``on_after_backward`` in manual
+  optimization; ``on_before_optimizer_step`` in automatic optimization, where Lightning clips after that
+  hook), unscaled under AMP;
+* gradient as the optimizer steps with it (a step pre-hook registered on the unwrapped
+  ``torch.optim.Optimizer``: after every clip, in both optimization modes);
+* the exact parameter update across the step (snapshot in preallocated buffers in the pre-hook, fused
+  difference in the post-hook; Trainer callbacks have no after-step hook);
+* optimizer binding: which share of the role's trainable tensors some param group holds, by identity,
+  and at which learning rate;
+* per minibatch, from :func:`~lightning_ppo_guard.observe`: KL, clip fraction, ratio, entropy, advantage
+  and value statistics.
+
+Numbers stay on the device and are reduced over the logging interval (and across ranks) by
+:class:`~lightning_ppo_guard.metrics.VectorStats`; one transfer to the host per logging interval.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_ppo_guard import functional as F
+from lightning_ppo_guard._warnings import PPOGuardWarning
+from lightning_ppo_guard.metrics import (
+    OBSERVE_METRICS,
+    REDUCE_ROW,
+    STEP_METRICS,
+    MetricSpec,
+    VectorStats,
+    metric_key,
+)
+from lightning_ppo_guard.roles import Role, RoleSpec, resolve_roles
+
+__all__ = ["Binding", "ObserveRecord", "PPOMonitor", "StepRecord"]
+
+_STEP_INDEX = {spec.name: i for i, spec in enumerate(STEP_METRICS)}
+_OBS_INDEX = {spec.name: i for i, spec in enumerate(OBSERVE_METRICS)}
+
+
+class Binding:
+    """How a role's trainable tensors are held by the optimizers (host values, read at each refresh)."""
+
+    __slots__ = ("fraction", "lr", "optimizers", "stale_tensors")
+
+    def __init__(self, fraction: float, lr: float, optimizers: tuple[int, ...], stale_tensors: int) -> None:
+        self.fraction = fraction  # share of trainable elements held by some param group
+        self.lr = lr  # smallest lr among the groups holding the role (nan when unbound)
+        self.optimizers = optimizers  # indices of the optimizers holding part of the role
+        self.stale_tensors = stale_tensors  # tensors held by those optimizers that are no model parameter
+
+    def as_dict(self) -> dict[str, Any]:
+        return {s: getattr(self, s) for s in self.__slots__}
+
+
+class StepRecord:
+    """One optimizer step of one role, still on the device (``values`` follows ``STEP_METRICS``)."""
+
+    __slots__ = ("grad_none", "optimizer_idx", "role", "step", "values")
+
+    def __init__(self, role: str, step: int, optimizer_idx: int, values: Tensor, grad_none: int) -> None:
+        self.role, self.step, self.optimizer_idx, self.values, self.grad_none = (
+            role, step, optimizer_idx, values, grad_none)
+
+
+class ObserveRecord:
+    """One ``observe`` call of one actor role, still on the device (``values`` follows ``OBSERVE_METRICS``)."""
+
+    __slots__ = ("first_in_rollout", "mask", "role", "rollout", "step", "target_kl", "values")
+
+    def __init__(self, role: str, step: int, rollout: int | None, first_in_rollout: bool,
+                 target_kl: float | None, values: Tensor, mask: tuple[bool, ...]) -> None:
+        self.role, self.step, self.rollout, self.first_in_rollout = role, step, rollout, first_in_rollout
+        self.target_kl, self.values, self.mask = target_kl, values, mask
+
+
+def _check_logp(name: str, t: Any) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"observe(): {name} must be a torch.Tensor of log-probabilities, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"observe(): {name} has dtype {t.dtype}; log-probabilities are floating point. "
+            "Pass dist.log_prob(actions), not the actions or their indices."
+        )
+    return t
+
+
+def _check_optional(name: str, t: Any, like: Tensor) -> Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"observe(): {name} must be a torch.Tensor or None, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"observe(): {name} has dtype {t.dtype}; pass floating-point values (e.g. .float()).")
+    if t.device != like.device:
+        raise ValueError(f"observe(): {name} is on {t.device} but new_logp is on {like.device}; move it first.")
+    if t.numel() != like.numel():
+        raise ValueError(
+            f"observe(): {name} has shape {tuple(t.shape)} ({t.numel()} values) but new_logp has shape "
+            f"{tuple(like.shape)}; pass one value per sample of the minibatch."
+        )
+    return t
+
+
+class PPOMonitor(Callback):
+    r"""Measure the actor's (and critic's) gradients, updates and policy movement at every optimizer step,
+    and log them to the Trainer's loggers under ``ppo_guard/<role>/<metric>``.
+
+    Add it to ``Trainer(callbacks=[...])`` and call :func:`~lightning_ppo_guard.observe` once per minibatch
+    update where the PPO loss is built. :class:`~lightning_ppo_guard.PPOGuard` extends it with diagnoses.
+
+    Args:
+        actors: the actor role(s): an attribute path (``"actor"``, ``"model.policy"``), a module, a
+            ``ModuleList``/``ModuleDict`` path (one role per agent: ``agent_0``, ...), or a list/dict of
+            paths or modules. ``None`` auto-detects ``actors``, ``actor``, ``policies``, ``policy``, ``pi``.
+        critic: the critic's path or module; ``None`` auto-detects ``critic``, ``value``, ``vf``; a module
+            without one has no critic role.
+        log_every_n_steps: optimizer steps per logged row; ``None`` uses the Trainer's ``log_every_n_steps``.
+        prefix: first component of every logged key.
+
+    Example::
+
+        trainer = Trainer(callbacks=[PPOMonitor()])
+        # in training_step, once per minibatch, before backward:
+        observe(self, new_logp=new_logp, old_logp=b_logp, advantages=adv, clip_eps=0.2, dist=dist)
+    """
+
+    def __init__(
+        self,
+        actors: RoleSpec = None,
+        critic: str | nn.Module | None = None,
+        *,
+        log_every_n_steps: int | None = None,
+        prefix: str = "ppo_guard",
+    ) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}.")
+        if not isinstance(prefix, str) or not prefix or "/" in prefix:
+            raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}.")
+        self._actors_spec = actors
+        self._critic_spec = critic
+        self._log_every = log_every_n_steps
+        self.prefix = prefix
+
+        self.roles: list[Role] = []
+        self.bindings: dict[str, Binding] = {}
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
+        self._active = False
+        self._hooks: list[RemovableHandle] = []
+        self._opt_roles: dict[int, list[Role]] = {}
+        self._opt_index: dict[int, int] = {}
+        self._pre_clip: dict[str, tuple[Tensor, float]] = {}
+        self._at_step: dict[str, tuple[Tensor, int]] = {}
+        self._snapshots: dict[str, list[Tensor]] = {}
+        self._step_stats: dict[str, VectorStats] = {}
+        self._obs_stats: dict[str, VectorStats] = {}
+        self._masks: dict[tuple[bool, ...], Tensor] = {}
+        self._steps_since_flush = 0
+        self._grad_none_last: dict[str, int] = {}
+        self.last_logged: dict[str, float] = {}
+        # progress, kept in state_dict
+        self.optimizer_steps = 0
+        self.observes = 0
+        self._entropy0: dict[str, float | Tensor] = {}
+        self._rollout: dict[str, int | None] = {}
+        self._rollout_steps: dict[str, int] = {}
+        self.updates_per_rollout: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def actor_roles(self) -> list[Role]:
+        return [r for r in self.roles if r.kind == "actor"]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resolve early so that a wrong path fails before any training; tensors are re-read at train start.
+        self.roles = resolve_roles(pl_module, self._actors_spec, self._critic_spec)
+        self._log_every = self._log_every or max(1, int(trainer.log_every_n_steps))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer, self._module = trainer, pl_module
+        device = pl_module.device
+        for role in self.roles:
+            self._step_stats[role.name] = VectorStats(len(STEP_METRICS)).to(device)
+            if role.kind == "actor":
+                self._obs_stats[role.name] = VectorStats(len(OBSERVE_METRICS)).to(device)
+        for idx, opt in enumerate(trainer.optimizers):
+            self._opt_index[id(opt)] = idx
+            self._hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
+            self._hooks.append(opt.register_step_post_hook(self._optimizer_post_step))
+        self.refresh()
+        self._active = True
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+        self._detach_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach_hooks()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._detach_hooks()
+
+    def _detach_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._active = False
+        self._snapshots.clear()
+        self._pre_clip.clear()
+        self._at_step.clear()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the roles' tensors and the optimizers' param groups (host-only work, no device sync)."""
+        if self._module is None or self._trainer is None:
+            return
+        changed = [role for role in self.roles if role.refresh(self._module) or role.name not in self._snapshots]
+        optimizers = self._trainer.optimizers
+        held: dict[int, tuple[int, float]] = {}
+        for idx, opt in enumerate(optimizers):
+            for group in opt.param_groups:
+                lr = group.get("lr", math.nan)
+                lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+                for p in group["params"]:
+                    held[id(p)] = (idx, lr)
+        model_ids = {id(p) for p in self._module.parameters()}
+        stale_by_opt = [
+            sum(1 for g in opt.param_groups for p in g["params"] if id(p) not in model_ids) for opt in optimizers
+        ]
+        opt_roles: dict[int, list[Role]] = {i: [] for i in range(len(optimizers))}
+        unbound: list[Role] = []
+        for role in self.roles:
+            bound_elems, lrs, opts = 0, [], set()
+            for p in role.params:
+                hit = held.get(id(p))
+                if hit is not None:
+                    bound_elems += p.numel()
+                    opts.add(hit[0])
+                    lrs.append(hit[1])
+            fraction = bound_elems / role.numel if role.numel else 0.0
+            stale = sum(stale_by_opt[i] for i in opts) if opts else sum(stale_by_opt)
+            self.bindings[role.name] = Binding(fraction, min(lrs) if lrs else math.nan, tuple(sorted(opts)), stale)
+            for i in opts:
+                opt_roles[i].append(role)
+            if not opts:
+                unbound.append(role)
+        # A role no optimizer holds is measured across every optimizer step: its update must be 0.
+        for i in opt_roles:
+            opt_roles[i].extend(unbound)
+        self._opt_roles = {id(opt): opt_roles[i] for i, opt in enumerate(optimizers)}
+        if changed:
+            for role in changed:
+                # Preallocated once per set of tensors: the step hooks never allocate snapshot memory.
+                self._snapshots[role.name] = (
+                    [torch.empty_like(p, memory_format=torch.preserve_format) for p in role.params]
+                    if role.kind == "actor" else []
+                )
+                self._pre_clip.pop(role.name, None)
+            self._on_roles_changed(changed)
+
+    def _on_roles_changed(self, roles: list[Role]) -> None:
+        """Called after a refresh found different tensors in some role (hook for the guard)."""
+
+    # ------------------------------------------------------------------ gradients
+    def _grad_scale(self) -> float:
+        scaler = self._trainer.scaler if self._trainer is not None else None
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    def _measure_pre_clip(self) -> None:
+        inv_scale = 1.0 / self._grad_scale()
+        for role in self.roles:
+            grads, _ = role.grads()
+            if grads:
+                self._pre_clip[role.name] = (F.grad_stats(grads), inv_scale)
+            else:
+                self._pre_clip.pop(role.name, None)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Manual optimization: the user clips between backward and step, so measure here (AMP-scaled:
+        # undone with the scaler's current scale). With accumulation, the last backward before the step wins.
+        if self._active and not pl_module.automatic_optimization:
+            self._measure_pre_clip()
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Automatic optimization: gradients are unscaled here and Lightning clips right after this hook.
+        if self._active and pl_module.automatic_optimization:
+            self._measure_pre_clip()
+
+    def _optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        for role in self._opt_roles.get(id(optimizer), ()):
+            grads, none = role.grads()
+            stats = F.grad_stats(grads) if grads else torch.zeros(3, device=self._device())
+            self._at_step[role.name] = (stats, none)
+            snap = self._snapshots.get(role.name)
+            if snap:
+                torch._foreach_copy_(snap, [p.detach() for p in role.params])
+
+    def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
+        opt_idx = self._opt_index.get(id(optimizer), -1)
+        records = []
+        for role in self._opt_roles.get(id(optimizer), ()):
+            at_step = self._at_step.pop(role.name, None)
+            if at_step is None:
+                continue
+            post, none = at_step
+            pre, inv_scale = self._pre_clip.pop(role.name, (None, 1.0))
+            grad_norm = post[0] if pre is None else pre[0] * inv_scale
+            clip_coef = torch.where(grad_norm > 0, post[0] / grad_norm, torch.ones_like(grad_norm))
+            nonzero_frac = post[1] / max(role.numel, 1)
+            snap = self._snapshots.get(role.name)
+            if snap:
+                params = [p.detach() for p in role.params]
+                torch._foreach_sub_(snap, params)
+                update_norm = F.flat_norm(snap).to(post.device)
+                param_norm = F.flat_norm(params).to(post.device)
+                # ratio against the norm before the step: ||theta_old|| = ||theta_new + delta||
+                update_ratio = update_norm / param_norm.clamp_min(1e-12)
+            else:
+                update_norm = update_ratio = param_norm = torch.full_like(post[0], math.nan)
+            values = torch.stack([grad_norm, post[0], clip_coef, nonzero_frac, torch.zeros_like(post[0]) + none,
+                                  post[2], update_norm, update_ratio, param_norm])
+            mask = self._mask((True,) * 6 + (bool(snap),) * 3, values.device)
+            self._step_stats[role.name].update(values, mask)
+            self._grad_none_last[role.name] = none
+            if role.kind == "actor":
+                self._rollout_steps[role.name] = self._rollout_steps.get(role.name, 0) + 1
+            records.append(StepRecord(role.name, step, opt_idx, values, none))
+        self.optimizer_steps += 1
+        self._steps_since_flush += 1
+        self._on_step(records)
+        if self._steps_since_flush >= (self._log_every or 1):
+            self._flush()
+
+    def _on_step(self, records: list[StepRecord]) -> None:
+        """Called after each optimizer step with the device-side records (hook for the guard)."""
+
+    def _device(self) -> torch.device:
+        return self._module.device if self._module is not None else torch.device("cpu")
+
+    def _mask(self, pattern: tuple[bool, ...], device: torch.device) -> Tensor:
+        key = (*pattern, str(device))
+        mask = self._masks.get(key)  # type: ignore[arg-type]
+        if mask is None:
+            mask = torch.tensor(pattern, dtype=torch.bool, device=device)
+            self._masks[key] = mask  # type: ignore[index]
+        return mask
+
+    # ------------------------------------------------------------------ observe
+    def observe(
+        self,
+        *,
+        new_logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor | None = None,
+        clip_eps: float | None = None,
+        dist: Distribution | None = None,
+        entropy: Tensor | None = None,
+        num_actions: int | Tensor | None = None,
+        values: Tensor | None = None,
+        returns: Tensor | None = None,
+        rollout: int | None = None,
+        target_kl: float | None = None,
+        role: str = "actor",
+    ) -> None:
+        """Record one minibatch of the policy term; see :func:`lightning_ppo_guard.observe`."""
+        if not self._active:
+            return
+        new_logp = _check_logp("new_logp", new_logp)
+        old_logp = _check_logp("old_logp", old_logp)
+        if new_logp.device != old_logp.device:
+            raise ValueError(f"observe(): old_logp is on {old_logp.device} but new_logp on {new_logp.device}.")
+        if new_logp.numel() == 0 or old_logp.numel() == 0:
+            rank_zero_warn("observe() got an empty new_logp/old_logp and skipped it; pass the minibatch's "
+                           "log-probs.", category=PPOGuardWarning)
+            return
+        if new_logp.numel() != old_logp.numel():
+            raise ValueError(
+                f"observe(): new_logp has shape {tuple(new_logp.shape)} but old_logp has shape "
+                f"{tuple(old_logp.shape)}; they must hold one log-prob per sample of the same minibatch."
+            )
+        advantages = _check_optional("advantages", advantages, new_logp)
+        values = _check_optional("values", values, new_logp)
+        returns = _check_optional("returns", returns, new_logp)
+        entropy = _check_optional("entropy", entropy, new_logp) if entropy is not None else None
+        if clip_eps is not None and not (isinstance(clip_eps, (int, float)) and clip_eps > 0):
+            raise ValueError(f"observe(): clip_eps must be a positive number, got {clip_eps!r}.")
+        if dist is not None and not isinstance(dist, Distribution):
+            raise TypeError(f"observe(): dist must be a torch.distributions.Distribution, got {type(dist).__name__}.")
+        actor = self._actor(role)
+
+        name = actor.name
+        first_in_rollout = rollout is not None and self._rollout.get(name) != rollout
+        if first_in_rollout:
+            if self._rollout.get(name) is not None:
+                self.updates_per_rollout[name] = self._rollout_steps.get(name, 0)
+                self._on_rollout_end(name, self.updates_per_rollout[name])
+            self._rollout[name] = rollout
+            self._rollout_steps[name] = 0
+
+        with torch.no_grad():
+            log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
+            nan = torch.full((), math.nan, device=log_ratio.device)
+            kl, kl1 = F.approx_kl(log_ratio), F.approx_kl_k1(log_ratio)
+            cf = F.clip_fraction(log_ratio, float(clip_eps)) if clip_eps is not None else nan
+            rs = F.ratio_stats(log_ratio)
+            n_actions = num_actions
+            if entropy is None and dist is not None:
+                try:
+                    entropy = dist.entropy()
+                except NotImplementedError:
+                    entropy = None
+            if n_actions is None and dist is not None:
+                shape = getattr(dist, "param_shape", None)
+                if getattr(dist, "_num_events", None) is not None and shape:
+                    n_actions = int(shape[-1])
+            ent = ent_norm = drift = nan
+            if entropy is not None:
+                ent = entropy.detach().float().mean()
+                if n_actions is not None:
+                    ent_norm = F.normalized_entropy(entropy, n_actions)
+                base = self._entropy0.setdefault(actor.name, ent)
+                drift = ent - base
+            adv_mean = adv_std = ev = nan
+            if advantages is not None:
+                a = advantages.detach().float().reshape(-1)
+                adv_mean, adv_std = a.mean(), a.std(unbiased=False)
+            if values is not None and returns is not None:
+                ev = F.explained_variance(values, returns)
+            vec = torch.stack([kl, kl1, cf, rs[0], rs[1], rs[2], rs[3], ent, ent_norm, drift, adv_mean, adv_std, ev])
+        given = (clip_eps is not None, entropy is not None, entropy is not None and n_actions is not None,
+                 advantages is not None, values is not None and returns is not None)
+        pattern = (True, True, given[0], True, True, True, True, given[1], given[2], given[1],
+                   given[3], given[3], given[4])
+        self._obs_stats[actor.name].update(vec, self._mask(pattern, vec.device))
+        self.observes += 1
+        step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
+        record = ObserveRecord(actor.name, step, rollout, first_in_rollout, target_kl, vec, pattern)
+        self._on_observe(record, actor, new_logp=new_logp, old_logp=old_logp, advantages=advantages,
+                         values=values, returns=returns, dist=dist)
+
+    def _actor(self, name: str) -> Role:
+        for role in self.roles:
+            if role.name == name and role.kind == "actor":
+                return role
+        actors = self.actor_roles
+        if name == "actor" and len(actors) == 1:
+            return actors[0]
+        raise ValueError(
+            f"observe(role={name!r}): no actor role has that name; the actor roles are "
+            f"{[r.name for r in actors]}. Pass role= one of them (MAPPO: one observe per agent)."
+        )
+
+    def _on_observe(self, record: ObserveRecord, role: Role, **tensors: Any) -> None:
+        """Called after each observe with the live tensors (hook for the guard; must not keep them)."""
+
+    def _on_rollout_end(self, role: str, updates: int) -> None:
+        """Called when ``observe`` sees a new rollout id for ``role`` (hook for the guard)."""
+
+    # ------------------------------------------------------------------ logging
+    def _flush(self) -> None:
+        """Reduce the interval's statistics (over ranks too) and log them: one host transfer."""
+        if self._trainer is None:
+            return
+        tables: list[tuple[str, tuple[MetricSpec, ...], VectorStats]] = [
+            (name, STEP_METRICS, stats) for name, stats in self._step_stats.items()
+        ] + [(name, OBSERVE_METRICS, stats) for name, stats in self._obs_stats.items()]
+        # Every rank updates the same metrics at the same steps, so the syncing compute() is collective.
+        tables = [t for t in tables if t[2].update_count > 0]
+        metrics: dict[str, float] = {}
+        if tables:
+            width = max(len(specs) for _, specs, _ in tables)
+            computed = torch.stack([
+                torch.nn.functional.pad(stats.compute().float(), (0, width - len(specs)))
+                for _, specs, stats in tables
+            ]).cpu().tolist()
+            kinds = {r.name: r.kind for r in self.roles}
+            for (role, specs, _), rows in zip(tables, computed, strict=True):
+                for j, spec in enumerate(specs):
+                    if rows[4][j] > 0 and (spec.roles == "all" or kinds.get(role) == "actor"):
+                        metrics[metric_key(self.prefix, role, spec.name)] = rows[REDUCE_ROW[spec.reduce]][j]
+            for _, _, stats in tables:
+                stats.reset()
+        for role in self.roles:
+            binding = self.bindings.get(role.name)
+            if binding is not None:
+                metrics[metric_key(self.prefix, role.name, "binding")] = binding.fraction
+                if not math.isnan(binding.lr):
+                    metrics[metric_key(self.prefix, role.name, "lr")] = binding.lr
+            if role.name in self.updates_per_rollout:
+                metrics[metric_key(self.prefix, role.name, "updates_per_rollout")] = float(
+                    self.updates_per_rollout[role.name])
+        self._steps_since_flush = 0
+        self.last_logged = metrics
+        if metrics and self._trainer.is_global_zero:
+            step = self._trainer.global_step
+            for logger in self._trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "observes": self.observes,
+            "entropy0": {k: float(v) for k, v in self._entropy0.items()},
+            "rollout": dict(self._rollout),
+            "rollout_steps": dict(self._rollout_steps),
+            "updates_per_rollout": dict(self.updates_per_rollout),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
+        self.observes = int(state_dict.get("observes", 0))
+        self._entropy0 = dict(state_dict.get("entropy0", {}))
+        self._rollout = dict(state_dict.get("rollout", {}))
+        self._rollout_steps = dict(state_dict.get("rollout_steps", {}))
+        self.updates_per_rollout = dict(state_dict.get("updates_per_rollout", {}))

@@ -1,0 +1,92 @@
+"""``observe``: the one call a user adds where the PPO loss is computed.
+
+It hands the per-minibatch tensors of the policy term to the :class:`~lightning_ppo_guard.PPOMonitor`
+(or :class:`~lightning_ppo_guard.PPOGuard`) attached to the module's Trainer. Without one it does nothing,
+so the call can stay in the code for good.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributions import Distribution
+
+__all__ = ["observe"]
+
+
+def _find_monitor(pl_module: Any) -> Any:
+    from lightning_ppo_guard.monitor import PPOMonitor
+
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        # Fabric: modules registered with a Fabric loop expose ``fabric``; the guard is found in its callbacks.
+        fabric = getattr(pl_module, "_fabric", None) or getattr(pl_module, "fabric", None)
+        callbacks = getattr(fabric, "_callbacks", None) or []
+    else:
+        callbacks = trainer.callbacks
+    for cb in callbacks:
+        if isinstance(cb, PPOMonitor):
+            return cb
+    return None
+
+
+def observe(
+    pl_module: Any,
+    *,
+    new_logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor | None = None,
+    clip_eps: float | None = None,
+    dist: Distribution | None = None,
+    entropy: Tensor | None = None,
+    num_actions: int | None = None,
+    values: Tensor | None = None,
+    returns: Tensor | None = None,
+    rollout: int | None = None,
+    target_kl: float | None = None,
+    role: str = "actor",
+) -> None:
+    """Hand one minibatch of the PPO policy term to the attached guard; a no-op without one.
+
+    Call it once per minibatch update, after the loss terms are built and before ``backward``
+    (the guard inspects the live autograd graph of ``new_logp``), in automatic or manual optimization.
+
+    Args:
+        pl_module: the LightningModule whose Trainer holds the guard.
+        new_logp: log pi_theta(a|s) of the taken actions, built from the live logits (requires grad).
+        old_logp: log-probs recorded at rollout time (detached).
+        advantages: the advantages exactly as they enter the policy loss (after any normalisation).
+        clip_eps: the PPO clip range, for ``clip_fraction``.
+        dist: the ``torch.distributions.Distribution`` that produced ``new_logp``; gives entropy and the
+            number of actions.
+        entropy: per-sample entropy, when no ``dist`` is given.
+        num_actions: size of the discrete action space, to normalise entropy by ``log(num_actions)``.
+        values: critic predictions for the minibatch, for ``explained_variance``.
+        returns: the critic's regression targets, for ``explained_variance``.
+        rollout: an integer that changes when a new rollout starts (e.g. the iteration number);
+            enables ``updates_per_rollout`` and the first-minibatch ratio check.
+        target_kl: the KL limit the training loop stops an update phase at, if any.
+        role: which actor role this policy term belongs to (``"actor"``, ``"agent_2"``, ...).
+
+    Only detached numbers are kept; the graph and the batch are never held.
+    """
+    monitor = _find_monitor(pl_module)
+    if monitor is None:
+        return
+    monitor.observe(
+        new_logp=new_logp,
+        old_logp=old_logp,
+        advantages=advantages,
+        clip_eps=clip_eps,
+        dist=dist,
+        entropy=entropy,
+        num_actions=num_actions,
+        values=values,
+        returns=returns,
+        rollout=rollout,
+        target_kl=target_kl,
+        role=role,
+    )
