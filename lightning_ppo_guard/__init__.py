@@ -2,15 +2,24 @@
 
 from lightning_ppo_guard import functional
 from lightning_ppo_guard._warnings import PPOGuardWarning
+from lightning_ppo_guard.config import GuardConfig
+from lightning_ppo_guard.diagnoses import CATALOG, Diagnosis, Finding
+from lightning_ppo_guard.guard import PPOGuard, PPOGuardError
 from lightning_ppo_guard.metrics import OBSERVE_METRICS, STEP_METRICS, MetricSpec
 from lightning_ppo_guard.monitor import PPOMonitor
 from lightning_ppo_guard.observe import observe
 from lightning_ppo_guard.roles import Role, resolve_roles
 
 __all__ = [
+    "CATALOG",
     "OBSERVE_METRICS",
     "STEP_METRICS",
+    "Diagnosis",
+    "Finding",
+    "GuardConfig",
     "MetricSpec",
+    "PPOGuard",
+    "PPOGuardError",
     "PPOGuardWarning",
     "PPOMonitor",
     "Role",

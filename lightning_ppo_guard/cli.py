@@ -1,0 +1,134 @@
+"""``ppo-guard``: the demo, the diagnosis catalog, and the explanation of one code.
+
+    ppo-guard demo [--fault NAME] [--seed N] [--iterations N] [--auto] [--logdir DIR]
+    ppo-guard rules
+    ppo-guard explain PPG001
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import textwrap
+import warnings
+from collections.abc import Sequence
+
+from lightning_ppo_guard.diagnoses import CATALOG, get
+
+__all__ = ["main"]
+
+_SHOWN = ("grad_norm", "update_ratio", "approx_kl", "clip_fraction", "entropy")
+
+
+def _cmd_rules(_: argparse.Namespace) -> int:
+    print(f"{'code':<7} {'severity':<8} symbol")
+    for d in CATALOG.values():
+        print(f"{d.code:<7} {d.severity:<8} {d.symbol}{'  (retired)' if d.retired else ''}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        d = get(args.code)
+    except KeyError as exc:
+        print(f"ppo-guard explain: {exc.args[0]}", file=sys.stderr)
+        return 2
+    wrap = textwrap.TextWrapper(width=100, initial_indent="  ", subsequent_indent="  ")
+    print(f"{d.code} {d.symbol} ({d.severity})\n")
+    print("Message:\n" + wrap.fill(d.message) + "\n")
+    print("Why:\n" + wrap.fill(d.explanation) + "\n")
+    print("Fix:\n" + wrap.fill(d.fix))
+    if d.checklist:
+        print("\nChecklist:\n" + wrap.fill(d.checklist))
+    return 0
+
+
+def _metrics_table(path: str, role: str, rows_shown: int = 12) -> str:
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get(f"ppo_guard/{role}/grad_norm")]
+    if not rows:
+        return "(no rows)"
+    picks = sorted({round(i * (len(rows) - 1) / max(rows_shown - 1, 1)) for i in range(rows_shown)})
+    header = f"{'step':>6} " + " ".join(f"{m:>14}" for m in _SHOWN)
+    lines = [header]
+    for i in picks:
+        r = rows[i]
+        cells = []
+        for m in _SHOWN:
+            v = r.get(f"ppo_guard/{role}/{m}", "")
+            cells.append(f"{float(v):>14.4g}" if v not in ("", None) else f"{'-':>14}")
+        lines.append(f"{int(float(r['step'])):>6} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import lightning as L
+        from lightning.pytorch.loggers import CSVLogger
+
+        from lightning_ppo_guard import PPOGuard, PPOGuardWarning
+        from lightning_ppo_guard.reference import FAULTS, CartPolePPO, CartPolePPOAuto, PPOConfig, trainer_kwargs
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        print(f"ppo-guard demo needs the demo extra (pip install 'lightning_ppo_guard[demo]'): {exc}",
+              file=sys.stderr)
+        return 2
+    if args.fault is not None and args.fault not in FAULTS:
+        print(f"ppo-guard demo: unknown fault {args.fault!r}; choose from: {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
+    cfg = PPOConfig(seed=args.seed, fault=args.fault)
+    if args.iterations is not None:
+        cfg.total_timesteps = args.iterations * cfg.batch_size
+    elif args.fault is not None:
+        cfg.total_timesteps = 8 * cfg.batch_size  # a fault shows within the first rollouts
+    L.seed_everything(args.seed, verbose=False)
+    module = (CartPolePPOAuto if args.auto else CartPolePPO)(cfg)
+    name = f"{'auto' if args.auto else 'manual'}_{args.fault or 'healthy'}"
+    logger = CSVLogger(args.logdir, name=name)
+    guard = PPOGuard(log_every_n_steps=args.log_every)
+    kwargs = trainer_kwargs(module)
+    kwargs.setdefault("enable_progress_bar", True)
+    trainer = L.Trainer(**kwargs, logger=logger, callbacks=[guard], enable_checkpointing=False,
+                        enable_model_summary=False)
+    print(f"Training the reference PPO on CartPole-v1 ({'automatic' if args.auto else 'manual'} optimization, "
+          f"fault={args.fault}, {cfg.num_iterations} iterations x {cfg.batch_size} env steps) with PPOGuard")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PPOGuardWarning)  # the summary below lists every finding
+        trainer.fit(module)
+    returns = list(getattr(module, "recent_returns", []))[-20:]
+    print()
+    if returns:
+        print(f"Mean return of the last {len(returns)} episodes: {sum(returns) / len(returns):.1f}")
+    metrics_csv = os.path.join(logger.log_dir, "metrics.csv")
+    print(f"\nWhat the guard logged for the actor (ppo_guard/actor/*, {metrics_csv}):")
+    print(_metrics_table(metrics_csv, "actor"))
+    print()
+    print(guard.summary())
+    print(f"\nFindings as JSON: {os.path.join(logger.log_dir, 'ppo_guard_findings.json')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ppo-guard", description="Catch a PPO actor that is not learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train the reference CartPole PPO with the guard and show its findings")
+    demo.add_argument("--fault", default=None, help="plant a fault (see `ppo-guard demo --list-faults`)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: full healthy run, "
+                      "8 with a fault)")
+    demo.add_argument("--auto", action="store_true", help="use the automatic-optimization reference")
+    demo.add_argument("--logdir", default="ppo_guard_logs")
+    demo.add_argument("--log-every", type=int, default=4, help="optimizer steps per logged row")
+    demo.set_defaults(func=_cmd_demo)
+    rules = sub.add_parser("rules", help="list the diagnosis catalog")
+    rules.set_defaults(func=_cmd_rules)
+    explain = sub.add_parser("explain", help="explain one diagnosis code or symbol, with its fix")
+    explain.add_argument("code")
+    explain.set_defaults(func=_cmd_explain)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Every threshold the rules use, in one validated, documented place.
+
+The defaults come from measurements, not taste (CartPole PPO, CPU; see README "Why these thresholds"):
+healthy runs show approx_kl 1e-4..6e-4 per update, median clip_fraction 0, relative updates 1e-4..1e-2
+per Adam step, max |r - 1| per rollout above 1e-2; the stalled runs sit at KL < 1e-10, |r - 1| < 1e-5,
+relative updates < 1e-7. Each threshold sits orders of magnitude from both, and every runtime rule needs
+its condition on several consecutive steps or rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["GuardConfig"]
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Thresholds of the guard's rules. All counts are consecutive steps/rollouts of one role."""
+
+    #: PPG201: steps with an exactly-zero actor gradient after backward.
+    zero_grad_steps: int = 3
+    #: PPG202/PPG004: steps whose gradient vanished between backward and the optimizer step.
+    cleared_steps: int = 2
+    #: PPG203: steps with a gradient at the step but an exactly-zero parameter change.
+    unchanged_steps: int = 3
+    #: PPG204: relative update ||dtheta||/||theta|| per step below this is "too small" ...
+    tiny_update_ratio: float = 1e-6
+    #: ... on this many consecutive steps.
+    tiny_update_steps: int = 8
+    #: PPG301/PPG501/PPG403: a rollout is frozen when its mean approx_kl is below this ...
+    frozen_kl: float = 1e-7
+    #: ... and its max |ratio - 1| below this ...
+    frozen_ratio_dev: float = 1e-3
+    #: ... for this many consecutive rollouts.
+    frozen_rollouts: int = 3
+    #: PPG302: an update phase that stops after at most this many actor steps because approx_kl > target_kl ...
+    early_stop_updates: int = 1
+    #: ... in this many consecutive rollouts.
+    early_stop_rollouts: int = 2
+    #: PPG401: advantages with std below this (relative to their mean magnitude + 1) are degenerate.
+    degenerate_adv_std: float = 1e-8
+    #: PPG402: unnormalised advantages with std below this ...
+    tiny_adv_std: float = 1e-3
+    #: ... in this many consecutive rollouts.
+    tiny_adv_rollouts: int = 2
+    #: PPG403: the shared clip coefficient below this ...
+    starved_clip_coef: float = 0.05
+    #: ... with the critic's pre-clip gradient this many times the actor's.
+    critic_dominance: float = 20.0
+    #: PPG501: normalised entropy above this counts as "at its maximum" ...
+    entropy_at_max: float = 0.999
+    #: ... and a normalised drift below this as "frozen".
+    entropy_frozen_drift: float = 1e-4
+    #: PPG105: max |ratio - 1| on a rollout's first minibatch above this.
+    first_ratio_dev: float = 1e-3
+    #: Rollout-level rules use pseudo-rollouts of this many observes when observe() gets no rollout id.
+    window_observes: int = 16
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"GuardConfig.{f.name} must be an int >= 1, got {value!r}.")
+            elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"GuardConfig.{f.name} must be a positive number, got {value!r}.")
+        for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"GuardConfig.{name} must be below 1, got {getattr(self, name)!r}.")
+
+    def replace(self, **changes: float) -> GuardConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,311 @@
+"""The diagnosis catalog: every finding the guard can report, with a stable code.
+
+Like ruff's and pylint's rules, each diagnosis has a code (``PPG###``, never reused; families by hundreds),
+a kebab-case symbol, a one-line message template, an explanation and the fix. Codes that are retired keep
+their number and stay listed with ``retired=True``.
+
+Families: 0xx set-up and optimizer binding, 1xx autograd wiring of the policy term, 2xx gradient and
+update, 3xx policy movement, 4xx learning signal, 5xx entropy, 9xx numerics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CATALOG", "Diagnosis", "Finding", "get"]
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    code: str
+    symbol: str
+    severity: Severity
+    message: str  # str.format template over the finding's evidence (and ``role``)
+    explanation: str
+    fix: str
+    checklist: str = ""  # which step of the seed checklist this automates
+    retired: bool = False
+
+
+@dataclass
+class Finding:
+    """One diagnosis raised for one role, with the numbers that support it."""
+
+    code: str
+    role: str
+    step: int
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def diagnosis(self) -> Diagnosis:
+        return CATALOG[self.code]
+
+    @property
+    def symbol(self) -> str:
+        return self.diagnosis.symbol
+
+    @property
+    def severity(self) -> Severity:
+        return self.diagnosis.severity
+
+    @property
+    def message(self) -> str:
+        try:
+            return self.diagnosis.message.format(role=self.role, **self.evidence)
+        except (KeyError, IndexError, ValueError):
+            return self.diagnosis.message
+
+    def __str__(self) -> str:
+        numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items())
+        return (f"{self.code} {self.symbol} [{self.role}] at step {self.step}: {self.message}\n"
+                f"  evidence: {numbers}\n  fix: {self.diagnosis.fix}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "symbol": self.symbol, "role": self.role, "step": self.step,
+                "severity": self.severity, "message": self.message, "evidence": dict(self.evidence),
+                "fix": self.diagnosis.fix}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+_ALL = (
+    # ---------------------------------------------------------------- 0xx set-up and binding
+    Diagnosis(
+        "PPG001", "actor-not-in-optimizer", "error",
+        "only {binding:.0%} of {role}'s trainable parameters are in any optimizer param group",
+        "The optimizer steps only the tensors in its param groups. Tensors left out keep their initial "
+        "values (and keep accumulating .grad, since zero_grad never clears them), so the policy never "
+        "changes however large its gradient. Common when moving from a shared actor-critic to one actor per "
+        "MAPPO agent.",
+        "Pass every actor's parameters to the optimizer in configure_optimizers, e.g. "
+        "Adam([{'params': self.actors.parameters(), 'lr': lr_actor}, {'params': self.critic.parameters()}]); "
+        "check with [len(g['params']) for g in optimizer.param_groups].",
+        checklist="step 1 (grad > 0 but no change) and step 4 (param groups)",
+    ),
+    Diagnosis(
+        "PPG002", "optimizer-holds-stale-tensors", "error",
+        "the optimizer holds {stale_tensors} tensors that are no longer parameters of the model, and not "
+        "{role}'s current ones",
+        "The actor module was re-created (or its parameters replaced) after configure_optimizers built the "
+        "optimizer, e.g. in setup()/on_fit_start() or by loading a new module. The optimizer keeps stepping the "
+        "old tensors; the module used in the loss is never updated.",
+        "Build the actor in __init__ (or configure_model) and never replace it afterwards; if you must, "
+        "re-create the optimizer (or load weights in place with load_state_dict).",
+        checklist="step 4 (param groups)",
+    ),
+    Diagnosis(
+        "PPG003", "actor-lr-zero", "error",
+        "the param groups holding {role} have learning rate {lr:g}",
+        "With lr 0 the optimizer step leaves the actor unchanged (Adam still bumps its state). Often a "
+        "scheduler that decays to 0, a warm-up that starts at 0 and never rises, or a per-group lr left at 0.",
+        "Give the actor's param group a positive lr (1e-4..3e-4 with Adam is typical for PPO); check the "
+        "scheduler's lambda and warm-up.",
+        checklist="step 1 (lr ~ 0) and step 2",
+    ),
+    Diagnosis(
+        "PPG004", "grad-clipped-to-zero", "error",
+        "{role}'s gradient was {grad_norm:.3g} after backward but exactly 0 at the optimizer step",
+        "Gradient clipping with max_norm <= 0 (or a zero_grad(set_to_none=False) between backward and step) "
+        "leaves an all-zero gradient, so nothing is updated.",
+        "Use a positive max_grad_norm (0.5 is the PPO default) or gradient_clip_val=None, and call "
+        "zero_grad() before backward, not after.",
+        checklist="step 2 (max_grad_norm)",
+    ),
+    Diagnosis(
+        "PPG005", "actor-frozen", "error",
+        "{role} has no trainable parameter: all {frozen} of its tensors have requires_grad=False",
+        "A frozen actor (requires_grad_(False), a freeze() left over from pre-training, or weights loaded as "
+        "buffers) gets no gradient and cannot learn.",
+        "Call actor.requires_grad_(True) (or unfreeze the layers meant to learn) before the optimizer is built.",
+        checklist="step 1",
+    ),
+    # ---------------------------------------------------------------- 1xx wiring of the policy term
+    Diagnosis(
+        "PPG101", "logp-no-grad", "error",
+        "new_logp for {role} does not require grad: the policy term cannot reach the actor",
+        "new_logp was built from detached logits (actor(x).detach()), under torch.no_grad() / "
+        "torch.inference_mode(), or from a tensor recorded at rollout time. The PPO surrogate then has no "
+        "gradient with respect to the actor; only the entropy bonus (if built from live logits) moves it.",
+        "Recompute the logits in the update with gradients: dist = Categorical(logits=self.actor(obs)); "
+        "new_logp = dist.log_prob(actions). No .detach() and no torch.no_grad() around the actor's forward.",
+        checklist="step 1 (grad ~ 0) and step 3",
+    ),
+    Diagnosis(
+        "PPG102", "logp-graph-misses-actor", "error",
+        "new_logp's autograd graph reaches only {reached}/{trainable} of {role}'s trainable tensors",
+        "The log-probs are computed through some other module (a copy of the actor, a target network, another "
+        "agent's actor) or part of the actor is bypassed, so those actor tensors get no policy gradient.",
+        "Build the Distribution from this role's own live logits: Categorical(logits=self.actor(obs)); for "
+        "MAPPO pass role=f'agent_{{i}}' with that agent's log-probs.",
+        checklist="step 1 and step 3",
+    ),
+    Diagnosis(
+        "PPG103", "old-logp-requires-grad", "error",
+        "old_logp for {role} requires grad (ratio max |r-1| = {ratio_dev:.3g})",
+        "old_logp must be a constant. If it is recomputed from the current network without detach, "
+        "ratio = exp(new - old) is identically 1 and its gradient cancels: the clipped surrogate gives the actor "
+        "zero policy gradient. If it comes from the rollout's graph, backward also runs through the old graph.",
+        "Record old_logp under torch.no_grad() at rollout time (or call .detach()), and store it in the buffer: "
+        "ratio = (new_logp - old_logp.detach()).exp().",
+        checklist="step 3",
+    ),
+    Diagnosis(
+        "PPG104", "loss-broadcast", "error",
+        "{name} has shape {shape} but new_logp has shape {logp_shape}: their product broadcasts to {broadcast}",
+        "A (B,) tensor times a (B, 1) tensor broadcasts to (B, B): every advantage multiplies every ratio, the "
+        "surrogate averages over the wrong pairs and the policy gradient is mostly noise.",
+        "Give the terms the same shape: advantages.reshape(-1), values.squeeze(-1), or new_logp.view_as(...).",
+        checklist="step 3",
+    ),
+    Diagnosis(
+        "PPG105", "first-ratio-not-one", "warning",
+        "on the first minibatch of rollout {rollout}, max |ratio - 1| = {ratio_dev:.3g} for {role} "
+        "(expected 0 before any update)",
+        "Before the first update of a rollout the update policy equals the rollout policy, so the ratio must "
+        "be exactly 1. A deviation means the log-probs were computed differently: dropout or batch-norm in "
+        "train mode, a stale observation normaliser, different action masks, or mismatched actions.",
+        "Compute old_logp and new_logp the same way: same mode (eval() or no dropout), same normalisation, "
+        "same mask, same action tensor.",
+        checklist="step 3",
+    ),
+    Diagnosis(
+        "PPG106", "logp-by-hand", "warning",
+        "new_logp for {role} is log() of gathered probabilities (graph: {pattern})",
+        "log(softmax(x)[a]) computed by hand underflows to -inf for unlikely actions and loses precision; its "
+        "gradient vanishes where the probability saturates. Distributions compute log_softmax stably.",
+        "Use dist = Categorical(logits=logits); new_logp = dist.log_prob(actions).",
+        checklist="step 3",
+    ),
+    # ---------------------------------------------------------------- 2xx gradient and update
+    Diagnosis(
+        "PPG201", "actor-grad-zero", "error",
+        "{role}'s gradient after backward is exactly 0 for {steps} optimizer steps",
+        "new_logp is wired, but the loss that is back-propagated carries no gradient to the actor: the policy "
+        "term is left out of the loss, multiplied by zero (advantages all zero, a zero coefficient), or "
+        "backward runs on another loss.",
+        "Back-propagate policy_loss + vf_coef * value_loss - ent_coef * entropy, with non-zero advantages.",
+        checklist="step 1 (grad ~ 0)",
+    ),
+    Diagnosis(
+        "PPG202", "grad-cleared-before-step", "error",
+        "{role}'s gradient was {grad_norm:.3g} after backward but gone (.grad is None) at the optimizer step",
+        "zero_grad() runs between backward() and step(), so the optimizer sees no gradient and skips the "
+        "parameters.",
+        "Order the calls: optimizer.zero_grad(); manual_backward(loss); clip; optimizer.step().",
+        checklist="step 1 (grad > 0 but no change)",
+    ),
+    Diagnosis(
+        "PPG203", "params-unchanged", "error",
+        "{role} has gradient {grad_norm_clipped:.3g} at the step but its parameters did not change "
+        "(update 0 over {steps} steps)",
+        "The optimizer holds the actor and sees a gradient, yet the step leaves it unchanged: the step is "
+        "skipped (AMP found inf/NaN every time, a closure that returns None), the lr is 0 inside the "
+        "optimizer's own state, or the parameters are restored after the step.",
+        "Check that optimizer.step() really runs for this optimizer, that the lr the optimizer uses is "
+        "positive, and that nothing re-loads the actor's weights after the step.",
+        checklist="step 1 (grad > 0 but no change)",
+    ),
+    Diagnosis(
+        "PPG204", "update-too-small", "error",
+        "{role}'s relative update per step is {update_ratio:.2g} (lr {lr:g}) over {steps} steps",
+        "The parameters move, but by less than one part in a million per step: the policy cannot change in any "
+        "useful number of updates. Almost always a learning rate many orders too small.",
+        "Raise the actor's lr (Adam: 1e-4..3e-4 for PPO) and check the scheduler; aim for update_ratio 1e-5..1e-2.",
+        checklist="step 2 (lr)",
+    ),
+    # ---------------------------------------------------------------- 3xx policy movement
+    Diagnosis(
+        "PPG301", "policy-frozen", "error",
+        "{role}'s policy did not move for {rollouts} rollouts: approx_kl {approx_kl:.2g}, max |r-1| "
+        "{ratio_dev:.2g}, while its parameters change (update_ratio {update_ratio:.2g})",
+        "Gradient flows and the optimizer updates the actor, yet the action distribution stays put: the steps "
+        "are too small for this policy (too few epochs or minibatches, a tiny lr for this architecture) or "
+        "the logits barely depend on the parameters.",
+        "Try one run with larger steps (the checklist's step 2): actor lr 1e-4..3e-4, 4 epochs, clip 0.2, "
+        "target_kl off; approx_kl should rise to 0.01..0.03 and clip_fraction to 0.1..0.3.",
+        checklist="step 2",
+    ),
+    Diagnosis(
+        "PPG302", "target-kl-stops-early", "error",
+        "the update phase stopped after {updates} update(s) in {rollouts} consecutive rollouts: approx_kl "
+        "{approx_kl:.2g} > target_kl {target_kl:g}",
+        "An early-stop guard with a target_kl that small ends every update phase after its first minibatch, "
+        "so the actor takes one tiny step per rollout.",
+        "Raise target_kl to 0.01..0.05 (or set it to None), and compare it with approx_kl, not with the "
+        "k1 estimate.",
+        checklist="step 2 (target_kl)",
+    ),
+    # ---------------------------------------------------------------- 4xx learning signal
+    Diagnosis(
+        "PPG401", "advantages-degenerate", "error",
+        "{role}'s advantages are degenerate: std {adv_std:.3g}, mean {adv_mean:.3g}",
+        "Advantages with no spread (all equal, all zero) or NaN carry no information about which actions were "
+        "better; the policy gradient is zero or noise.",
+        "Check the GAE computation (dones, bootstrapping, value shapes), and that the rewards reach the buffer.",
+        checklist="'if still stuck': advantage signal",
+    ),
+    Diagnosis(
+        "PPG402", "advantages-tiny", "error",
+        "{role}'s advantages are tiny and not normalised (std {adv_std:.2g}) for {rollouts} rollouts",
+        "The policy term scales with the advantages; at this size the entropy bonus and Adam's eps swamp it "
+        "and the policy does not follow the reward.",
+        "Normalise advantages per minibatch ((adv - mean) / (std + 1e-8)) or fix the reward scale.",
+        checklist="'if still stuck': scale the advantages",
+    ),
+    Diagnosis(
+        "PPG403", "critic-eats-clip-budget", "error",
+        "the shared clip scales {role}'s gradient by {clip_coef:.2g} because the critic's gradient is "
+        "{critic_ratio:.3g}x larger, and the actor stalls (update_ratio {update_ratio:.2g})",
+        "actor and critic share one clip_grad_norm budget; the critic's gradient (large value loss, unscaled "
+        "returns) dominates the joint norm, so the actor's share is clipped to almost nothing.",
+        "Clip actor and critic separately (two clip calls or two optimizers), scale/normalise the returns or "
+        "lower vf_coef.",
+        checklist="step 2 (max_grad_norm) and the 'value_loss 700+' signal",
+    ),
+    # ---------------------------------------------------------------- 5xx entropy
+    Diagnosis(
+        "PPG501", "entropy-frozen-at-max", "error",
+        "{role}'s entropy stays at {entropy_norm:.4f} of its maximum (drift {entropy_drift:.2g}) for "
+        "{rollouts} rollouts while its parameters change",
+        "The action distribution stays uniform although the parameters move: the logits are scaled towards 0 "
+        "(a huge temperature, a multiplied-away head), or the distribution is built from something that "
+        "does not depend on the parameters. The seed's 'entropy pinned at 3.698 = ln 40'.",
+        "Build the Distribution from the actor's raw logits (no extra scaling) and check the head's output "
+        "scale; watch dist.entropy().mean() move.",
+        checklist="'if still stuck': entropy never changes",
+    ),
+    # ---------------------------------------------------------------- 9xx numerics
+    Diagnosis(
+        "PPG901", "nonfinite-gradient", "error",
+        "{role} has {tensors} parameter tensor(s) with NaN/Inf gradient at step {step}",
+        "A NaN/Inf in the gradient poisons Adam's moments and then the weights.",
+        "Find the first non-finite loss term (log of 0, division by a zero std, exploding value loss); clamp "
+        "log-probs, add eps to std, clip gradients.",
+    ),
+    Diagnosis(
+        "PPG902", "nonfinite-logp", "error",
+        "{role}'s ratio/KL is not finite: approx_kl {approx_kl}",
+        "new_logp or old_logp holds NaN/Inf (log of a zero probability, NaN logits), so the surrogate and its "
+        "gradient are NaN.",
+        "Use Categorical(logits=...) rather than log(probs); check the observations and logits for NaN.",
+    ),
+)
+
+#: code -> Diagnosis, in catalog order.
+CATALOG: dict[str, Diagnosis] = {d.code: d for d in _ALL}
+
+
+def get(code_or_symbol: str) -> Diagnosis:
+    """Look a diagnosis up by code (``PPG001``, case-insensitive) or symbol (``actor-not-in-optimizer``)."""
+    key = code_or_symbol.strip()
+    if key.upper() in CATALOG:
+        return CATALOG[key.upper()]
+    for diagnosis in CATALOG.values():
+        if diagnosis.symbol == key.lower():
+            return diagnosis
+    raise KeyError(f"Unknown diagnosis {code_or_symbol!r}; known codes: {', '.join(CATALOG)}.")

@@ -1,0 +1,276 @@
+"""``PPOGuard``: the monitor plus the rules, warning (or stopping) with a coded diagnosis when the actor stalls."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ppo_guard._warnings import PPOGuardWarning
+from lightning_ppo_guard.config import GuardConfig
+from lightning_ppo_guard.diagnoses import CATALOG, Finding
+from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
+from lightning_ppo_guard.metrics import OBSERVE_METRICS, STEP_METRICS
+from lightning_ppo_guard.monitor import ObserveRecord, PPOMonitor, StepRecord
+from lightning_ppo_guard.roles import Role, RoleSpec
+from lightning_ppo_guard.rules import Diagnoser, ObserveFacts, StepFacts, WiringFacts
+
+__all__ = ["PPOGuard", "PPOGuardError"]
+
+_S = {spec.name: i for i, spec in enumerate(STEP_METRICS)}
+_O = {spec.name: i for i, spec in enumerate(OBSERVE_METRICS)}
+OnStall = Literal["warn", "raise", "stop"]
+
+
+class PPOGuardError(RuntimeError):
+    """Raised by ``PPOGuard(on_stall="raise")`` when a run stalls; carries the findings."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
+        super().__init__("PPO actor stalled:\n" + "\n".join(str(f) for f in findings))
+
+
+class PPOGuard(PPOMonitor):
+    r"""Measure like :class:`PPOMonitor`, and diagnose a PPO/MAPPO actor that is not learning.
+
+    Each finding has a stable code (``PPG###``, see :data:`lightning_ppo_guard.CATALOG`), the role, the step,
+    the numbers that support it, and the fix. Each code is reported once per role, on rank zero, as a
+    :class:`PPOGuardWarning`; all findings are in :attr:`findings`, written to
+    ``<log_dir>/ppo_guard_findings.json`` and summarised at the end of fit.
+
+    Args:
+        actors: the actor role(s), see :class:`PPOMonitor`.
+        critic: the critic role, see :class:`PPOMonitor`.
+        on_stall: what an error-severity finding does besides the warning: ``"warn"`` (nothing more),
+            ``"stop"`` (the Trainer stops at the end of the batch; all ranks agree) or ``"raise"``
+            (:class:`PPOGuardError` at the end of the batch, on every rank).
+        ignore: codes or symbols never reported (e.g. ``["PPG106"]``).
+        config: thresholds, see :class:`GuardConfig`.
+        log_every_n_steps: see :class:`PPOMonitor`.
+        prefix: see :class:`PPOMonitor`.
+    """
+
+    def __init__(
+        self,
+        actors: RoleSpec = None,
+        critic: str | nn.Module | None = None,
+        *,
+        on_stall: OnStall = "warn",
+        ignore: Iterable[str] = (),
+        config: GuardConfig | None = None,
+        log_every_n_steps: int | None = None,
+        prefix: str = "ppo_guard",
+    ) -> None:
+        super().__init__(actors, critic, log_every_n_steps=log_every_n_steps, prefix=prefix)
+        if on_stall not in ("warn", "raise", "stop"):
+            raise ValueError(f"on_stall must be 'warn', 'raise' or 'stop', got {on_stall!r}.")
+        if config is not None and not isinstance(config, GuardConfig):
+            raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}.")
+        if isinstance(ignore, str):
+            ignore = [ignore]
+        codes = set()
+        for item in ignore:
+            from lightning_ppo_guard.diagnoses import get
+
+            codes.add(get(item).code)
+        self.on_stall = on_stall
+        self.ignore = frozenset(codes)
+        self.config = config or GuardConfig()
+        self.diagnoser = Diagnoser(self.config)
+        self.findings: list[Finding] = []
+        self._stall = False
+        self._pending: list[ObserveRecord] = []
+        self._wired: set[str] = set()
+        self._prev_updates: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ findings
+    def _report(self, findings: list[Finding]) -> None:
+        for finding in findings:
+            if finding.code in self.ignore:
+                continue
+            self.findings.append(finding)
+            rank_zero_warn(str(finding), category=PPOGuardWarning)
+            if finding.severity == "error":
+                self._stall = True
+
+    @override
+    def refresh(self) -> None:
+        super().refresh()
+        if self._module is None:
+            return
+        step = self._trainer.global_step if self._trainer is not None else 0
+        for role in self.roles:
+            b = self.bindings.get(role.name)
+            if b is None:
+                continue
+            self._report(self.diagnoser.check_setup(
+                role.name, role.kind, step, binding=b.fraction, lr=b.lr, trainable=len(role.params),
+                frozen=len(role.frozen), stale_tensors=b.stale_tensors))
+
+    @override
+    def _on_roles_changed(self, roles: list[Role]) -> None:
+        for role in roles:
+            self._wired.discard(role.name)  # check the wiring again at its next observe
+
+    # ------------------------------------------------------------------ wiring, at observe
+    @override
+    def _on_observe(self, record: ObserveRecord, role: Role, **tensors: Any) -> None:
+        new_logp: Tensor = tensors["new_logp"]
+        old_logp: Tensor = tensors["old_logp"]
+        broadcast = None
+        for name, other in (("old_logp", old_logp), ("advantages", tensors.get("advantages")),
+                            ("values", tensors.get("values")), ("returns", tensors.get("returns"))):
+            if other is None or other.shape == new_logp.shape:
+                continue
+            try:
+                shape = tuple(torch.broadcast_shapes(other.shape, new_logp.shape))
+            except RuntimeError:
+                continue
+            if math.prod(shape) != new_logp.numel():
+                broadcast = (name, tuple(other.shape), tuple(new_logp.shape), shape)
+                break
+        old_rg = bool(old_logp.requires_grad)
+        check_graph = role.name not in self._wired or (record.first_in_rollout and len(self._wired) < 64)
+        if check_graph or old_rg or broadcast is not None:
+            reached = trainable = 0
+            by_hand = ""
+            if new_logp.requires_grad and check_graph:
+                trainable = len(role.params)
+                reached = len(reached_leaves(new_logp, role.ids))
+                by_hand = logp_by_hand(new_logp)
+            facts = WiringFacts(
+                logp_requires_grad=bool(new_logp.requires_grad), old_requires_grad=old_rg, reached=reached,
+                trainable=trainable, by_hand=by_hand, broadcast=broadcast,
+                ratio_dev=math.nan,
+            )
+            self._report(self.diagnoser.check_wiring(role.name, record.step, facts))
+            self._wired.add(role.name)
+        self._pending.append(record)
+
+    @override
+    def _on_rollout_end(self, role: str, updates: int) -> None:
+        self._prev_updates[role] = updates
+
+    # ------------------------------------------------------------------ runtime, at each step
+    @override
+    def _on_step(self, records: list[StepRecord]) -> None:
+        self._process(records)
+
+    def _process(self, records: list[StepRecord]) -> None:
+        tensors = [r.values.float() for r in self._pending] + [r.values.float() for r in records]
+        if not tensors:
+            return
+        # One device-to-host transfer for everything this step produced.
+        rows = torch.cat([t.reshape(-1) for t in tensors]).cpu().tolist()
+        offset = 0
+        for record in self._pending:
+            vals = rows[offset:offset + len(OBSERVE_METRICS)]
+            offset += len(OBSERVE_METRICS)
+            self._check_observe(record, vals)
+        self._pending.clear()
+        by_role: dict[str, list[float]] = {}
+        for record in records:
+            by_role[record.role] = rows[offset:offset + len(STEP_METRICS)]
+            offset += len(STEP_METRICS)
+        critic = next((r.name for r in self.roles if r.kind == "critic"), None)
+        critic_vals = by_role.get(critic) if critic else None
+        for record in records:
+            role = next(r for r in self.roles if r.name == record.role)
+            if role.kind != "actor":
+                continue
+            v = by_role[record.role]
+            b = self.bindings[record.role]
+            critic_norm = math.nan
+            if critic_vals is not None and abs(critic_vals[_S["clip_coef"]] - v[_S["clip_coef"]]) <= 1e-3 * max(
+                    abs(v[_S["clip_coef"]]), 1e-12):
+                critic_norm = critic_vals[_S["grad_norm"]]
+            facts = StepFacts(
+                grad_norm=v[_S["grad_norm"]], grad_norm_clipped=v[_S["grad_norm_clipped"]],
+                clip_coef=v[_S["clip_coef"]], nonzero_frac=v[_S["grad_nonzero_frac"]],
+                grad_none=record.grad_none, trainable_tensors=len(role.params), nonfinite=v[_S["grad_nonfinite"]],
+                update_norm=v[_S["update_norm"]], update_ratio=v[_S["update_ratio"]], binding=b.fraction,
+                lr=b.lr, critic_grad_norm=critic_norm,
+            )
+            self._report(self.diagnoser.check_step(record.role, record.step, facts))
+
+    def _check_observe(self, record: ObserveRecord, vals: list[float]) -> None:
+        role = record.role
+        facts = ObserveFacts(
+            approx_kl=vals[_O["approx_kl"]], ratio_dev=vals[_O["ratio_dev"]], adv_mean=vals[_O["adv_mean"]],
+            adv_std=vals[_O["adv_std"]], entropy_norm=vals[_O["entropy_norm"]],
+            entropy_drift=vals[_O["entropy_drift"]], first_in_rollout=record.first_in_rollout,
+            rollout=record.rollout, target_kl=record.target_kl,
+            prev_updates=self._prev_updates.pop(role, None) if record.first_in_rollout else None,
+        )
+        self._report(self.diagnoser.check_observe(role, record.step, facts))
+
+    # ------------------------------------------------------------------ decisions, agreed across ranks
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.on_stall == "warn":
+            return
+        # Every rank calls this collective at every batch end, so no rank waits on another.
+        stall = trainer.strategy.reduce_boolean_decision(self._stall, all=False)
+        if not stall:
+            return
+        errors = [f for f in self.findings if f.severity == "error"]
+        if self.on_stall == "stop":
+            trainer.should_stop = True
+            rank_zero_info(f"PPOGuard stopped the run: {', '.join(f'{f.code}[{f.role}]' for f in errors)}")
+        else:
+            raise PPOGuardError(errors)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._process([])
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            rank_zero_info(self.summary())
+            log_dir = trainer.log_dir
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "ppo_guard_findings.json"), "w") as fh:
+                    json.dump([f.as_dict() for f in self.findings], fh, indent=2, default=str)
+
+    def summary(self) -> str:
+        """A readable table of the findings of this fit."""
+        if not self.findings:
+            return f"PPOGuard: no finding in {self.optimizer_steps} optimizer steps ({self.observes} observes)."
+        lines = [f"PPOGuard: {len(self.findings)} finding(s) in {self.optimizer_steps} optimizer steps",
+                 f"  {'code':<7} {'role':<10} {'step':>6}  symbol / message"]
+        for f in self.findings:
+            lines.append(f"  {f.code:<7} {f.role:<10} {f.step:>6}  {f.symbol}: {f.message}")
+            lines.append(f"  {'':<7} {'':<10} {'':>6}  fix: {CATALOG[f.code].fix}")
+        return "\n".join(lines)
+
+    def codes(self, role: str | None = None) -> set[str]:
+        """The codes found so far (for one role, if given)."""
+        return {f.code for f in self.findings if role is None or f.role == role}
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            diagnoser=self.diagnoser.state_dict(),
+            findings=[{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence}
+                      for f in self.findings],
+            prev_updates=dict(self._prev_updates),
+        )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.diagnoser.load_state_dict(state_dict.get("diagnoser", {}))
+        self.findings = [Finding(**f) for f in state_dict.get("findings", [])]
+        self._prev_updates = dict(state_dict.get("prev_updates", {}))

@@ -1,0 +1,294 @@
+"""Rules: pure functions from collected evidence (host numbers) to findings. No Lightning import.
+
+Three kinds of evidence reach the rules, all per role:
+
+* set-up facts (binding, frozen tensors) and wiring facts (what ``observe`` saw of the autograd graph),
+  checked once and again when the model changes;
+* one :class:`StepFacts` per measured optimizer step;
+* one :class:`ObserveFacts` per ``observe``; they are folded into per-rollout aggregates and the
+  rollout-level rules run when a rollout ends.
+
+A stall is attributed to one cause from evidence that separates them (see DESIGN section 4): a root cause
+already named for a role (set-up, wiring, gradient) silences the later symptom rules for that role.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_ppo_guard.config import GuardConfig
+from lightning_ppo_guard.diagnoses import Finding
+
+__all__ = ["Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts"]
+
+#: A finding of these families for a role explains any later stall of that role.
+_ROOT_FAMILIES = ("PPG0", "PPG1", "PPG2", "PPG9")
+
+
+@dataclass
+class StepFacts:
+    grad_norm: float  # pre-clip, after backward
+    grad_norm_clipped: float  # at the optimizer step
+    clip_coef: float
+    nonzero_frac: float
+    grad_none: int
+    trainable_tensors: int
+    nonfinite: float
+    update_norm: float
+    update_ratio: float
+    binding: float
+    lr: float
+    critic_grad_norm: float = math.nan  # critic's pre-clip norm at the same step, when it shares the clip
+
+
+@dataclass
+class ObserveFacts:
+    approx_kl: float
+    ratio_dev: float
+    adv_mean: float = math.nan
+    adv_std: float = math.nan
+    entropy_norm: float = math.nan
+    entropy_drift: float = math.nan
+    first_in_rollout: bool = False
+    rollout: int | None = None
+    target_kl: float | None = None
+    prev_updates: int | None = None  # actor steps in the rollout that this observe's first_in_rollout ends
+
+
+@dataclass
+class WiringFacts:
+    logp_requires_grad: bool
+    old_requires_grad: bool
+    reached: int  # actor trainable tensors reached by new_logp's graph
+    trainable: int
+    by_hand: str = ""  # graph pattern when log() of gathered probabilities was found
+    broadcast: tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+    ratio_dev: float = math.nan
+
+
+@dataclass
+class RoleState:
+    """Per-role counters the rules keep between calls (saved in the guard's checkpoint state)."""
+
+    # consecutive-step streaks
+    zero_grad: int = 0
+    cleared: int = 0
+    clipped_zero: int = 0
+    unchanged: int = 0
+    tiny_update: int = 0
+    # current rollout aggregates
+    r_observes: int = 0
+    r_kl_sum: float = 0.0
+    r_kl_n: int = 0
+    r_ratio_dev: float = 0.0
+    r_adv_std_sum: float = 0.0
+    r_adv_mean_sum: float = 0.0
+    r_adv_n: int = 0
+    r_ent_norm: float = math.nan
+    r_ent_drift: float = math.nan
+    r_upd_sum: float = 0.0
+    r_upd_n: int = 0
+    r_clip_sum: float = 0.0
+    r_critic_ratio_sum: float = 0.0
+    r_clip_n: int = 0
+    r_last_kl: float = math.nan
+    r_target_kl: float | None = None
+    # consecutive-rollout streaks
+    frozen_rollouts: int = 0
+    early_stop_rollouts: int = 0
+    tiny_adv_rollouts: int = 0
+    raised: list[str] = field(default_factory=list)
+
+    def reset_rollout(self) -> None:
+        fresh = RoleState()
+        for f in dataclasses.fields(self):
+            if f.name.startswith("r_"):
+                setattr(self, f.name, getattr(fresh, f.name))
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class Diagnoser:
+    """Feeds evidence to the rules and keeps their per-role state. Pure Python: table-testable."""
+
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config or GuardConfig()
+        self.states: dict[str, RoleState] = {}
+
+    def state(self, role: str) -> RoleState:
+        return self.states.setdefault(role, RoleState())
+
+    def _emit(self, role: str, code: str, step: int, **evidence: Any) -> list[Finding]:
+        state = self.state(role)
+        if code in state.raised:
+            return []
+        state.raised.append(code)
+        return [Finding(code, role, step, evidence)]
+
+    def _has_root(self, role: str) -> bool:
+        return any(code.startswith(_ROOT_FAMILIES) for code in self.state(role).raised)
+
+    # ------------------------------------------------------------------ set-up
+    def check_setup(self, role: str, kind: str, step: int, *, binding: float, lr: float, trainable: int,
+                    frozen: int, stale_tensors: int) -> list[Finding]:
+        out: list[Finding] = []
+        if trainable == 0:
+            return self._emit(role, "PPG005", step, frozen=frozen) if kind == "actor" else []
+        if kind != "actor":
+            return out
+        if binding < 1.0:
+            if stale_tensors > 0:
+                out += self._emit(role, "PPG002", step, binding=binding, stale_tensors=stale_tensors)
+            else:
+                out += self._emit(role, "PPG001", step, binding=binding)
+        elif _finite(lr) and lr == 0.0:
+            out += self._emit(role, "PPG003", step, lr=lr)
+        return out
+
+    # ------------------------------------------------------------------ wiring
+    def check_wiring(self, role: str, step: int, facts: WiringFacts) -> list[Finding]:
+        out: list[Finding] = []
+        if facts.broadcast is not None:
+            name, shape, logp_shape, broadcast = facts.broadcast
+            out += self._emit(role, "PPG104", step, name=name, shape=shape, logp_shape=logp_shape,
+                              broadcast=broadcast)
+        if facts.old_requires_grad:
+            out += self._emit(role, "PPG103", step, ratio_dev=facts.ratio_dev)
+        if not facts.logp_requires_grad:
+            out += self._emit(role, "PPG101", step)
+        elif facts.trainable and facts.reached < facts.trainable:
+            out += self._emit(role, "PPG102", step, reached=facts.reached, trainable=facts.trainable)
+        if facts.by_hand:
+            out += self._emit(role, "PPG106", step, pattern=facts.by_hand)
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def check_step(self, role: str, step: int, f: StepFacts) -> list[Finding]:
+        cfg, s = self.config, self.state(role)
+        out: list[Finding] = []
+        if f.nonfinite > 0 or not _finite(f.grad_norm):
+            out += self._emit(role, "PPG901", step, tensors=int(f.nonfinite), grad_norm=f.grad_norm)
+            return out
+        all_none = f.trainable_tensors > 0 and f.grad_none >= f.trainable_tensors
+        s.zero_grad = s.zero_grad + 1 if f.grad_norm == 0.0 else 0
+        s.cleared = s.cleared + 1 if f.grad_norm > 0 and all_none else 0
+        s.clipped_zero = s.clipped_zero + 1 if f.grad_norm > 0 and not all_none and f.grad_norm_clipped == 0 else 0
+        bound = f.binding >= 1.0
+        moving_grad = f.grad_norm_clipped > 0 and bound
+        s.unchanged = s.unchanged + 1 if moving_grad and f.update_norm == 0.0 else 0
+        s.tiny_update = s.tiny_update + 1 if (
+            moving_grad and 0.0 < f.update_ratio < cfg.tiny_update_ratio) else 0
+        if _finite(f.update_ratio):
+            s.r_upd_sum += f.update_ratio
+            s.r_upd_n += 1
+        starved = self._starved(f)
+        if _finite(f.critic_grad_norm) and _finite(f.clip_coef):
+            s.r_clip_sum += f.clip_coef
+            s.r_critic_ratio_sum += f.critic_grad_norm / max(f.grad_norm, 1e-30)
+            s.r_clip_n += 1
+
+        if s.cleared >= cfg.cleared_steps:
+            out += self._emit(role, "PPG202", step, grad_norm=f.grad_norm, steps=s.cleared)
+        if s.clipped_zero >= cfg.cleared_steps:
+            out += self._emit(role, "PPG004", step, grad_norm=f.grad_norm, steps=s.clipped_zero)
+        if s.zero_grad >= cfg.zero_grad_steps and not self._has_root(role):
+            out += self._emit(role, "PPG201", step, steps=s.zero_grad, grad_none=f.grad_none)
+        if s.unchanged >= cfg.unchanged_steps and not self._has_root(role):
+            out += self._emit(role, "PPG203", step, grad_norm_clipped=f.grad_norm_clipped, steps=s.unchanged,
+                              lr=f.lr)
+        if s.tiny_update >= cfg.tiny_update_steps and not self._has_root(role):
+            if starved:
+                out += self._emit(role, "PPG403", step, clip_coef=f.clip_coef, update_ratio=f.update_ratio,
+                                  critic_ratio=f.critic_grad_norm / max(f.grad_norm, 1e-30))
+            else:
+                out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr,
+                                  steps=s.tiny_update)
+        return out
+
+    def _starved(self, f: StepFacts) -> bool:
+        cfg = self.config
+        return (_finite(f.critic_grad_norm) and _finite(f.clip_coef) and f.clip_coef < cfg.starved_clip_coef
+                and f.critic_grad_norm > cfg.critic_dominance * f.grad_norm)
+
+    # ------------------------------------------------------------------ observes and rollouts
+    def check_observe(self, role: str, step: int, f: ObserveFacts) -> list[Finding]:
+        cfg, s = self.config, self.state(role)
+        out: list[Finding] = []
+        if (f.first_in_rollout and s.r_observes) or (f.rollout is None and s.r_observes >= cfg.window_observes):
+            out += self.end_rollout(role, step, f.prev_updates)
+        if not (_finite(f.approx_kl) and _finite(f.ratio_dev)):
+            return out + self._emit(role, "PPG902", step, approx_kl=f.approx_kl)
+        if f.first_in_rollout and f.ratio_dev > cfg.first_ratio_dev:
+            out += self._emit(role, "PPG105", step, rollout=f.rollout, ratio_dev=f.ratio_dev)
+        s.r_observes += 1
+        if not f.first_in_rollout:
+            s.r_kl_sum += f.approx_kl
+            s.r_kl_n += 1
+        s.r_ratio_dev = max(s.r_ratio_dev, f.ratio_dev)
+        if _finite(f.adv_std):
+            s.r_adv_std_sum += f.adv_std
+            s.r_adv_mean_sum += abs(f.adv_mean) if _finite(f.adv_mean) else 0.0
+            s.r_adv_n += 1
+            if f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)) or not _finite(f.adv_mean):
+                out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean)
+        s.r_ent_norm, s.r_ent_drift = f.entropy_norm, f.entropy_drift
+        s.r_last_kl, s.r_target_kl = f.approx_kl, f.target_kl
+        return out
+
+    def end_rollout(self, role: str, step: int, updates: int | None = None) -> list[Finding]:
+        """Rollout-level rules; ``updates`` is the number of actor optimizer steps in the rollout."""
+        cfg, s = self.config, self.state(role)
+        out: list[Finding] = []
+        if s.r_observes == 0:
+            return out
+        kl = s.r_kl_sum / s.r_kl_n if s.r_kl_n else math.nan
+        upd = s.r_upd_sum / s.r_upd_n if s.r_upd_n else math.nan
+        adv_std = s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else math.nan
+
+        # PPG302: the update phase stopped early because approx_kl exceeded target_kl.
+        stopped = (updates is not None and updates <= cfg.early_stop_updates and s.r_target_kl is not None
+                   and _finite(s.r_last_kl) and s.r_last_kl > s.r_target_kl)
+        s.early_stop_rollouts = s.early_stop_rollouts + 1 if stopped else 0
+        if s.early_stop_rollouts >= cfg.early_stop_rollouts:
+            out += self._emit(role, "PPG302", step, updates=updates, rollouts=s.early_stop_rollouts,
+                              approx_kl=s.r_last_kl, target_kl=s.r_target_kl)
+
+        # PPG402: tiny, unnormalised advantages (normalised ones have std 1).
+        tiny = _finite(adv_std) and adv_std < cfg.tiny_adv_std
+        s.tiny_adv_rollouts = s.tiny_adv_rollouts + 1 if tiny else 0
+
+        frozen = (_finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
+                  and s.r_kl_n > 0)
+        s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
+        if s.tiny_adv_rollouts >= cfg.tiny_adv_rollouts and not self._has_root(role):
+            out += self._emit(role, "PPG402", step, adv_std=adv_std, rollouts=s.tiny_adv_rollouts)
+        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and "PPG302" not in s.raised:
+            moving = _finite(upd) and upd >= cfg.tiny_update_ratio
+            clip = s.r_clip_sum / s.r_clip_n if s.r_clip_n else math.nan
+            critic_ratio = s.r_critic_ratio_sum / s.r_clip_n if s.r_clip_n else math.nan
+            if (_finite(clip) and clip < cfg.starved_clip_coef and critic_ratio > cfg.critic_dominance):
+                out += self._emit(role, "PPG403", step, clip_coef=clip, critic_ratio=critic_ratio,
+                                  update_ratio=upd)
+            elif tiny:
+                out += self._emit(role, "PPG402", step, adv_std=adv_std, rollouts=s.frozen_rollouts)
+            elif (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
+                  and abs(s.r_ent_drift) < cfg.entropy_frozen_drift):
+                out += self._emit(role, "PPG501", step, entropy_norm=s.r_ent_norm, entropy_drift=s.r_ent_drift,
+                                  rollouts=s.frozen_rollouts)
+            elif moving and "PPG204" not in s.raised and "PPG403" not in s.raised:
+                out += self._emit(role, "PPG301", step, rollouts=s.frozen_rollouts, approx_kl=kl,
+                                  ratio_dev=s.r_ratio_dev, update_ratio=upd)
+        s.reset_rollout()
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"states": {role: dataclasses.asdict(s) for role, s in self.states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.states = {role: RoleState(**values) for role, values in state.get("states", {}).items()}
