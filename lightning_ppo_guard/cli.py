@@ -87,10 +87,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     name = f"{'auto' if args.auto else 'manual'}_{args.fault or 'healthy'}"
     logger = CSVLogger(args.logdir, name=name)
     guard = PPOGuard(log_every_n_steps=args.log_every)
-    kwargs = trainer_kwargs(module)
-    kwargs.setdefault("enable_progress_bar", True)
-    trainer = L.Trainer(**kwargs, logger=logger, callbacks=[guard], enable_checkpointing=False,
-                        enable_model_summary=False)
+    kwargs = {**trainer_kwargs(module), "enable_progress_bar": True}
+    trainer = L.Trainer(**kwargs, logger=logger, callbacks=[guard], enable_checkpointing=False)
     print(f"Training the reference PPO on CartPole-v1 ({'automatic' if args.auto else 'manual'} optimization, "
           f"fault={args.fault}, {cfg.num_iterations} iterations x {cfg.batch_size} env steps) with PPOGuard")
     with warnings.catch_warnings():

@@ -94,12 +94,15 @@ class RoleState:
     r_clip_sum: float = 0.0
     r_critic_ratio_sum: float = 0.0
     r_clip_n: int = 0
+    r_starved_n: int = 0
+    r_steps: int = 0
     r_last_kl: float = math.nan
     r_target_kl: float | None = None
     # consecutive-rollout streaks
     frozen_rollouts: int = 0
     early_stop_rollouts: int = 0
     tiny_adv_rollouts: int = 0
+    starved_rollouts: int = 0
     raised: list[str] = field(default_factory=list)
 
     def reset_rollout(self) -> None:
@@ -187,6 +190,8 @@ class Diagnoser:
             s.r_upd_sum += f.update_ratio
             s.r_upd_n += 1
         starved = self._starved(f)
+        s.r_steps += 1
+        s.r_starved_n += starved
         if _finite(f.critic_grad_norm) and _finite(f.clip_coef):
             s.r_clip_sum += f.clip_coef
             s.r_critic_ratio_sum += f.critic_grad_norm / max(f.grad_norm, 1e-30)
@@ -258,29 +263,33 @@ class Diagnoser:
             out += self._emit(role, "PPG302", step, updates=updates, rollouts=s.early_stop_rollouts,
                               approx_kl=s.r_last_kl, target_kl=s.r_target_kl)
 
-        # PPG402: tiny, unnormalised advantages (normalised ones have std 1).
-        tiny = _finite(adv_std) and adv_std < cfg.tiny_adv_std
-        s.tiny_adv_rollouts = s.tiny_adv_rollouts + 1 if tiny else 0
-
         frozen = (_finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
                   and s.r_kl_n > 0)
+        weak = _finite(kl) and kl < cfg.weak_kl and s.r_kl_n > 0
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
-        if s.tiny_adv_rollouts >= cfg.tiny_adv_rollouts and not self._has_root(role):
-            out += self._emit(role, "PPG402", step, adv_std=adv_std, rollouts=s.tiny_adv_rollouts)
-        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and "PPG302" not in s.raised:
-            moving = _finite(upd) and upd >= cfg.tiny_update_ratio
-            clip = s.r_clip_sum / s.r_clip_n if s.r_clip_n else math.nan
-            critic_ratio = s.r_critic_ratio_sum / s.r_clip_n if s.r_clip_n else math.nan
-            if (_finite(clip) and clip < cfg.starved_clip_coef and critic_ratio > cfg.critic_dominance):
+        # PPG402: the policy barely moves and the advantages are tiny (not normalised).
+        tiny = weak and _finite(adv_std) and adv_std < cfg.tiny_adv_std
+        s.tiny_adv_rollouts = s.tiny_adv_rollouts + 1 if tiny else 0
+        # PPG403: the policy barely moves and on most steps the critic's gradient ate the shared clip.
+        starved = weak and s.r_steps > 0 and s.r_starved_n >= 0.5 * s.r_steps
+        s.starved_rollouts = s.starved_rollouts + 1 if starved else 0
+        clip = s.r_clip_sum / s.r_clip_n if s.r_clip_n else math.nan
+        critic_ratio = s.r_critic_ratio_sum / s.r_clip_n if s.r_clip_n else math.nan
+        if not self._has_root(role):
+            if s.starved_rollouts >= cfg.weak_rollouts:
                 out += self._emit(role, "PPG403", step, clip_coef=clip, critic_ratio=critic_ratio,
-                                  update_ratio=upd)
-            elif tiny:
-                out += self._emit(role, "PPG402", step, adv_std=adv_std, rollouts=s.frozen_rollouts)
-            elif (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
-                  and abs(s.r_ent_drift) < cfg.entropy_frozen_drift):
+                                  update_ratio=upd, starved_steps=s.r_starved_n, steps=s.r_steps)
+            elif s.tiny_adv_rollouts >= cfg.weak_rollouts:
+                out += self._emit(role, "PPG402", step, adv_std=adv_std, approx_kl=kl,
+                                  rollouts=s.tiny_adv_rollouts)
+        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not (
+                {"PPG302", "PPG402", "PPG403"} & set(s.raised)):
+            moving = _finite(upd) and upd >= cfg.tiny_update_ratio
+            if (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
+                    and abs(s.r_ent_drift) < cfg.entropy_frozen_drift):
                 out += self._emit(role, "PPG501", step, entropy_norm=s.r_ent_norm, entropy_drift=s.r_ent_drift,
                                   rollouts=s.frozen_rollouts)
-            elif moving and "PPG204" not in s.raised and "PPG403" not in s.raised:
+            elif moving:
                 out += self._emit(role, "PPG301", step, rollouts=s.frozen_rollouts, approx_kl=kl,
                                   ratio_dev=s.r_ratio_dev, update_ratio=upd)
         s.reset_rollout()
