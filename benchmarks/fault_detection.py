@@ -25,24 +25,7 @@ from lightning_ppo_guard.reference import (
     PPOConfig,
     trainer_kwargs,
 )
-
-#: fault -> (role, expected code)
-EXPECTED: dict[str, tuple[str, str]] = {
-    "detached_logits": ("actor", "PPG101"),
-    "no_grad_forward": ("actor", "PPG101"),
-    "actor_not_in_optimizer": ("actor", "PPG001"),
-    "agent_unbound": ("agent_2", "PPG001"),
-    "actor_replaced": ("actor", "PPG002"),
-    "lr_zero": ("actor", "PPG003"),
-    "lr_tiny": ("actor", "PPG204"),
-    "target_kl_tiny": ("actor", "PPG302"),
-    "old_logp_not_detached": ("actor", "PPG103"),
-    "logp_by_hand": ("actor", "PPG106"),
-    "tiny_advantages": ("actor", "PPG402"),
-    "critic_eats_clip": ("actor", "PPG403"),
-    "zero_grad_before_step": ("actor", "PPG202"),
-    "entropy_frozen": ("actor", "PPG501"),
-}
+from lightning_ppo_guard.reference.expected import EXPECTED
 
 
 def run_fault(fault: str | None, iterations: int, seed: int = 0, **guard_kwargs: object) -> tuple[PPOGuard, object]:
@@ -72,17 +55,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{'fault':<24} {'expected':<8} {'named at step':>13} {'rollout':>7} {'ok':>3}  {'all codes':<28} {'s':>5}")
+    print(f"{'':<24} {'':<8} {'(optimizer)':>13} {'(1st=1)':>7}")
     missed = 0
     for fault in args.faults.split(","):
-        role, code = EXPECTED[fault]
+        role, code, deadline = EXPECTED[fault]
         t0 = time.perf_counter()
         guard, module = run_fault(fault, args.iterations, args.seed)
         dt = time.perf_counter() - t0
         first = next((f for f in guard.findings if f.code == code and f.role == role), None)
-        steps_per_rollout = getattr(module, "updates_per_iteration", None) or 16
         step = "-" if first is None else str(first.step)
-        rollout = "-" if first is None else str(first.step // steps_per_rollout + 1)
-        ok = first is not None
+        rollout = "-" if first is None or first.rollout is None else str(first.rollout + 1)
+        ok = first is not None and first.rollout is not None and first.rollout <= deadline
         missed += not ok
         codes = ",".join(sorted({f"{f.code}[{f.role}]" for f in guard.findings}))
         print(f"{fault:<24} {code:<8} {step:>13} {rollout:>7} {'yes' if ok else 'NO':>3}  {codes:<28} {dt:>5.1f}")

@@ -38,6 +38,7 @@ class Finding:
     role: str
     step: int
     evidence: dict[str, Any] = field(default_factory=dict)
+    rollout: int | None = None  # the role's rollout id (from observe) when the finding was named
 
     @property
     def diagnosis(self) -> Diagnosis:
@@ -65,6 +66,7 @@ class Finding:
 
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "symbol": self.symbol, "role": self.role, "step": self.step,
+                "rollout": self.rollout,
                 "severity": self.severity, "message": self.message, "evidence": dict(self.evidence),
                 "fix": self.diagnosis.fix}
 

@@ -96,6 +96,8 @@ class PPOGuard(PPOMonitor):
         for finding in findings:
             if finding.code in self.ignore:
                 continue
+            if finding.rollout is None:
+                finding.rollout = self._rollout.get(finding.role)
             self.findings.append(finding)
             rank_zero_warn(str(finding), category=PPOGuardWarning)
             if finding.severity == "error":
@@ -262,8 +264,8 @@ class PPOGuard(PPOMonitor):
         state = super().state_dict()
         state.update(
             diagnoser=self.diagnoser.state_dict(),
-            findings=[{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence}
-                      for f in self.findings],
+            findings=[{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence,
+                       "rollout": f.rollout} for f in self.findings],
             prev_updates=dict(self._prev_updates),
         )
         return state

@@ -166,6 +166,7 @@ class PPOMonitor(Callback):
         self._pre_clip: dict[str, tuple[Tensor, float]] = {}
         self._at_step: dict[str, tuple[Tensor, int]] = {}
         self._snapshots: dict[str, list[Tensor]] = {}
+        self._param_norm: dict[str, Tensor] = {}
         self._step_stats: dict[str, VectorStats] = {}
         self._obs_stats: dict[str, VectorStats] = {}
         self._masks: dict[tuple[bool, ...], Tensor] = {}
@@ -322,7 +323,9 @@ class PPOMonitor(Callback):
             self._at_step[role.name] = (stats, none)
             snap = self._snapshots.get(role.name)
             if snap:
-                torch._foreach_copy_(snap, [p.detach() for p in role.params])
+                params = [p.detach() for p in role.params]
+                torch._foreach_copy_(snap, params)
+                self._param_norm[role.name] = F.flat_norm(params)
 
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._active:
@@ -341,11 +344,9 @@ class PPOMonitor(Callback):
             nonzero_frac = post[1] / max(role.numel, 1)
             snap = self._snapshots.get(role.name)
             if snap:
-                params = [p.detach() for p in role.params]
-                torch._foreach_sub_(snap, params)
+                torch._foreach_sub_(snap, [p.detach() for p in role.params])
                 update_norm = F.flat_norm(snap).to(post.device)
-                param_norm = F.flat_norm(params).to(post.device)
-                # ratio against the norm before the step: ||theta_old|| = ||theta_new + delta||
+                param_norm = self._param_norm.pop(role.name).to(post.device)  # ||theta|| before the step
                 update_ratio = update_norm / param_norm.clamp_min(1e-12)
             else:
                 update_norm = update_ratio = param_norm = torch.full_like(post[0], math.nan)

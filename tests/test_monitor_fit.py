@@ -1,0 +1,187 @@
+"""Issue 2: what the monitor logs from real fits of the reference PPO, checked against independent math."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_ppo_guard import PPOGuard, PPOMonitor
+from lightning_ppo_guard.reference import CartPolePPO, CartPolePPOAuto, PPOConfig
+
+from .conftest import fit, guard_rows, read_csv
+
+
+def _cfg(iterations, **kw):
+    cfg = PPOConfig(**kw)
+    cfg.total_timesteps = iterations * cfg.batch_size
+    return cfg
+
+
+class Recorded(CartPolePPO):
+    """The reference PPO, recording the seed checklist's naive numbers itself: its own per-minibatch KL and
+    entropy, a per-parameter loop for the actor's gradient norm after backward, and a clone-and-diff of the
+    actor's parameters around each optimizer step."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rec_kl, self.rec_entropy, self.rec_grad, self.rec_update, self.rec_ratio = [], [], [], [], []
+        self._before = None
+
+    def ppo_losses(self, mb, rollout):
+        terms = super().ppo_losses(mb, rollout)
+        self.rec_kl.append(terms.approx_kl.item())
+        self.rec_entropy.append(terms.entropy.item())
+        return terms
+
+    def on_after_backward(self):
+        self._close_step()
+        total = sum(float(p.grad.pow(2).sum()) for p in self.actor.parameters() if p.grad is not None)
+        self.rec_grad.append(math.sqrt(total))
+
+    def on_before_optimizer_step(self, optimizer):
+        self._before = [p.detach().clone() for p in self.actor.parameters()]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self._close_step()
+
+    def _close_step(self):
+        if self._before is None:
+            return
+        diff = math.sqrt(sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(self.actor.parameters(),
+                                                                                   self._before)))
+        norm = math.sqrt(sum(float(q.pow(2).sum()) for q in self._before))
+        self.rec_update.append(diff)
+        self.rec_ratio.append(diff / norm)
+        self._before = None
+
+
+def test_logged_actor_metrics_match_an_independent_computation(tmp_path):
+    module = Recorded(_cfg(3, seed=0))
+    logger = CSVLogger(tmp_path, name="run")
+    fit(module, [PPOMonitor(log_every_n_steps=1)], logger=logger)
+    rows = guard_rows(read_csv(logger.log_dir))
+    steps = 3 * module.cfg.update_epochs * module.cfg.num_minibatches
+    assert len(rows) == steps == len(module.rec_grad) == len(module.rec_update)
+    assert [int(r["step"]) for r in rows] == list(range(steps))
+    for i, row in enumerate(rows):
+        for key in ("grad_norm", "update_ratio", "approx_kl", "entropy", "update_norm"):
+            assert math.isfinite(row[f"ppo_guard/actor/{key}"]), (i, key)
+        assert row["ppo_guard/actor/grad_norm"] == pytest.approx(module.rec_grad[i], rel=1e-4)
+        assert row["ppo_guard/actor/update_norm"] == pytest.approx(module.rec_update[i], rel=1e-3, abs=1e-9)
+        assert row["ppo_guard/actor/update_ratio"] == pytest.approx(module.rec_ratio[i], rel=1e-3, abs=1e-12)
+        assert row["ppo_guard/actor/approx_kl"] == pytest.approx(module.rec_kl[i], rel=1e-3, abs=1e-7)
+        assert row["ppo_guard/actor/entropy"] == pytest.approx(module.rec_entropy[i], rel=1e-5)
+        assert row["ppo_guard/actor/binding"] == 1.0 and row["ppo_guard/critic/binding"] == 1.0
+        assert row["ppo_guard/actor/lr"] == module.cfg.lr
+        # the shared clip: actor and critic are scaled by the same coefficient, never above 1
+        assert row["ppo_guard/actor/clip_coef"] == pytest.approx(row["ppo_guard/critic/clip_coef"], rel=1e-4)
+        assert row["ppo_guard/actor/clip_coef"] <= 1.0 + 1e-6
+        assert row["ppo_guard/actor/grad_norm_clipped"] == pytest.approx(
+            row["ppo_guard/actor/grad_norm"] * row["ppo_guard/actor/clip_coef"], rel=1e-4)
+    # 16 minibatch updates per rollout, logged once the next rollout starts
+    assert {r["ppo_guard/actor/updates_per_rollout"] for r in rows[16:]} == {16.0}
+    # the first minibatch of each rollout has ratio exactly 1
+    assert rows[0]["ppo_guard/actor/approx_kl"] == 0.0 and rows[16]["ppo_guard/actor/ratio_dev"] < 1e-6
+
+
+def test_interval_logging_reduces_without_losing_values(tmp_path):
+    module = Recorded(_cfg(2, seed=1))
+    logger = CSVLogger(tmp_path, name="run")
+    fit(module, [PPOMonitor(log_every_n_steps=8)], logger=logger)
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert len(rows) == 4  # 32 steps / 8
+    for j, row in enumerate(rows):
+        window = module.rec_grad[8 * j: 8 * j + 8]
+        assert row["ppo_guard/actor/grad_norm"] == pytest.approx(sum(window) / 8, rel=1e-4)
+        kls = module.rec_kl[8 * j: 8 * j + 8]
+        assert row["ppo_guard/actor/approx_kl"] == pytest.approx(sum(kls) / 8, rel=1e-3, abs=1e-7)
+
+
+def test_actor_left_out_of_the_optimizer_logs_binding_0_and_update_0(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    fit(CartPolePPO(_cfg(2, fault="actor_not_in_optimizer")), [PPOMonitor(log_every_n_steps=1)], logger=logger)
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert len(rows) == 32
+    assert all(r["ppo_guard/actor/binding"] == 0.0 for r in rows)
+    assert all(r["ppo_guard/actor/update_norm"] == 0.0 for r in rows)
+    assert "ppo_guard/actor/lr" not in rows[0]
+    # its gradient is real (and keeps accumulating: zero_grad never clears tensors the optimizer lacks)
+    grads = [r["ppo_guard/actor/grad_norm"] for r in rows]
+    assert grads[0] > 0 and grads[-1] > grads[0]
+    assert all(r["ppo_guard/critic/binding"] == 1.0 for r in rows)
+
+
+def test_detached_logits_log_actor_policy_grad_0(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    fit(CartPolePPO(_cfg(1, fault="detached_logits")), [PPOMonitor(log_every_n_steps=1)], logger=logger)
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert len(rows) == 16
+    assert all(r["ppo_guard/actor/grad_norm"] == 0.0 for r in rows)
+    assert all(r["ppo_guard/actor/grad_none"] == 6 for r in rows)  # 3 Linear layers: no .grad at all
+    assert all(r["ppo_guard/actor/update_norm"] == 0.0 for r in rows)
+    assert all(r["ppo_guard/critic/grad_norm"] > 0 for r in rows)
+
+
+class RecordedAuto(CartPolePPOAuto):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rec_grad = []
+
+    def on_before_optimizer_step(self, optimizer):
+        # automatic optimization: this hook sees the accumulated, unclipped gradient (Lightning clips after it)
+        total = sum(float(p.grad.pow(2).sum()) for p in self.actor.parameters() if p.grad is not None)
+        self.rec_grad.append(math.sqrt(total))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_automatic_optimization_and_accumulation_do_not_double_count(tmp_path, accumulate):
+    module = RecordedAuto(_cfg(2, seed=0))
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = fit(module, [PPOMonitor(log_every_n_steps=1)], logger=logger, accumulate_grad_batches=accumulate)
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert trainer.global_step == 32 // accumulate
+    assert len(rows) == trainer.global_step == len(module.rec_grad)
+    for row, naive in zip(rows, module.rec_grad):
+        assert row["ppo_guard/actor/grad_norm"] == pytest.approx(naive, rel=1e-4)
+        assert row["ppo_guard/actor/update_norm"] > 0
+    # Lightning's gradient_clip_val acts after on_before_optimizer_step; the step hook sees the clipped grad
+    assert any(r["ppo_guard/actor/clip_coef"] < 1.0 for r in rows)
+
+
+def test_auto_detached_logits_and_unbound_actor_are_found():
+    for fault, code in (("detached_logits", "PPG101"), ("actor_not_in_optimizer", "PPG001"), ("lr_zero", "PPG003")):
+        guard = PPOGuard()
+        fit(CartPolePPOAuto(_cfg(1, fault=fault)), [guard])
+        assert code in guard.codes("actor"), (fault, guard.codes())
+
+
+def test_observe_without_a_guard_is_a_noop():
+    module = CartPolePPO(_cfg(1))
+    trainer = fit(module, [])
+    assert trainer.global_step == 16
+
+
+def test_monitor_arguments_are_validated():
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        PPOMonitor(log_every_n_steps=0)
+    with pytest.raises(ValueError, match="prefix"):
+        PPOMonitor(prefix="a/b")
+    with pytest.raises(ValueError, match="on_stall"):
+        PPOGuard(on_stall="explode")  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match="Unknown diagnosis"):
+        PPOGuard(ignore=["PPG999"])
+
+
+def test_wrong_role_path_fails_at_fit_start_listing_children():
+    with pytest.raises(ValueError, match=r"(?s)no submodule 'policy_net'.*actor: Actor.*critic: Critic"):
+        fit(CartPolePPO(_cfg(1)), [PPOMonitor(actors="policy_net")])
+
+
+def test_memory_is_not_retained_by_the_guard():
+    guard = PPOGuard()
+    fit(CartPolePPO(_cfg(2)), [guard])
+    assert guard._pending == [] and guard._pre_clip == {} and guard._at_step == {}
+    assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(guard).values())
