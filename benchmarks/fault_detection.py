@@ -60,7 +60,7 @@ def main() -> None:
     for fault in args.faults.split(","):
         role, code, deadline = EXPECTED[fault]
         t0 = time.perf_counter()
-        guard, module = run_fault(fault, args.iterations, args.seed)
+        guard, _ = run_fault(fault, args.iterations, args.seed)
         dt = time.perf_counter() - t0
         first = next((f for f in guard.findings if f.code == code and f.role == role), None)
         step = "-" if first is None else str(first.step)

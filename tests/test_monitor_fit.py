@@ -50,8 +50,8 @@ class Recorded(CartPolePPO):
     def _close_step(self):
         if self._before is None:
             return
-        diff = math.sqrt(sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(self.actor.parameters(),
-                                                                                   self._before)))
+        pairs = zip(self.actor.parameters(), self._before, strict=True)
+        diff = math.sqrt(sum(float((p.detach() - q).pow(2).sum()) for p, q in pairs))
         norm = math.sqrt(sum(float(q.pow(2).sum()) for q in self._before))
         self.rec_update.append(diff)
         self.rec_ratio.append(diff / norm)
@@ -144,7 +144,7 @@ def test_automatic_optimization_and_accumulation_do_not_double_count(tmp_path, a
     rows = guard_rows(read_csv(logger.log_dir))
     assert trainer.global_step == 32 // accumulate
     assert len(rows) == trainer.global_step == len(module.rec_grad)
-    for row, naive in zip(rows, module.rec_grad):
+    for row, naive in zip(rows, module.rec_grad, strict=True):
         assert row["ppo_guard/actor/grad_norm"] == pytest.approx(naive, rel=1e-4)
         assert row["ppo_guard/actor/update_norm"] > 0
     # Lightning's gradient_clip_val acts after on_before_optimizer_step; the step hook sees the clipped grad
