@@ -38,7 +38,7 @@ class Finding:
     role: str
     step: int
     evidence: dict[str, Any] = field(default_factory=dict)
-    rollout: int | None = None  # the role's rollout id (from observe) when the finding was named
+    rollout: int | None = None  # 0-based index of the role's rollout in which it was named (0: before/in the first)
 
     @property
     def diagnosis(self) -> Diagnosis:

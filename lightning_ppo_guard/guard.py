@@ -90,6 +90,7 @@ class PPOGuard(PPOMonitor):
         self._pending: list[ObserveRecord] = []
         self._wired: set[str] = set()
         self._prev_updates: dict[str, int] = {}
+        self._rollouts_started: dict[str, int] = {}
 
     # ------------------------------------------------------------------ findings
     def _report(self, findings: list[Finding]) -> None:
@@ -97,7 +98,7 @@ class PPOGuard(PPOMonitor):
             if finding.code in self.ignore:
                 continue
             if finding.rollout is None:
-                finding.rollout = self._rollout.get(finding.role)
+                finding.rollout = max(self._rollouts_started.get(finding.role, 0) - 1, 0)
             self.findings.append(finding)
             rank_zero_warn(str(finding), category=PPOGuardWarning)
             if finding.severity == "error":
@@ -125,6 +126,8 @@ class PPOGuard(PPOMonitor):
     # ------------------------------------------------------------------ wiring, at observe
     @override
     def _on_observe(self, record: ObserveRecord, role: Role, **tensors: Any) -> None:
+        if record.first_in_rollout:
+            self._rollouts_started[role.name] = self._rollouts_started.get(role.name, 0) + 1
         new_logp: Tensor = tensors["new_logp"]
         old_logp: Tensor = tensors["old_logp"]
         broadcast = None
@@ -267,6 +270,7 @@ class PPOGuard(PPOMonitor):
             findings=[{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence,
                        "rollout": f.rollout} for f in self.findings],
             prev_updates=dict(self._prev_updates),
+            rollouts_started=dict(self._rollouts_started),
         )
         return state
 
@@ -276,3 +280,4 @@ class PPOGuard(PPOMonitor):
         self.diagnoser.load_state_dict(state_dict.get("diagnoser", {}))
         self.findings = [Finding(**f) for f in state_dict.get("findings", [])]
         self._prev_updates = dict(state_dict.get("prev_updates", {}))
+        self._rollouts_started = dict(state_dict.get("rollouts_started", {}))
