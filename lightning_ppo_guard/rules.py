@@ -162,7 +162,9 @@ class Diagnoser:
                               broadcast=broadcast)
         if facts.old_requires_grad:
             out += self._emit(role, "PPG103", step, ratio_dev=facts.ratio_dev)
-        if not facts.logp_requires_grad:
+        if "PPG005" in self.state(role).raised:
+            pass  # a frozen actor explains a log-prob without grad
+        elif not facts.logp_requires_grad:
             out += self._emit(role, "PPG101", step)
         elif facts.trainable and facts.reached < facts.trainable:
             out += self._emit(role, "PPG102", step, reached=facts.reached, trainable=facts.trainable)
