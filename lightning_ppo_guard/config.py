@@ -41,16 +41,16 @@ class GuardConfig:
     early_stop_rollouts: int = 2
     #: PPG401: advantages with std below this (relative to their mean magnitude + 1) are degenerate.
     degenerate_adv_std: float = 1e-8
-    #: PPG402/PPG403: a rollout whose mean approx_kl is below this barely moved the policy (10x below the
-    #: healthy floor of ~1e-4) ...
-    weak_kl: float = 1e-5
-    #: ... and it is attributed to tiny advantages when their std is below this (normalised ones have 1) ...
-    tiny_adv_std: float = 2e-2
-    #: ... or to the critic eating the shared clip when at least half the rollout's steps are "starved":
-    #: shared clip coefficient below this ...
+    #: PPG402: unnormalised advantages whose std stays below this (normalised ones have std 1; healthy
+    #: unnormalised CartPole has > 1) on ``weak_rollouts`` consecutive rollouts.
+    tiny_adv_std: float = 0.1
+    #: PPG403: a rollout whose mean approx_kl is below this barely moved the policy (10x below the healthy
+    #: floor of ~1e-4), and is attributed to the critic eating the shared clip when at least half of its
+    #: steps are "starved": shared clip coefficient below this ...
     starved_clip_coef: float = 0.05
     #: ... with the critic's pre-clip gradient this many times the actor's.
     critic_dominance: float = 20.0
+    weak_kl: float = 1e-5
     #: PPG402/PPG403 need this many consecutive such rollouts.
     weak_rollouts: int = 2
     #: PPG501: normalised entropy above this counts as "at its maximum" ...

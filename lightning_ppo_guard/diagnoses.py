@@ -252,10 +252,10 @@ _ALL = (
         checklist="'if still stuck': advantage signal",
     ),
     Diagnosis(
-        "PPG402", "advantages-tiny", "error",
+        "PPG402", "advantages-tiny", "warning",
         "{role}'s advantages are tiny and not normalised (std {adv_std:.2g}) for {rollouts} rollouts",
-        "The policy term scales with the advantages; at this size the entropy bonus and Adam's eps swamp it "
-        "and the policy does not follow the reward.",
+        "The policy term scales with the advantages; at this size the entropy bonus (and the critic's noise) "
+        "swamp the reward signal, and the policy drifts instead of following the reward.",
         "Normalise advantages per minibatch ((adv - mean) / (std + 1e-8)) or fix the reward scale.",
         checklist="'if still stuck': scale the advantages",
     ),

@@ -54,8 +54,7 @@ class PPOGuard(PPOMonitor):
             (:class:`PPOGuardError` at the end of the batch, on every rank).
         ignore: codes or symbols never reported (e.g. ``["PPG106"]``).
         config: thresholds, see :class:`GuardConfig`.
-        log_every_n_steps: see :class:`PPOMonitor`.
-        prefix: see :class:`PPOMonitor`.
+        log_every_n_steps, dense_steps, measure_every_n_steps, prefix: see :class:`PPOMonitor`.
     """
 
     def __init__(
@@ -67,9 +66,12 @@ class PPOGuard(PPOMonitor):
         ignore: Iterable[str] = (),
         config: GuardConfig | None = None,
         log_every_n_steps: int | None = None,
+        dense_steps: int = 256,
+        measure_every_n_steps: int = 16,
         prefix: str = "ppo_guard",
     ) -> None:
-        super().__init__(actors, critic, log_every_n_steps=log_every_n_steps, prefix=prefix)
+        super().__init__(actors, critic, log_every_n_steps=log_every_n_steps, dense_steps=dense_steps,
+                         measure_every_n_steps=measure_every_n_steps, prefix=prefix)
         if on_stall not in ("warn", "raise", "stop"):
             raise ValueError(f"on_stall must be 'warn', 'raise' or 'stop', got {on_stall!r}.")
         if config is not None and not isinstance(config, GuardConfig):
@@ -89,7 +91,6 @@ class PPOGuard(PPOMonitor):
         self._stall = False
         self._pending: list[ObserveRecord] = []
         self._wired: set[str] = set()
-        self._prev_updates: dict[str, int] = {}
         self._rollouts_started: dict[str, int] = {}
 
     # ------------------------------------------------------------------ findings
@@ -160,10 +161,6 @@ class PPOGuard(PPOMonitor):
             self._wired.add(role.name)
         self._pending.append(record)
 
-    @override
-    def _on_rollout_end(self, role: str, updates: int) -> None:
-        self._prev_updates[role] = updates
-
     # ------------------------------------------------------------------ runtime, at each step
     @override
     def _on_step(self, records: list[StepRecord]) -> None:
@@ -213,7 +210,7 @@ class PPOGuard(PPOMonitor):
             adv_std=vals[_O["adv_std"]], entropy_norm=vals[_O["entropy_norm"]],
             entropy_drift=vals[_O["entropy_drift"]], first_in_rollout=record.first_in_rollout,
             rollout=record.rollout, target_kl=record.target_kl,
-            prev_updates=self._prev_updates.pop(role, None) if record.first_in_rollout else None,
+            prev_updates=record.prev_updates,
         )
         self._report(self.diagnoser.check_observe(role, record.step, facts))
 
@@ -269,7 +266,6 @@ class PPOGuard(PPOMonitor):
             diagnoser=self.diagnoser.state_dict(),
             findings=[{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence,
                        "rollout": f.rollout} for f in self.findings],
-            prev_updates=dict(self._prev_updates),
             rollouts_started=dict(self._rollouts_started),
         )
         return state
@@ -279,5 +275,4 @@ class PPOGuard(PPOMonitor):
         super().load_state_dict(state_dict)
         self.diagnoser.load_state_dict(state_dict.get("diagnoser", {}))
         self.findings = [Finding(**f) for f in state_dict.get("findings", [])]
-        self._prev_updates = dict(state_dict.get("prev_updates", {}))
         self._rollouts_started = dict(state_dict.get("rollouts_started", {}))

@@ -7,6 +7,7 @@ README's metric table is checked against this table by the tests.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -114,20 +115,21 @@ class VectorStats(Metric):
     def __init__(self, size: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.size = size
-        self.add_state("total", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("low", default=torch.full((size,), float("inf"), dtype=torch.float64), dist_reduce_fx="min")
-        self.add_state("high", default=torch.full((size,), float("-inf"), dtype=torch.float64),
-                       dist_reduce_fx="max")
+        # float32: a logging interval sums at most a few thousand values of the same scale.
+        self.add_state("total", default=torch.zeros(size), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(size), dist_reduce_fx="sum")
+        self.add_state("low", default=torch.full((size,), math.inf), dist_reduce_fx="min")
+        self.add_state("high", default=torch.full((size,), -math.inf), dist_reduce_fx="max")
 
-    def update(self, values: Tensor, mask: Tensor) -> None:  # type: ignore[override]
-        values = values.to(self.total.device, torch.float64)
-        mask = mask.to(self.total.device)
-        self.total += torch.where(mask, values, 0.0)
-        self.count += mask
-        self.low = torch.fmin(self.low, torch.where(mask, values, float("inf")))
-        self.high = torch.fmax(self.high, torch.where(mask, values, float("-inf")))
+    def update(self, values: Tensor, mask: Tensor, offset: int = 0) -> None:  # type: ignore[override]
+        """Add ``values`` (where ``mask``) to the slots ``offset .. offset + len(values)``."""
+        end = offset + values.numel()
+        values = values.to(self.total.dtype)
+        self.total[offset:end] += torch.where(mask, values, 0.0)
+        self.count[offset:end] += mask
         # fmin/fmax skip NaN; a NaN measurement still reaches the mean through ``total``.
+        torch.fmin(self.low[offset:end], torch.where(mask, values, math.inf), out=self.low[offset:end])
+        torch.fmax(self.high[offset:end], torch.where(mask, values, -math.inf), out=self.high[offset:end])
 
     def compute(self) -> Tensor:  # type: ignore[override]
         """Rows: mean, min, max, sum, count (NaN where nothing was measured)."""
@@ -142,5 +144,3 @@ class VectorStats(Metric):
             self.count,
         ])
 
-
-REDUCE_ROW = {"mean": 0, "min": 1, "max": 2, "sum": 3}

@@ -36,9 +36,7 @@ from lightning_ppo_guard import functional as F
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import (
     OBSERVE_METRICS,
-    REDUCE_ROW,
     STEP_METRICS,
-    MetricSpec,
     VectorStats,
     metric_key,
 )
@@ -78,12 +76,13 @@ class StepRecord:
 class ObserveRecord:
     """One ``observe`` call of one actor role, still on the device (``values`` follows ``OBSERVE_METRICS``)."""
 
-    __slots__ = ("first_in_rollout", "mask", "role", "rollout", "step", "target_kl", "values")
+    __slots__ = ("first_in_rollout", "mask", "prev_updates", "role", "rollout", "step", "target_kl", "values")
 
     def __init__(self, role: str, step: int, rollout: int | None, first_in_rollout: bool,
-                 target_kl: float | None, values: Tensor, mask: tuple[bool, ...]) -> None:
+                 target_kl: float | None, values: Tensor, mask: tuple[bool, ...], prev_updates: int | None) -> None:
         self.role, self.step, self.rollout, self.first_in_rollout = role, step, rollout, first_in_rollout
         self.target_kl, self.values, self.mask = target_kl, values, mask
+        self.prev_updates = prev_updates  # actor steps of the rollout this one's first observe ends
 
 
 def _check_logp(name: str, t: Any) -> Tensor:
@@ -127,7 +126,13 @@ class PPOMonitor(Callback):
             paths or modules. ``None`` auto-detects ``actors``, ``actor``, ``policies``, ``policy``, ``pi``.
         critic: the critic's path or module; ``None`` auto-detects ``critic``, ``value``, ``vf``; a module
             without one has no critic role.
-        log_every_n_steps: optimizer steps per logged row; ``None`` uses the Trainer's ``log_every_n_steps``.
+        log_every_n_steps: optimizer steps per logged row; ``None`` logs when Lightning logs: every
+            ``Trainer(log_every_n_steps=...)`` training batches (a manual-optimization PPO batch may hold many
+            optimizer steps; the row then holds their reduction).
+        dense_steps: measure every optimizer step for this many steps from the start of fit (where stalls are
+            found), ...
+        measure_every_n_steps: ... then every n-th step. ``1`` measures every step for the whole run. The
+            first minibatch of each rollout is always observed, so rollout counts stay exact.
         prefix: first component of every logged key.
 
     Example::
@@ -143,16 +148,26 @@ class PPOMonitor(Callback):
         critic: str | nn.Module | None = None,
         *,
         log_every_n_steps: int | None = None,
+        dense_steps: int = 256,
+        measure_every_n_steps: int = 16,
         prefix: str = "ppo_guard",
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}.")
+        if not isinstance(dense_steps, int) or dense_steps < 0:
+            raise ValueError(f"dense_steps must be an int >= 0, got {dense_steps!r}.")
+        if not isinstance(measure_every_n_steps, int) or measure_every_n_steps < 1:
+            raise ValueError(f"measure_every_n_steps must be an int >= 1, got {measure_every_n_steps!r}.")
+        self.dense_steps = dense_steps
+        self.measure_every_n_steps = measure_every_n_steps
         if not isinstance(prefix, str) or not prefix or "/" in prefix:
             raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}.")
         self._actors_spec = actors
         self._critic_spec = critic
         self._log_every = log_every_n_steps
+        self._log_every_batches = 1
+        self._batches_since_flush = 0
         self.prefix = prefix
 
         self.roles: list[Role] = []
@@ -167,11 +182,11 @@ class PPOMonitor(Callback):
         self._at_step: dict[str, tuple[Tensor, int]] = {}
         self._snapshots: dict[str, list[Tensor]] = {}
         self._param_norm: dict[str, Tensor] = {}
-        self._step_stats: dict[str, VectorStats] = {}
-        self._obs_stats: dict[str, VectorStats] = {}
+        self._stats: VectorStats | None = None
+        self._step_offset: dict[str, int] = {}
+        self._obs_offset: dict[str, int] = {}
         self._masks: dict[tuple[bool, ...], Tensor] = {}
         self._steps_since_flush = 0
-        self._grad_none_last: dict[str, int] = {}
         self.last_logged: dict[str, float] = {}
         # progress, kept in state_dict
         self.optimizer_steps = 0
@@ -190,16 +205,20 @@ class PPOMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Resolve early so that a wrong path fails before any training; tensors are re-read at train start.
         self.roles = resolve_roles(pl_module, self._actors_spec, self._critic_spec)
-        self._log_every = self._log_every or max(1, int(trainer.log_every_n_steps))
+        self._log_every_batches = max(1, int(trainer.log_every_n_steps))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer, self._module = trainer, pl_module
-        device = pl_module.device
+        # One Metric for every role's step and observe statistics: one update per measured role, one compute.
+        offset = 0
         for role in self.roles:
-            self._step_stats[role.name] = VectorStats(len(STEP_METRICS)).to(device)
-            if role.kind == "actor":
-                self._obs_stats[role.name] = VectorStats(len(OBSERVE_METRICS)).to(device)
+            self._step_offset[role.name] = offset
+            offset += len(STEP_METRICS)
+        for role in self.actor_roles:
+            self._obs_offset[role.name] = offset
+            offset += len(OBSERVE_METRICS)
+        self._stats = VectorStats(offset).to(pl_module.device)
         for idx, opt in enumerate(trainer.optimizers):
             self._opt_index[id(opt)] = idx
             self._hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
@@ -233,6 +252,19 @@ class PPOMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.refresh()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._log_every is None and self._active:
+            self._batches_since_flush += 1
+            if self._batches_since_flush >= self._log_every_batches:
+                self._flush()
+
+    def measuring(self) -> bool:
+        """Whether the coming optimizer step is measured (dense at the start, then every n-th step)."""
+        n = self.optimizer_steps
+        return n < self.dense_steps or n % self.measure_every_n_steps == 0
 
     def refresh(self) -> None:
         """Re-read the roles' tensors and the optimizers' param groups (host-only work, no device sync)."""
@@ -305,17 +337,17 @@ class PPOMonitor(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Manual optimization: the user clips between backward and step, so measure here (AMP-scaled:
         # undone with the scaler's current scale). With accumulation, the last backward before the step wins.
-        if self._active and not pl_module.automatic_optimization:
+        if self._active and not pl_module.automatic_optimization and self.measuring():
             self._measure_pre_clip()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # Automatic optimization: gradients are unscaled here and Lightning clips right after this hook.
-        if self._active and pl_module.automatic_optimization:
+        if self._active and pl_module.automatic_optimization and self.measuring():
             self._measure_pre_clip()
 
     def _optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._active:
+        if not self._active or not self.measuring():
             return
         for role in self._opt_roles.get(id(optimizer), ()):
             grads, none = role.grads()
@@ -334,6 +366,8 @@ class PPOMonitor(Callback):
         opt_idx = self._opt_index.get(id(optimizer), -1)
         records = []
         for role in self._opt_roles.get(id(optimizer), ()):
+            if role.kind == "actor":
+                self._rollout_steps[role.name] = self._rollout_steps.get(role.name, 0) + 1
             at_step = self._at_step.pop(role.name, None)
             if at_step is None:
                 continue
@@ -353,15 +387,14 @@ class PPOMonitor(Callback):
             values = torch.stack([grad_norm, post[0], clip_coef, nonzero_frac, torch.zeros_like(post[0]) + none,
                                   post[2], update_norm, update_ratio, param_norm])
             mask = self._mask((True,) * 6 + (bool(snap),) * 3, values.device)
-            self._step_stats[role.name].update(values, mask)
-            self._grad_none_last[role.name] = none
-            if role.kind == "actor":
-                self._rollout_steps[role.name] = self._rollout_steps.get(role.name, 0) + 1
+            if self._stats is not None:
+                self._stats.update(values, mask, self._step_offset[role.name])
             records.append(StepRecord(role.name, step, opt_idx, values, none))
         self.optimizer_steps += 1
         self._steps_since_flush += 1
-        self._on_step(records)
-        if self._steps_since_flush >= (self._log_every or 1):
+        if records:
+            self._on_step(records)
+        if self._log_every is not None and self._steps_since_flush >= self._log_every:
             self._flush()
 
     def _on_step(self, records: list[StepRecord]) -> None:
@@ -423,53 +456,65 @@ class PPOMonitor(Callback):
 
         name = actor.name
         first_in_rollout = rollout is not None and self._rollout.get(name) != rollout
+        prev_updates = None
         if first_in_rollout:
             if self._rollout.get(name) is not None:
-                self.updates_per_rollout[name] = self._rollout_steps.get(name, 0)
-                self._on_rollout_end(name, self.updates_per_rollout[name])
+                prev_updates = self.updates_per_rollout[name] = self._rollout_steps.get(name, 0)
             self._rollout[name] = rollout
             self._rollout_steps[name] = 0
+        if not (first_in_rollout or self.measuring()):
+            return  # between measured steps: only the rollout bookkeeping above
 
         with torch.no_grad():
-            log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
-            nan = torch.full((), math.nan, device=log_ratio.device)
-            kl, kl1 = F.approx_kl(log_ratio), F.approx_kl_k1(log_ratio)
-            cf = F.clip_fraction(log_ratio, float(clip_eps)) if clip_eps is not None else nan
-            rs = F.ratio_stats(log_ratio)
-            n_actions = num_actions
-            if entropy is None and dist is not None:
-                try:
-                    entropy = dist.entropy()
-                except NotImplementedError:
-                    entropy = None
-            if n_actions is None and dist is not None:
-                shape = getattr(dist, "param_shape", None)
-                if getattr(dist, "_num_events", None) is not None and shape:
-                    n_actions = int(shape[-1])
-            ent = ent_norm = drift = nan
-            if entropy is not None:
-                ent = entropy.detach().float().mean()
-                if n_actions is not None:
-                    ent_norm = F.normalized_entropy(entropy, n_actions)
-                base = self._entropy0.setdefault(actor.name, ent)
-                drift = ent - base
-            adv_mean = adv_std = ev = nan
-            if advantages is not None:
-                a = advantages.detach().float().reshape(-1)
-                adv_mean, adv_std = a.mean(), a.std(unbiased=False)
-            if values is not None and returns is not None:
-                ev = F.explained_variance(values, returns)
-            vec = torch.stack([kl, kl1, cf, rs[0], rs[1], rs[2], rs[3], ent, ent_norm, drift, adv_mean, adv_std, ev])
+            vec, pattern = self._observe_stats(new_logp, old_logp, advantages, clip_eps, dist, entropy, num_actions,
+                                               values, returns, name)
+        if self._stats is not None:
+            self._stats.update(vec, self._mask(pattern, vec.device), self._obs_offset[name])
+        self.observes += 1
+        step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
+        record = ObserveRecord(name, step, rollout, first_in_rollout, target_kl, vec, pattern, prev_updates)
+        self._on_observe(record, actor, new_logp=new_logp, old_logp=old_logp, advantages=advantages,
+                         values=values, returns=returns, dist=dist)
+
+    def _observe_stats(self, new_logp: Tensor, old_logp: Tensor, advantages: Tensor | None, clip_eps: float | None,
+                       dist: Distribution | None, entropy: Tensor | None, num_actions: int | Tensor | None,
+                       values: Tensor | None, returns: Tensor | None, name: str) -> tuple[Tensor, tuple[bool, ...]]:
+        """The ``OBSERVE_METRICS`` vector of one minibatch, in few fused ops, and which entries it holds."""
+        log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
+        ratio = log_ratio.exp()
+        dev = (ratio - 1.0).abs()
+        eps = float(clip_eps) if clip_eps is not None else math.inf
+        # k3 KL, k1 KL, clip fraction and mean ratio as four row means of one stacked tensor
+        means = torch.stack([ratio - 1.0 - log_ratio, -log_ratio, (dev > eps).float(), ratio]).mean(dim=1)
+        lo, hi = torch.aminmax(ratio)
+        nan = means.new_full((), math.nan)
+        if entropy is None and dist is not None:
+            try:
+                entropy = dist.entropy()
+            except NotImplementedError:
+                entropy = None
+        n_actions = num_actions
+        if n_actions is None and dist is not None and getattr(dist, "_num_events", None) is not None:
+            n_actions = int(dist.param_shape[-1])
+        ent = ent_norm = drift = nan
+        if entropy is not None:
+            ent = entropy.detach().float().mean()
+            if n_actions is not None:
+                ent_norm = (F.normalized_entropy(entropy, n_actions) if isinstance(n_actions, Tensor)
+                            else ent / math.log(n_actions) if n_actions > 1 else ent.new_ones(()))
+            base = self._entropy0.setdefault(name, ent)
+            drift = ent - base
+        adv_std = adv_mean = nan
+        if advantages is not None:
+            adv_std, adv_mean = torch.std_mean(advantages.detach().reshape(-1).float(), correction=0)
+        ev = F.explained_variance(values, returns) if values is not None and returns is not None else nan
+        vec = torch.stack([means[0], means[1], means[2] if clip_eps is not None else nan, means[3], lo, hi,
+                           dev.max(), ent, ent_norm, drift, adv_mean, adv_std, ev])
         given = (clip_eps is not None, entropy is not None, entropy is not None and n_actions is not None,
                  advantages is not None, values is not None and returns is not None)
         pattern = (True, True, given[0], True, True, True, True, given[1], given[2], given[1],
                    given[3], given[3], given[4])
-        self._obs_stats[actor.name].update(vec, self._mask(pattern, vec.device))
-        self.observes += 1
-        step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
-        record = ObserveRecord(actor.name, step, rollout, first_in_rollout, target_kl, vec, pattern)
-        self._on_observe(record, actor, new_logp=new_logp, old_logp=old_logp, advantages=advantages,
-                         values=values, returns=returns, dist=dist)
+        return vec, pattern
 
     def _actor(self, name: str) -> Role:
         for role in self.roles:
@@ -486,33 +531,26 @@ class PPOMonitor(Callback):
     def _on_observe(self, record: ObserveRecord, role: Role, **tensors: Any) -> None:
         """Called after each observe with the live tensors (hook for the guard; must not keep them)."""
 
-    def _on_rollout_end(self, role: str, updates: int) -> None:
-        """Called when ``observe`` sees a new rollout id for ``role`` (hook for the guard)."""
-
     # ------------------------------------------------------------------ logging
     def _flush(self) -> None:
         """Reduce the interval's statistics (over ranks too) and log them: one host transfer."""
-        if self._trainer is None:
+        self._batches_since_flush = 0
+        if self._trainer is None or self._stats is None:
             return
-        tables: list[tuple[str, tuple[MetricSpec, ...], VectorStats]] = [
-            (name, STEP_METRICS, stats) for name, stats in self._step_stats.items()
-        ] + [(name, OBSERVE_METRICS, stats) for name, stats in self._obs_stats.items()]
-        # Every rank updates the same metrics at the same steps, so the syncing compute() is collective.
-        tables = [t for t in tables if t[2].update_count > 0]
         metrics: dict[str, float] = {}
-        if tables:
-            width = max(len(specs) for _, specs, _ in tables)
-            computed = torch.stack([
-                torch.nn.functional.pad(stats.compute().float(), (0, width - len(specs)))
-                for _, specs, stats in tables
-            ]).cpu().tolist()
-            kinds = {r.name: r.kind for r in self.roles}
-            for (role, specs, _), rows in zip(tables, computed, strict=True):
-                for j, spec in enumerate(specs):
-                    if rows[4][j] > 0 and (spec.roles == "all" or kinds.get(role) == "actor"):
-                        metrics[metric_key(self.prefix, role, spec.name)] = rows[REDUCE_ROW[spec.reduce]][j]
-            for _, _, stats in tables:
-                stats.reset()
+        # Every rank updates the same slots at the same steps, so the syncing compute() is collective.
+        if self._stats.update_count > 0:
+            mean, low, high, total, count = self._stats.compute().float().cpu().tolist()
+            rows = {"mean": mean, "min": low, "max": high, "sum": total}
+            for role in self.roles:
+                tables = [(STEP_METRICS, self._step_offset[role.name])]
+                if role.kind == "actor":
+                    tables.append((OBSERVE_METRICS, self._obs_offset[role.name]))
+                for specs, offset in tables:
+                    for j, spec in enumerate(specs):
+                        if count[offset + j] > 0 and (spec.roles == "all" or role.kind == "actor"):
+                            metrics[metric_key(self.prefix, role.name, spec.name)] = rows[spec.reduce][offset + j]
+            self._stats.reset()
         for role in self.roles:
             binding = self.bindings.get(role.name)
             if binding is not None:

@@ -251,7 +251,9 @@ class Diagnoser:
         """Rollout-level rules; ``updates`` is the number of actor optimizer steps in the rollout."""
         cfg, s = self.config, self.state(role)
         out: list[Finding] = []
-        if s.r_observes == 0:
+        if s.r_kl_n == 0:
+            # No measured minibatch after the first (sparse cadence): this rollout is no evidence either way.
+            s.reset_rollout()
             return out
         kl = s.r_kl_sum / s.r_kl_n if s.r_kl_n else math.nan
         upd = s.r_upd_sum / s.r_upd_n if s.r_upd_n else math.nan
@@ -265,12 +267,11 @@ class Diagnoser:
             out += self._emit(role, "PPG302", step, updates=updates, rollouts=s.early_stop_rollouts,
                               approx_kl=s.r_last_kl, target_kl=s.r_target_kl)
 
-        frozen = (_finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
-                  and s.r_kl_n > 0)
-        weak = _finite(kl) and kl < cfg.weak_kl and s.r_kl_n > 0
+        frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
+        weak = _finite(kl) and kl < cfg.weak_kl
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
-        # PPG402: the policy barely moves and the advantages are tiny (not normalised).
-        tiny = weak and _finite(adv_std) and adv_std < cfg.tiny_adv_std
+        # PPG402: tiny advantages that are not normalised (normalised ones have std 1 per minibatch).
+        tiny = _finite(adv_std) and adv_std < cfg.tiny_adv_std and abs(adv_std - 1.0) > 0.05
         s.tiny_adv_rollouts = s.tiny_adv_rollouts + 1 if tiny else 0
         # PPG403: the policy barely moves and on most steps the critic's gradient ate the shared clip.
         starved = weak and s.r_steps > 0 and s.r_starved_n >= 0.5 * s.r_steps

@@ -11,6 +11,8 @@ from lightning_ppo_guard.reference import CartPolePPO, PPOConfig
 
 from .conftest import fit
 
+PER = PPOConfig().update_epochs * PPOConfig().num_minibatches
+
 
 def _run(monkeypatch, change, guard=None, quiet=True):
     """Fit one rollout of the reference PPO with its observe() arguments changed by ``change``."""
@@ -32,7 +34,7 @@ def test_integer_logp_is_a_type_error_naming_the_fix(monkeypatch):
 
 
 def test_not_a_tensor(monkeypatch):
-    with pytest.raises(TypeError, match="old_logp must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"old_logp must be a torch\.Tensor"):
         _run(monkeypatch, lambda kw: {**kw, "old_logp": kw["old_logp"].tolist()})
 
 
@@ -53,7 +55,7 @@ def test_empty_tensors_warn_and_are_skipped(monkeypatch):
     with pytest.warns(PPOGuardWarning, match="empty"):
         guard = _run(monkeypatch, lambda kw: {**kw, "new_logp": kw["new_logp"][:0], "old_logp": kw["old_logp"][:0],
                                               "advantages": None, "values": None, "returns": None}, quiet=False)
-    assert guard.observes == 0 and guard.optimizer_steps == 16
+    assert guard.observes == 0 and guard.optimizer_steps == PER
 
 
 def test_nan_logp_is_a_finding_not_a_crash(monkeypatch):
@@ -63,7 +65,7 @@ def test_nan_logp_is_a_finding_not_a_crash(monkeypatch):
         return {**kw, "old_logp": old}
 
     guard = _run(monkeypatch, nan)
-    assert "PPG902" in guard.codes() and guard.optimizer_steps == 16
+    assert "PPG902" in guard.codes() and guard.optimizer_steps == PER
 
 
 def test_unknown_role_lists_the_roles(monkeypatch):
@@ -74,7 +76,7 @@ def test_unknown_role_lists_the_roles(monkeypatch):
 def test_bad_clip_eps_and_dist(monkeypatch):
     with pytest.raises(ValueError, match="clip_eps must be a positive number"):
         _run(monkeypatch, lambda kw: {**kw, "clip_eps": -0.2})
-    with pytest.raises(TypeError, match="dist must be a torch.distributions.Distribution"):
+    with pytest.raises(TypeError, match=r"dist must be a torch\.distributions\.Distribution"):
         _run(monkeypatch, lambda kw: {**kw, "dist": "categorical"})
 
 

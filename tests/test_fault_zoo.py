@@ -51,8 +51,9 @@ def test_warning_is_issued_once_per_code_and_role_with_our_category():
 
 def test_on_stall_stop_ends_the_run_after_the_first_rollout():
     guard = PPOGuard(on_stall="stop")
-    trainer = fit(_module("actor_not_in_optimizer", 10), [guard])
-    assert trainer.global_step == 16 and trainer.should_stop
+    module = _module("actor_not_in_optimizer", 10)
+    trainer = fit(module, [guard])
+    assert trainer.global_step == module.cfg.update_epochs * module.cfg.num_minibatches and trainer.should_stop
     assert guard.codes() == {"PPG001"}
 
 
@@ -87,6 +88,14 @@ def _healthy(cls, seed):
     fit(module, [guard])
     recent = module.recent_returns[-20:]
     return guard, sum(recent) / len(recent)
+
+
+def test_healthy_unnormalised_advantages_raise_nothing():
+    guard = PPOGuard()
+    cfg = PPOConfig(seed=3, norm_adv=False)
+    cfg.total_timesteps = 12 * cfg.batch_size
+    fit(CartPolePPO(cfg), [guard])
+    assert guard.findings == [], guard.summary()
 
 
 @pytest.mark.slow

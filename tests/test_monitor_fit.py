@@ -20,6 +20,14 @@ def _cfg(iterations, **kw):
     return cfg
 
 
+def dense(log_every):
+    """A monitor that measures every step and logs every ``log_every`` steps."""
+    return PPOMonitor(log_every_n_steps=log_every, measure_every_n_steps=1)
+
+
+PER = PPOConfig().update_epochs * PPOConfig().num_minibatches  # minibatch updates per rollout
+
+
 class Recorded(CartPolePPO):
     """The reference PPO, recording the seed checklist's naive numbers itself: its own per-minibatch KL and
     entropy, a per-parameter loop for the actor's gradient norm after backward, and a clone-and-diff of the
@@ -61,9 +69,9 @@ class Recorded(CartPolePPO):
 def test_logged_actor_metrics_match_an_independent_computation(tmp_path):
     module = Recorded(_cfg(3, seed=0))
     logger = CSVLogger(tmp_path, name="run")
-    fit(module, [PPOMonitor(log_every_n_steps=1)], logger=logger)
+    fit(module, [dense(1)], logger=logger)
     rows = guard_rows(read_csv(logger.log_dir))
-    steps = 3 * module.cfg.update_epochs * module.cfg.num_minibatches
+    steps = 3 * PER
     assert len(rows) == steps == len(module.rec_grad) == len(module.rec_update)
     assert [int(r["step"]) for r in rows] == list(range(steps))
     for i, row in enumerate(rows):
@@ -81,18 +89,18 @@ def test_logged_actor_metrics_match_an_independent_computation(tmp_path):
         assert row["ppo_guard/actor/clip_coef"] <= 1.0 + 1e-6
         assert row["ppo_guard/actor/grad_norm_clipped"] == pytest.approx(
             row["ppo_guard/actor/grad_norm"] * row["ppo_guard/actor/clip_coef"], rel=1e-4)
-    # 16 minibatch updates per rollout, logged once the next rollout starts
-    assert {r["ppo_guard/actor/updates_per_rollout"] for r in rows[16:]} == {16.0}
+    # PER minibatch updates per rollout, logged once the next rollout starts
+    assert {r["ppo_guard/actor/updates_per_rollout"] for r in rows[PER:]} == {float(PER)}
     # the first minibatch of each rollout has ratio exactly 1
-    assert rows[0]["ppo_guard/actor/approx_kl"] == 0.0 and rows[16]["ppo_guard/actor/ratio_dev"] < 1e-6
+    assert abs(rows[0]["ppo_guard/actor/approx_kl"]) < 1e-9 and rows[PER]["ppo_guard/actor/ratio_dev"] < 1e-6
 
 
 def test_interval_logging_reduces_without_losing_values(tmp_path):
     module = Recorded(_cfg(2, seed=1))
     logger = CSVLogger(tmp_path, name="run")
-    fit(module, [PPOMonitor(log_every_n_steps=8)], logger=logger)
+    fit(module, [dense(8)], logger=logger)
     rows = guard_rows(read_csv(logger.log_dir))
-    assert len(rows) == 4  # 32 steps / 8
+    assert len(rows) == 2 * PER // 8
     for j, row in enumerate(rows):
         window = module.rec_grad[8 * j: 8 * j + 8]
         assert row["ppo_guard/actor/grad_norm"] == pytest.approx(sum(window) / 8, rel=1e-4)
@@ -102,9 +110,9 @@ def test_interval_logging_reduces_without_losing_values(tmp_path):
 
 def test_actor_left_out_of_the_optimizer_logs_binding_0_and_update_0(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
-    fit(CartPolePPO(_cfg(2, fault="actor_not_in_optimizer")), [PPOMonitor(log_every_n_steps=1)], logger=logger)
+    fit(CartPolePPO(_cfg(2, fault="actor_not_in_optimizer")), [dense(1)], logger=logger)
     rows = guard_rows(read_csv(logger.log_dir))
-    assert len(rows) == 32
+    assert len(rows) == 2 * PER
     assert all(r["ppo_guard/actor/binding"] == 0.0 for r in rows)
     assert all(r["ppo_guard/actor/update_norm"] == 0.0 for r in rows)
     assert "ppo_guard/actor/lr" not in rows[0]
@@ -116,9 +124,9 @@ def test_actor_left_out_of_the_optimizer_logs_binding_0_and_update_0(tmp_path):
 
 def test_detached_logits_log_actor_policy_grad_0(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
-    fit(CartPolePPO(_cfg(1, fault="detached_logits")), [PPOMonitor(log_every_n_steps=1)], logger=logger)
+    fit(CartPolePPO(_cfg(1, fault="detached_logits")), [dense(1)], logger=logger)
     rows = guard_rows(read_csv(logger.log_dir))
-    assert len(rows) == 16
+    assert len(rows) == PER
     assert all(r["ppo_guard/actor/grad_norm"] == 0.0 for r in rows)
     assert all(r["ppo_guard/actor/grad_none"] == 6 for r in rows)  # 3 Linear layers: no .grad at all
     assert all(r["ppo_guard/actor/update_norm"] == 0.0 for r in rows)
@@ -140,9 +148,9 @@ class RecordedAuto(CartPolePPOAuto):
 def test_automatic_optimization_and_accumulation_do_not_double_count(tmp_path, accumulate):
     module = RecordedAuto(_cfg(2, seed=0))
     logger = CSVLogger(tmp_path, name="run")
-    trainer = fit(module, [PPOMonitor(log_every_n_steps=1)], logger=logger, accumulate_grad_batches=accumulate)
+    trainer = fit(module, [dense(1)], logger=logger, accumulate_grad_batches=accumulate)
     rows = guard_rows(read_csv(logger.log_dir))
-    assert trainer.global_step == 32 // accumulate
+    assert trainer.global_step == 2 * PER // accumulate
     assert len(rows) == trainer.global_step == len(module.rec_grad)
     for row, naive in zip(rows, module.rec_grad, strict=True):
         assert row["ppo_guard/actor/grad_norm"] == pytest.approx(naive, rel=1e-4)
@@ -161,7 +169,7 @@ def test_auto_detached_logits_and_unbound_actor_are_found():
 def test_observe_without_a_guard_is_a_noop():
     module = CartPolePPO(_cfg(1))
     trainer = fit(module, [])
-    assert trainer.global_step == 16
+    assert trainer.global_step == PER
 
 
 def test_monitor_arguments_are_validated():

@@ -18,7 +18,8 @@ def _trainer(guard, max_epochs):
 
 def test_resume_from_checkpoint_round_trip(tmp_path):
     cfg = PPOConfig(seed=0, fault="actor_not_in_optimizer")
-    cfg.total_timesteps = 2 * cfg.batch_size  # one epoch = 2 PPO iterations = 32 optimizer steps
+    cfg.total_timesteps = 2 * cfg.batch_size  # one epoch = 2 PPO iterations
+    per_epoch = 2 * cfg.update_epochs * cfg.num_minibatches
     first = PPOGuard()
     trainer = _trainer(first, max_epochs=1)
     with warnings.catch_warnings():
@@ -26,14 +27,14 @@ def test_resume_from_checkpoint_round_trip(tmp_path):
         trainer.fit(CartPolePPO(cfg))
     ckpt = tmp_path / "half.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert first.optimizer_steps == 32 and first.codes() == {"PPG001"}
+    assert first.optimizer_steps == per_epoch and first.codes() == {"PPG001"}
 
     second = PPOGuard()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(second, max_epochs=2).fit(CartPolePPO(cfg), ckpt_path=ckpt)
     # counts continue, the entropy baseline and the finding survive, and PPG001 is not warned again
-    assert second.optimizer_steps == 64
+    assert second.optimizer_steps == 2 * per_epoch
     assert second._entropy0 == pytest.approx({k: float(v) for k, v in first._entropy0.items()})
     assert [(f.code, f.role, f.step) for f in second.findings] == [(f.code, f.role, f.step) for f in first.findings]
     assert not [w for w in caught if issubclass(w.category, PPOGuardWarning)]
