@@ -237,7 +237,8 @@ class PPOGuard(PPOMonitor):
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero:
             rank_zero_info(self.summary())
-            log_dir = trainer.log_dir
+            # Next to the first logger's files; with logger=False nothing is written to the working directory.
+            log_dir = trainer.log_dir if trainer.loggers else None
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
                 with open(os.path.join(log_dir, "ppo_guard_findings.json"), "w") as fh:
