@@ -329,7 +329,7 @@ class PPOMonitor(Callback):
         for role in self.roles:
             grads, _ = role.grads()
             if grads:
-                self._pre_clip[role.name] = (F.grad_stats(grads), inv_scale)
+                self._pre_clip[role.name] = (F.flat_norm(grads), inv_scale)  # the rest is measured at the step
             else:
                 self._pre_clip.pop(role.name, None)
 
@@ -373,7 +373,7 @@ class PPOMonitor(Callback):
                 continue
             post, none = at_step
             pre, inv_scale = self._pre_clip.pop(role.name, (None, 1.0))
-            grad_norm = post[0] if pre is None else pre[0] * inv_scale
+            grad_norm = post[0] if pre is None else pre.to(post.dtype) * inv_scale
             clip_coef = torch.where(grad_norm > 0, post[0] / grad_norm, torch.ones_like(grad_norm))
             nonzero_frac = post[1] / max(role.numel, 1)
             snap = self._snapshots.get(role.name)
@@ -431,6 +431,18 @@ class PPOMonitor(Callback):
         """Record one minibatch of the policy term; see :func:`lightning_ppo_guard.observe`."""
         if not self._active:
             return
+        actor = self._actor(role)
+        name = actor.name
+        first_in_rollout = rollout is not None and self._rollout.get(name) != rollout
+        prev_updates = None
+        if first_in_rollout:
+            if self._rollout.get(name) is not None:
+                prev_updates = self.updates_per_rollout[name] = self._rollout_steps.get(name, 0)
+            self._rollout[name] = rollout
+            self._rollout_steps[name] = 0
+        if not (first_in_rollout or self.measuring()):
+            return  # between measured steps: only the rollout bookkeeping above (inputs are checked when measured)
+
         new_logp = _check_logp("new_logp", new_logp)
         old_logp = _check_logp("old_logp", old_logp)
         if new_logp.device != old_logp.device:
@@ -452,18 +464,6 @@ class PPOMonitor(Callback):
             raise ValueError(f"observe(): clip_eps must be a positive number, got {clip_eps!r}.")
         if dist is not None and not isinstance(dist, Distribution):
             raise TypeError(f"observe(): dist must be a torch.distributions.Distribution, got {type(dist).__name__}.")
-        actor = self._actor(role)
-
-        name = actor.name
-        first_in_rollout = rollout is not None and self._rollout.get(name) != rollout
-        prev_updates = None
-        if first_in_rollout:
-            if self._rollout.get(name) is not None:
-                prev_updates = self.updates_per_rollout[name] = self._rollout_steps.get(name, 0)
-            self._rollout[name] = rollout
-            self._rollout_steps[name] = 0
-        if not (first_in_rollout or self.measuring()):
-            return  # between measured steps: only the rollout bookkeeping above
 
         with torch.no_grad():
             vec, pattern = self._observe_stats(new_logp, old_logp, advantages, clip_eps, dist, entropy, num_actions,
