@@ -86,7 +86,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     module = (CartPolePPOAuto if args.auto else CartPolePPO)(cfg)
     name = f"{'auto' if args.auto else 'manual'}_{args.fault or 'healthy'}"
     logger = CSVLogger(args.logdir, name=name)
-    guard = PPOGuard(log_every_n_steps=args.log_every)
+    guard = PPOGuard(log_every_n_steps=args.log_every, verbose=False)
     kwargs = {**trainer_kwargs(module), "enable_progress_bar": True}
     trainer = L.Trainer(**kwargs, logger=logger, callbacks=[guard], enable_checkpointing=False)
     print(f"Training the reference PPO on CartPole-v1 ({'automatic' if args.auto else 'manual'} optimization, "

@@ -54,6 +54,7 @@ class PPOGuard(PPOMonitor):
             (:class:`PPOGuardError` at the end of the batch, on every rank).
         ignore: codes or symbols never reported (e.g. ``["PPG106"]``).
         config: thresholds, see :class:`GuardConfig`.
+        verbose: log the summary table of findings at the end of fit (rank zero).
         log_every_n_steps, dense_steps, measure_every_n_steps, prefix: see :class:`PPOMonitor`.
     """
 
@@ -65,6 +66,7 @@ class PPOGuard(PPOMonitor):
         on_stall: OnStall = "warn",
         ignore: Iterable[str] = (),
         config: GuardConfig | None = None,
+        verbose: bool = True,
         log_every_n_steps: int | None = None,
         dense_steps: int = 256,
         measure_every_n_steps: int = 16,
@@ -84,6 +86,7 @@ class PPOGuard(PPOMonitor):
 
             codes.add(get(item).code)
         self.on_stall = on_stall
+        self.verbose = verbose
         self.ignore = frozenset(codes)
         self.config = config or GuardConfig()
         self.diagnoser = Diagnoser(self.config)
@@ -236,7 +239,8 @@ class PPOGuard(PPOMonitor):
         self._process([])
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero:
-            rank_zero_info(self.summary())
+            if self.verbose:
+                rank_zero_info(self.summary())
             # Next to the first logger's files; with logger=False nothing is written to the working directory.
             log_dir = trainer.log_dir if trainer.loggers else None
             if log_dir:

@@ -481,12 +481,12 @@ class PPOMonitor(Callback):
                        values: Tensor | None, returns: Tensor | None, name: str) -> tuple[Tensor, tuple[bool, ...]]:
         """The ``OBSERVE_METRICS`` vector of one minibatch, in few fused ops, and which entries it holds."""
         log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
-        ratio = log_ratio.exp()
-        dev = (ratio - 1.0).abs()
+        ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation: k3 stays >= 0 for tiny log-ratios
+        dev = ratio_m1.abs()
         eps = float(clip_eps) if clip_eps is not None else math.inf
-        # k3 KL, k1 KL, clip fraction and mean ratio as four row means of one stacked tensor
-        means = torch.stack([ratio - 1.0 - log_ratio, -log_ratio, (dev > eps).float(), ratio]).mean(dim=1)
-        lo, hi = torch.aminmax(ratio)
+        # k3 KL, k1 KL, clip fraction and mean ratio - 1 as four row means of one stacked tensor
+        means = torch.stack([ratio_m1 - log_ratio, -log_ratio, (dev > eps).float(), ratio_m1]).mean(dim=1)
+        lo, hi = torch.aminmax(ratio_m1)
         nan = means.new_full((), math.nan)
         if entropy is None and dist is not None:
             try:
@@ -508,7 +508,8 @@ class PPOMonitor(Callback):
         if advantages is not None:
             adv_std, adv_mean = torch.std_mean(advantages.detach().reshape(-1).float(), correction=0)
         ev = F.explained_variance(values, returns) if values is not None and returns is not None else nan
-        vec = torch.stack([means[0], means[1], means[2] if clip_eps is not None else nan, means[3], lo, hi,
+        vec = torch.stack([means[0], means[1], means[2] if clip_eps is not None else nan, means[3] + 1.0, lo + 1.0,
+                           hi + 1.0,
                            dev.max(), ent, ent_norm, drift, adv_mean, adv_std, ev])
         given = (clip_eps is not None, entropy is not None, entropy is not None and n_actions is not None,
                  advantages is not None, values is not None and returns is not None)
