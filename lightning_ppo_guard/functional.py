@@ -96,16 +96,19 @@ def flat_norm(tensors: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def grad_stats(grads: list[Tensor]) -> Tensor:
+def grad_stats(grads: list[Tensor], count_nonzero: bool = True) -> Tensor:
     """``[l2_norm, nonzero_count, nonfinite_tensors]`` of a list of gradient tensors, as one tensor.
 
-    Three fused calls whatever the number of tensors: ``_foreach_norm`` with ord 2 and ord 0 (the
-    number of nonzero elements), and a finiteness test of the per-tensor norms (a tensor holding a NaN
-    or an Inf has a non-finite norm).
+    The norm is one fused ``_foreach_norm``; a tensor holding a NaN or an Inf has a non-finite norm, which
+    counts it. The nonzero count is a full pass over the data (``count_nonzero`` per tensor: on CPU twice as
+    fast as ``_foreach_norm(ord=0)``); ``count_nonzero=False`` skips it and returns NaN there.
     """
     if not grads:
         return torch.zeros(3)
     norms = torch.stack(torch._foreach_norm(grads)).float()
-    nonzero = torch.stack(torch._foreach_norm(grads, 0)).float().sum()
+    if count_nonzero:
+        nonzero = torch.stack([g.count_nonzero() for g in grads]).sum().float()
+    else:
+        nonzero = norms.new_full((), float("nan"))
     nonfinite = (~torch.isfinite(norms)).sum().float()
     return torch.stack([torch.linalg.vector_norm(norms), nonzero, nonfinite])

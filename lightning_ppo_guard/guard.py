@@ -69,7 +69,7 @@ class PPOGuard(PPOMonitor):
         verbose: bool = True,
         log_every_n_steps: int | None = None,
         dense_steps: int = 256,
-        measure_every_n_steps: int = 16,
+        measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:
         super().__init__(actors, critic, log_every_n_steps=log_every_n_steps, dense_steps=dense_steps,

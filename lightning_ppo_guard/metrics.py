@@ -38,7 +38,7 @@ STEP_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("clip_coef", "mean", "grad_norm_clipped / grad_norm: the factor gradient clipping applied",
                "0.1..1; << 0.01 means the clip budget is spent elsewhere"),
     MetricSpec("grad_nonzero_frac", "mean", "fraction of the role's trainable elements with a nonzero gradient "
-               "at the step", "close to 1 (ReLU nets: 0.5..1)"),
+               "at the step", "close to 1 (ReLU nets: 0.5..1)", roles="actor"),
     MetricSpec("grad_none", "max", "trainable parameters of the role whose .grad is None at the step", "0"),
     MetricSpec("grad_nonfinite", "sum", "parameter tensors of the role with a NaN/Inf gradient", "0"),
     MetricSpec("update_norm", "mean", "exact ||theta_after - theta_before|| over the optimizer step", "> 0",

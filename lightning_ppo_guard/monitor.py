@@ -149,7 +149,7 @@ class PPOMonitor(Callback):
         *,
         log_every_n_steps: int | None = None,
         dense_steps: int = 256,
-        measure_every_n_steps: int = 16,
+        measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:
         super().__init__()
@@ -181,6 +181,7 @@ class PPOMonitor(Callback):
         self._pre_clip: dict[str, tuple[Tensor, float]] = {}
         self._at_step: dict[str, tuple[Tensor, int]] = {}
         self._snapshots: dict[str, list[Tensor]] = {}
+        self.snapshot_bytes = 0  # the guard's only persistent allocation: actor snapshot buffers
         self._param_norm: dict[str, Tensor] = {}
         self._stats: VectorStats | None = None
         self._step_offset: dict[str, int] = {}
@@ -312,6 +313,7 @@ class PPOMonitor(Callback):
                     if role.kind == "actor" else []
                 )
                 self._pre_clip.pop(role.name, None)
+            self.snapshot_bytes = sum(b.numel() * b.element_size() for bufs in self._snapshots.values() for b in bufs)
             self._on_roles_changed(changed)
 
     def _on_roles_changed(self, roles: list[Role]) -> None:
@@ -351,7 +353,8 @@ class PPOMonitor(Callback):
             return
         for role in self._opt_roles.get(id(optimizer), ()):
             grads, none = role.grads()
-            stats = F.grad_stats(grads) if grads else torch.zeros(3, device=self._device())
+            # the nonzero count is a full pass over the data: actors only (it is the checklist's evidence)
+            stats = F.grad_stats(grads, role.kind == "actor") if grads else torch.zeros(3, device=self._device())
             self._at_step[role.name] = (stats, none)
             snap = self._snapshots.get(role.name)
             if snap:
@@ -386,7 +389,8 @@ class PPOMonitor(Callback):
                 update_norm = update_ratio = param_norm = torch.full_like(post[0], math.nan)
             values = torch.stack([grad_norm, post[0], clip_coef, nonzero_frac, torch.zeros_like(post[0]) + none,
                                   post[2], update_norm, update_ratio, param_norm])
-            mask = self._mask((True,) * 6 + (bool(snap),) * 3, values.device)
+            actor = role.kind == "actor"
+            mask = self._mask((True, True, True, actor, True, True) + (bool(snap),) * 3, values.device)
             if self._stats is not None:
                 self._stats.update(values, mask, self._step_offset[role.name])
             records.append(StepRecord(role.name, step, opt_idx, values, none))

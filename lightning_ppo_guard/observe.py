@@ -7,6 +7,7 @@ so the call can stay in the code for good.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -16,21 +17,27 @@ if TYPE_CHECKING:
 
 __all__ = ["observe"]
 
+# module -> (weak ref to its Trainer, the monitor found in that Trainer's callbacks)
+_CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
 
 def _find_monitor(pl_module: Any) -> Any:
     from lightning_ppo_guard.monitor import PPOMonitor
 
     trainer = getattr(pl_module, "_trainer", None)
+    cached = _CACHE.get(pl_module)
+    if cached is not None and trainer is not None and cached[0]() is trainer:
+        return cached[1]  # observe() runs once per minibatch: skip the callback scan
     if trainer is None:
         # Fabric: modules registered with a Fabric loop expose ``fabric``; the guard is found in its callbacks.
         fabric = getattr(pl_module, "_fabric", None) or getattr(pl_module, "fabric", None)
         callbacks = getattr(fabric, "_callbacks", None) or []
     else:
         callbacks = trainer.callbacks
-    for cb in callbacks:
-        if isinstance(cb, PPOMonitor):
-            return cb
-    return None
+    found = next((cb for cb in callbacks if isinstance(cb, PPOMonitor)), None)
+    if trainer is not None:
+        _CACHE[pl_module] = (weakref.ref(trainer), found)
+    return found
 
 
 def observe(

@@ -1,0 +1,239 @@
+"""What the guard costs: whole-fit wall time and per-update-step time, arms alternated, medians printed.
+
+    python benchmarks/overhead.py [--fit-repeats 3] [--step-repeats 5] [--sizes 10k,1M,25M] [--skip-fit]
+
+(a) Whole ``Trainer.fit`` of the reference CartPole PPO (default config, env included), with and without
+    ``PPOGuard()`` at default settings.
+(b) Per PPO update step (manual optimization: loss, observe, backward, clip, step) on actor-critic MLPs of
+    about 10k, 1M and 25M parameters, for these arms:
+
+    none        no callback
+    naive       the seed checklist's loop: per-parameter ``.item()`` grad norms and nonzero counts, a clone
+                of the actor and a summed |delta| after the step
+    grad_norm   Lightning's ``grad_norm`` utility logged with ``log_dict`` (norms only: no update, no KL)
+    floor       the memory traffic any exact measurement needs: read the gradients once, copy the actor
+                before the step and diff it after (fused foreach ops, no host sync)
+    exact       ``PPOGuard(dense_steps=0, measure_every_n_steps=1)``: every step measured and checked
+    default     ``PPOGuard()`` after its dense start: one step in 16 measured (the cheap tier)
+
+Peak extra memory is the guard's only persistent allocation: the actor snapshot buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+from torch.distributions import Categorical
+
+from lightning_ppo_guard import PPOGuard, PPOGuardWarning, observe
+
+warnings.filterwarnings("ignore", category=PPOGuardWarning)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+SIZES = {"10k": (4, 64, 2, 256), "1M": (64, 512, 3, 1024), "25M": (64, 2500, 3, 256)}  # obs, hidden, layers, batch
+
+
+def mlp(inp: int, hidden: int, layers: int, out: int) -> nn.Sequential:
+    mods: list[nn.Module] = [nn.Linear(inp, hidden), nn.Tanh()]
+    for _ in range(layers - 1):
+        mods += [nn.Linear(hidden, hidden), nn.Tanh()]
+    mods.append(nn.Linear(hidden, out))
+    return nn.Sequential(*mods)
+
+
+class SyntheticPPO(L.LightningModule):
+    """One PPO minibatch update per training_step on fixed random data (no environment)."""
+
+    def __init__(self, obs: int, hidden: int, layers: int, batch: int, steps: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.actor = mlp(obs, hidden, layers, 6)
+        self.critic = mlp(obs, hidden, layers, 1)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("x", torch.randn(batch, obs, generator=g))
+        self.register_buffer("a", torch.randint(0, 6, (batch,), generator=g))
+        self.register_buffer("adv", torch.randn(batch, generator=g))
+        self.register_buffer("ret", torch.randn(batch, generator=g))
+        with torch.no_grad():
+            self.register_buffer("old", Categorical(logits=self.actor(self.x)).log_prob(self.a))
+        self.steps = steps
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(range(self.steps), batch_size=None)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-4, eps=1e-5)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        dist = Categorical(logits=self.actor(self.x))
+        new_logp = dist.log_prob(self.a)
+        ratio = (new_logp - self.old).exp()
+        values = self.critic(self.x).squeeze(-1)
+        loss = (-torch.min(ratio * self.adv, ratio.clamp(0.8, 1.2) * self.adv).mean()
+                + 0.5 * (values - self.ret).pow(2).mean() - 0.01 * dist.entropy().mean())
+        observe(self, new_logp=new_logp, old_logp=self.old, advantages=self.adv, clip_eps=0.2, dist=dist,
+                values=values, returns=self.ret, rollout=batch_idx // 16)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+        opt.step()
+
+
+class NaiveChecklist(Callback):
+    """The seed checklist's loop, as people paste it."""
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        total, nz = 0.0, 0
+        for p in pl_module.actor.parameters():
+            if p.grad is not None:
+                total += p.grad.data.norm().item()
+                nz += (p.grad.data.abs() > 0).sum().item()
+        self.old = [p.detach().clone() for p in pl_module.actor.parameters()]
+        pl_module.log_dict({"dbg/grad": total, "dbg/nz": float(nz)})
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        diff = sum((p.detach() - q).abs().sum().item() for p, q in zip(pl_module.actor.parameters(), self.old,
+                                                                      strict=True))
+        pl_module.log("dbg/diff", diff)
+
+
+class LightningGradNorm(Callback):
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        pl_module.log_dict(grad_norm(pl_module, norm_type=2))
+
+
+class Floor(Callback):
+    """Read the grads once, snapshot the actor before the step and diff after: fused, no sync."""
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.params = list(pl_module.actor.parameters())
+        self.buf = [torch.empty_like(p) for p in self.params]
+        opt = trainer.optimizers[0]
+        opt.register_step_pre_hook(self._pre)
+        opt.register_step_post_hook(self._post)
+
+    def _pre(self, *_: Any) -> None:
+        self.gn = torch._foreach_norm([p.grad for p in self.params])
+        torch._foreach_copy_(self.buf, self.params)
+
+    def _post(self, *_: Any) -> None:
+        torch._foreach_sub_(self.buf, self.params)
+        self.dn = torch._foreach_norm(self.buf)
+
+
+ARMS = {
+    "none": lambda: [],
+    "naive": lambda: [NaiveChecklist()],
+    "grad_norm": lambda: [LightningGradNorm()],
+    "floor": lambda: [Floor()],
+    "exact": lambda: [PPOGuard(dense_steps=0, measure_every_n_steps=1, verbose=False)],
+    "default": lambda: [PPOGuard(dense_steps=0, verbose=False)],
+}
+
+
+def time_steps(size: str, arm: str, steps: int) -> tuple[float, int]:
+    obs, hidden, layers, batch = SIZES[size]
+    torch.manual_seed(0)
+    module = SyntheticPPO(obs, hidden, layers, batch, steps)
+    callbacks = ARMS[arm]()
+    timer = _StepTimer(warmup=3)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
+                        callbacks=[timer, *callbacks])
+    trainer.fit(module)
+    extra = max((cb.snapshot_bytes for cb in callbacks if isinstance(cb, PPOGuard)), default=0)
+    return timer.per_step(), extra
+
+
+class _StepTimer(Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self.t0 = warmup, [], 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self.t0)
+
+    def per_step(self) -> float:
+        return statistics.median(self.times[self.warmup:])
+
+
+def bench_steps(sizes: list[str], repeats: int) -> None:
+    print("\n(b) per PPO update step (median ms; overhead vs none)")
+    print(f"{'size':>5} {'params':>8} " + " ".join(f"{a:>16}" for a in ARMS) + f" {'extra mem':>10}")
+    for size in sizes:
+        obs, hidden, layers, _ = SIZES[size]
+        nets = (mlp(obs, hidden, layers, 6), mlp(obs, hidden, layers, 1))
+        n = sum(p.numel() for net in nets for p in net.parameters())
+        steps = 60 if size != "25M" else 14
+        samples: dict[str, list[float]] = {a: [] for a in ARMS}
+        extra = 0
+        for _ in range(repeats):
+            for arm in ARMS:  # arms alternated within each repeat
+                t, e = time_steps(size, arm, steps)
+                samples[arm].append(t)
+                extra = max(extra, e)
+        base = statistics.median(samples["none"])
+        cells = []
+        for arm in ARMS:
+            med = statistics.median(samples[arm])
+            cells.append(f"{med * 1e3:8.2f}" + ("        " if arm == "none" else f" {100 * (med / base - 1):+6.1f}%"))
+        print(f"{size:>5} {n / 1e6:7.2f}M " + " ".join(f"{c:>16}" for c in cells) + f" {extra / 2**20:8.1f}MB")
+
+
+def bench_fit(repeats: int) -> None:
+    from lightning_ppo_guard.reference import CartPolePPO, PPOConfig, trainer_kwargs
+
+    def run(with_guard: bool) -> tuple[float, int]:
+        L.seed_everything(0, verbose=False)
+        module = CartPolePPO(PPOConfig(seed=0))
+        guard = PPOGuard(verbose=False)
+        trainer = L.Trainer(**trainer_kwargs(module), logger=False, enable_checkpointing=False,
+                            callbacks=[guard] if with_guard else [])
+        t0 = time.perf_counter()
+        trainer.fit(module)
+        return time.perf_counter() - t0, trainer.global_step
+
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    steps = 0
+    for _ in range(repeats):
+        for arm in (False, True):
+            t, steps = run(arm)
+            samples[arm].append(t)
+    base, guarded = statistics.median(samples[False]), statistics.median(samples[True])
+    print(f"(a) whole Trainer.fit of the reference CartPole PPO ({steps} optimizer steps, env included), "
+          f"median of {repeats}:")
+    print(f"    without guard {base:7.2f} s   with PPOGuard() {guarded:7.2f} s   overhead "
+          f"{100 * (guarded / base - 1):+.2f}%   (runs: {[round(x, 2) for x in samples[False]]} vs "
+          f"{[round(x, 2) for x in samples[True]]})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fit-repeats", type=int, default=3)
+    parser.add_argument("--step-repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="10k,1M,25M")
+    parser.add_argument("--skip-fit", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    if not args.skip_fit:
+        bench_fit(args.fit_repeats)
+    bench_steps([s for s in args.sizes.split(",") if s], args.step_repeats)
+
+
+if __name__ == "__main__":
+    main()
