@@ -252,7 +252,8 @@ class PPOMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self.refresh()
+        if self.measuring():  # binding and lr are re-read on the cadence of the measurements
+            self.refresh()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
