@@ -177,7 +177,7 @@ class _CartPolePPOBase(L.LightningModule):
         return Categorical(logits=logits)
 
     @torch.no_grad()
-    def collect_rollout(self, iteration: int) -> dict[str, Tensor]:
+    def collect_rollout(self) -> dict[str, Tensor]:
         """Run the current policy for ``num_steps`` steps; return the flat batch of valid transitions.
 
         The batch holds ``obs``, ``actions``, ``logp``, ``values``, ``advantages`` and ``returns``
@@ -207,9 +207,8 @@ class _CartPolePPOBase(L.LightningModule):
             valid[t] = torch.as_tensor(out["valid"], device=device)
         next_value = self.critic(torch.as_tensor(env.obs, device=device))
 
-        advantages, returns = compute_gae(
-            rewards, values, next_value, terminated, truncated, cfg.gamma, cfg.gae_lambda
-        )
+        gamma, lam = cfg.gamma, cfg.gae_lambda
+        advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, gamma, lam)
         finished = env.pop_finished_returns()
         self._pending_returns.extend(finished)
         self.recent_returns = (self.recent_returns + finished)[-RECENT_RETURNS:]
@@ -224,6 +223,11 @@ class _CartPolePPOBase(L.LightningModule):
             "returns": returns.reshape(-1)[keep],
         }
         return batch
+
+    def rollout_index(self, index_in_epoch: int) -> int:
+        """A PPO iteration number that keeps increasing over Lightning epochs (and a resumed fit)."""
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        return epoch * self.cfg.num_iterations + index_in_epoch
 
     def minibatch_indices(self, n: int) -> list[Tensor]:
         """One epoch's shuffled indices over ``n`` samples, in ``num_minibatches`` nearly equal chunks."""
@@ -330,8 +334,8 @@ class CartPolePPO(_CartPolePPOBase):
         return {}
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        iteration = int(batch)
-        data = self.collect_rollout(iteration)
+        iteration = self.rollout_index(int(batch))
+        data = self.collect_rollout()
         terms = self.update(data, iteration)
         if self.cfg.anneal_lr:
             self.lr_schedulers().step()  # type: ignore[union-attr]
@@ -363,7 +367,7 @@ class RolloutDataset(IterableDataset):
     shuffled into ``num_minibatches`` minibatches, ``update_epochs`` times.
 
     Each item is a dict of tensors (``obs``, ``actions``, ``logp``, ``values``, ``advantages``,
-    ``returns``) plus ``rollout``, the iteration index as a 0-d tensor.
+    ``returns``) plus ``rollout``, the PPO iteration number as a 0-d tensor.
 
     ``__len__`` is defined on purpose: with a known length Lightning does not prefetch a batch, so the next
     rollout is collected only after the last update of the current one. Without it, Lightning fetches
@@ -384,8 +388,8 @@ class RolloutDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         module, cfg = self.module, self.module.cfg
         for iteration in range(self.num_iterations):
-            data = module.collect_rollout(iteration)
-            rollout = torch.tensor(iteration)
+            data = module.collect_rollout()
+            rollout = torch.tensor(module.rollout_index(iteration))
             for _epoch in range(cfg.update_epochs):
                 for idx in module.minibatch_indices(len(data["obs"])):
                     yield {**{k: v[idx] for k, v in data.items()}, "rollout": rollout}

@@ -22,8 +22,7 @@ __all__ = [
 ]
 
 FAULTS: dict[str, str] = {
-    "detached_logits": "the update computes `logits = self.actor(obs).detach()`: no policy gradient reaches "
-    "the actor",
+    "detached_logits": "the update computes `logits = self.actor(obs).detach()`: no policy gradient",
     "no_grad_forward": "the update's actor forward runs under `torch.no_grad()`: new_logp has no graph",
     "actor_not_in_optimizer": "configure_optimizers only gets the critic's parameters",
     "agent_unbound": "MAPPO: agent 2's actor parameters are left out of the optimizer (agents 0 and 1 bound)",
@@ -65,9 +64,7 @@ def validate_fault(fault: str | None, supported: Iterable[str] | None = None) ->
         return None
     valid = sorted(FAULTS if supported is None else supported)
     if fault not in valid:
-        raise ValueError(
-            f"Unknown or unsupported fault {fault!r}; valid names: {', '.join(valid)} (or None)."
-        )
+        raise ValueError(f"Unknown or unsupported fault {fault!r}; valid: {', '.join(valid)} (or None).")
     return fault
 
 

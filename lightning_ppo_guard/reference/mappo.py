@@ -149,9 +149,8 @@ class MultiCartPoleMAPPO(L.LightningModule):
         next_obs = torch.as_tensor(np.stack([env.obs for env in envs], axis=1), device=device)
         next_value = self.critic(next_obs.reshape(num_envs, -1))
 
-        advantages, returns = compute_gae(
-            rewards, values, next_value, terminated, truncated, cfg.gamma, cfg.gae_lambda
-        )
+        gamma, lam = cfg.gamma, cfg.gae_lambda
+        advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, gamma, lam)
         for i, env in enumerate(envs):
             finished = env.pop_finished_returns()
             self._pending_returns[i].extend(finished)
@@ -226,7 +225,8 @@ class MultiCartPoleMAPPO(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         cfg = self.cfg
-        iteration = int(batch)
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        iteration = epoch * cfg.num_iterations + int(batch)  # keeps increasing over epochs
         opt = self.optimizers()
         data = self.collect_rollout()
 
@@ -236,14 +236,11 @@ class MultiCartPoleMAPPO(L.LightningModule):
             chunks = []
             for agent in range(cfg.n_agents):
                 valid_idx = torch.nonzero(data["valid"][:, agent]).squeeze(-1)
-                perm = valid_idx[
-                    torch.as_tensor(self._shuffler.permutation(len(valid_idx)), device=self.device)
-                ]
+                order = torch.as_tensor(self._shuffler.permutation(len(valid_idx)), device=self.device)
+                perm = valid_idx[order]
                 chunks.append(torch.tensor_split(perm, cfg.num_minibatches))
             for k in range(cfg.num_minibatches):
-                terms = [
-                    self.agent_losses(data, a, chunks[a][k], rollout=iteration) for a in range(cfg.n_agents)
-                ]
+                terms = [self.agent_losses(data, a, chunks[a][k], iteration) for a in range(cfg.n_agents)]
                 loss = torch.stack([t.loss for t in terms]).sum()
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
