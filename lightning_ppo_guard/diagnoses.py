@@ -148,7 +148,7 @@ _ALL = (
     ),
     Diagnosis(
         "PPG103", "old-logp-requires-grad", "error",
-        "old_logp for {role} requires grad (ratio max |r-1| = {ratio_dev:.3g})",
+        "old_logp for {role} requires grad: it is not the constant the ratio needs",
         "old_logp must be a constant. If it is recomputed from the current network without detach, "
         "ratio = exp(new - old) is identically 1 and its gradient cancels: the clipped surrogate gives the actor "
         "zero policy gradient. If it comes from the rollout's graph, backward also runs through the old graph.",

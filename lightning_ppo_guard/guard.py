@@ -158,7 +158,6 @@ class PPOGuard(PPOMonitor):
             facts = WiringFacts(
                 logp_requires_grad=bool(new_logp.requires_grad), old_requires_grad=old_rg, reached=reached,
                 trainable=trainable, by_hand=by_hand, broadcast=broadcast,
-                ratio_dev=math.nan,
             )
             self._report(self.diagnoser.check_wiring(role.name, record.step, facts))
             self._wired.add(role.name)

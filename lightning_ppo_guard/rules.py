@@ -66,7 +66,6 @@ class WiringFacts:
     trainable: int
     by_hand: str = ""  # graph pattern when log() of gathered probabilities was found
     broadcast: tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
-    ratio_dev: float = math.nan
 
 
 @dataclass
@@ -161,7 +160,7 @@ class Diagnoser:
             out += self._emit(role, "PPG104", step, name=name, shape=shape, logp_shape=logp_shape,
                               broadcast=broadcast)
         if facts.old_requires_grad:
-            out += self._emit(role, "PPG103", step, ratio_dev=facts.ratio_dev)
+            out += self._emit(role, "PPG103", step)
         if "PPG005" in self.state(role).raised:
             pass  # a frozen actor explains a log-prob without grad
         elif not facts.logp_requires_grad:
