@@ -39,7 +39,7 @@ def run_fault(fault: str | None, iterations: int, seed: int = 0, **guard_kwargs:
         cfg = PPOConfig(seed=seed, fault=fault)
         cfg.total_timesteps = iterations * cfg.batch_size
         module = CartPolePPO(cfg)
-    guard = PPOGuard(**guard_kwargs)  # type: ignore[arg-type]
+    guard = PPOGuard(verbose=False, **guard_kwargs)  # type: ignore[arg-type]
     trainer = L.Trainer(**trainer_kwargs(module), logger=False, callbacks=[guard], enable_checkpointing=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PPOGuardWarning)

@@ -68,7 +68,7 @@ class PPOGuard(PPOMonitor):
         config: GuardConfig | None = None,
         verbose: bool = True,
         log_every_n_steps: int | None = None,
-        dense_steps: int = 256,
+        dense_steps: int = 128,
         measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:
@@ -162,6 +162,8 @@ class PPOGuard(PPOMonitor):
             self._report(self.diagnoser.check_wiring(role.name, record.step, facts))
             self._wired.add(role.name)
         self._pending.append(record)
+        if record.first_in_rollout and not self.measuring():
+            self._process([])  # a rollout ended: run its rules now, not at the next measured step
 
     # ------------------------------------------------------------------ runtime, at each step
     @override

@@ -148,7 +148,7 @@ class PPOMonitor(Callback):
         critic: str | nn.Module | None = None,
         *,
         log_every_n_steps: int | None = None,
-        dense_steps: int = 256,
+        dense_steps: int = 128,
         measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:
@@ -473,7 +473,8 @@ class PPOMonitor(Callback):
         with torch.no_grad():
             vec, pattern = self._observe_stats(new_logp, old_logp, advantages, clip_eps, dist, entropy, num_actions,
                                                values, returns, name)
-        if self._stats is not None:
+        if self._stats is not None and self.measuring():
+            # an off-cadence first minibatch feeds the rules (rollout bookkeeping) but not the logged statistics
             self._stats.update(vec, self._mask(pattern, vec.device), self._obs_offset[name])
         self.observes += 1
         step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps

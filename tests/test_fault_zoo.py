@@ -33,6 +33,7 @@ def test_fault_is_named_with_its_code_by_the_deadline(fault):
     keys = [(f.code, f.role) for f in guard.findings]
     assert len(keys) == len(set(keys))
     assert all(f.role == role for f in guard.findings), guard.findings
+    assert "nan" not in named[0].message and "{" not in named[0].message, named[0].message
 
 
 def test_mappo_unbound_agent_is_named_for_agent_2_alone():
