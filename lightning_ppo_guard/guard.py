@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.config import GuardConfig
-from lightning_ppo_guard.diagnoses import CATALOG, Finding
+from lightning_ppo_guard.diagnoses import CATALOG, Finding, get
 from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
 from lightning_ppo_guard.metrics import OBSERVE_METRICS, STEP_METRICS
 from lightning_ppo_guard.monitor import ObserveRecord, PPOMonitor, StepRecord
@@ -80,11 +80,7 @@ class PPOGuard(PPOMonitor):
             raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}.")
         if isinstance(ignore, str):
             ignore = [ignore]
-        codes = set()
-        for item in ignore:
-            from lightning_ppo_guard.diagnoses import get
-
-            codes.add(get(item).code)
+        codes = {get(item).code for item in ignore}
         self.on_stall = on_stall
         self.verbose = verbose
         self.ignore = frozenset(codes)
