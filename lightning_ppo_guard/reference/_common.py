@@ -12,6 +12,7 @@ with the value of that observation (CleanRL does not bootstrap truncations; here
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VecCartPole", "compute_gae", "layer_init", "mlp", "trainer_kwargs"]
+__all__ = ["LossTerms", "VecCartPole", "compute_gae", "layer_init", "mlp", "ppo_objective", "trainer_kwargs"]
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -113,6 +114,62 @@ def compute_gae(
         last_gae = delta + gamma * gae_lambda * not_done[t] * last_gae
         advantages[t] = last_gae
     return advantages, advantages + values
+
+
+@dataclass
+class LossTerms:
+    """The loss of one minibatch and its detached statistics."""
+
+    loss: Tensor
+    policy_loss: Tensor
+    value_loss: Tensor
+    entropy: Tensor
+    approx_kl: Tensor
+    clip_fraction: Tensor
+
+
+def ppo_objective(
+    cfg: Any,
+    logratio: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    entropy: Tensor,
+) -> tuple[Tensor, LossTerms]:
+    """The clipped PPO objective of one minibatch (CleanRL ``ppo.py``), shared by the reference modules.
+
+    Normalises ``advantages`` per minibatch when ``cfg.norm_adv``; clipped surrogate; value loss (clipped
+    around ``old_values`` when ``cfg.clip_vloss``); entropy bonus. Returns the advantages as they entered the
+    policy loss (what ``observe`` must see) and the loss terms.
+    """
+    ratio = logratio.exp()
+    if cfg.norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    policy_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    if cfg.clip_vloss:
+        v_clipped = old_values + torch.clamp(values - old_values, -cfg.clip_eps, cfg.clip_eps)
+        value_loss = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        value_loss = 0.5 * ((values - returns) ** 2).mean()
+
+    entropy_mean = entropy.mean()
+    loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss
+
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clip_fraction = ((ratio - 1.0).abs() > cfg.clip_eps).float().mean()
+    return advantages, LossTerms(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        value_loss=value_loss.detach(),
+        entropy=entropy_mean.detach(),
+        approx_kl=approx_kl,
+        clip_fraction=clip_fraction,
+    )
 
 
 def trainer_kwargs(module: Any) -> dict[str, Any]:

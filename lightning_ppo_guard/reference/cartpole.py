@@ -23,7 +23,7 @@ from torch.distributions import Categorical
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_ppo_guard import observe
-from lightning_ppo_guard.reference._common import VecCartPole, compute_gae, mlp
+from lightning_ppo_guard.reference._common import LossTerms, VecCartPole, compute_gae, mlp, ppo_objective
 from lightning_ppo_guard.reference.faults import (
     AUTO_FAULTS,
     MANUAL_FAULTS,
@@ -103,18 +103,6 @@ class Critic(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.net(obs).squeeze(-1)
-
-
-@dataclass
-class LossTerms:
-    """The loss of one minibatch and its detached statistics."""
-
-    loss: Tensor
-    policy_loss: Tensor
-    value_loss: Tensor
-    entropy: Tensor
-    approx_kl: Tensor
-    clip_fraction: Tensor
 
 
 class _CartPolePPOBase(L.LightningModule):
@@ -259,28 +247,8 @@ class _CartPolePPOBase(L.LightningModule):
         if fault == "old_logp_not_detached":
             old_logp = dist.log_prob(actions)  # "recompute old log-probs for the ratio"
         logratio = new_logp - old_logp
-        ratio = logratio.exp()
-
-        advantages = mb["advantages"]
-        if cfg.norm_adv and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss1 = -advantages * ratio
-        pg_loss2 = -advantages * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
-        policy_loss = torch.max(pg_loss1, pg_loss2).mean()
-
         values, returns = self.critic(obs), mb["returns"]
-        if cfg.clip_vloss:
-            v_clipped = mb["values"] + torch.clamp(values - mb["values"], -cfg.clip_eps, cfg.clip_eps)
-            value_loss = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
-        else:
-            value_loss = 0.5 * ((values - returns) ** 2).mean()
-
-        entropy_mean = entropy.mean()
-        loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss
-
-        with torch.no_grad():
-            approx_kl = ((ratio - 1) - logratio).mean()
-            clip_fraction = ((ratio - 1.0).abs() > cfg.clip_eps).float().mean()
+        advantages, terms = ppo_objective(cfg, logratio, mb["advantages"], values, mb["values"], returns, entropy)
         observe(
             self,
             new_logp=new_logp,
@@ -294,14 +262,7 @@ class _CartPolePPOBase(L.LightningModule):
             target_kl=cfg.target_kl,
             role="actor",
         )
-        return LossTerms(
-            loss=loss,
-            policy_loss=policy_loss.detach(),
-            value_loss=value_loss.detach(),
-            entropy=entropy_mean.detach(),
-            approx_kl=approx_kl,
-            clip_fraction=clip_fraction,
-        )
+        return terms
 
     def log_episode_returns(self) -> None:
         """Log ``train/episode_return`` (mean of the episodes finished since the last call), if any."""

@@ -23,8 +23,8 @@ from torch.distributions import Categorical
 from torch.utils.data import DataLoader
 
 from lightning_ppo_guard import observe
-from lightning_ppo_guard.reference._common import VecCartPole, compute_gae, mlp
-from lightning_ppo_guard.reference.cartpole import RECENT_RETURNS, Actor, LossTerms, PPOConfig
+from lightning_ppo_guard.reference._common import LossTerms, VecCartPole, compute_gae, mlp, ppo_objective
+from lightning_ppo_guard.reference.cartpole import RECENT_RETURNS, Actor, PPOConfig
 from lightning_ppo_guard.reference.faults import MAPPO_FAULTS, apply_config_fault, validate_fault
 
 __all__ = ["CentralCritic", "MAPPOConfig", "MultiCartPoleMAPPO"]
@@ -178,29 +178,10 @@ class MultiCartPoleMAPPO(L.LightningModule):
         new_logp = dist.log_prob(actions)
         entropy = dist.entropy()
         logratio = new_logp - old_logp
-        ratio = logratio.exp()
-
-        advantages = data["advantages"][idx, agent]
-        if cfg.norm_adv and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss1 = -advantages * ratio
-        pg_loss2 = -advantages * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
-        policy_loss = torch.max(pg_loss1, pg_loss2).mean()
-
         values = self.critic(obs.reshape(len(idx), -1))[:, agent]
         old_values, returns = data["values"][idx, agent], data["returns"][idx, agent]
-        if cfg.clip_vloss:
-            v_clipped = old_values + torch.clamp(values - old_values, -cfg.clip_eps, cfg.clip_eps)
-            value_loss = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
-        else:
-            value_loss = 0.5 * ((values - returns) ** 2).mean()
-
-        entropy_mean = entropy.mean()
-        loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss
-
-        with torch.no_grad():
-            approx_kl = ((ratio - 1) - logratio).mean()
-            clip_fraction = ((ratio - 1.0).abs() > cfg.clip_eps).float().mean()
+        advantages, terms = ppo_objective(cfg, logratio, data["advantages"][idx, agent], values, old_values, returns,
+                                          entropy)
         observe(
             self,
             new_logp=new_logp,
@@ -214,14 +195,7 @@ class MultiCartPoleMAPPO(L.LightningModule):
             target_kl=cfg.target_kl,
             role=f"agent_{agent}",
         )
-        return LossTerms(
-            loss=loss,
-            policy_loss=policy_loss.detach(),
-            value_loss=value_loss.detach(),
-            entropy=entropy_mean.detach(),
-            approx_kl=approx_kl,
-            clip_fraction=clip_fraction,
-        )
+        return terms
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         cfg = self.cfg
