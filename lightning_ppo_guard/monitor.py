@@ -59,18 +59,14 @@ class Binding:
         self.optimizers = optimizers  # indices of the optimizers holding part of the role
         self.stale_tensors = stale_tensors  # tensors held by those optimizers that are no model parameter
 
-    def as_dict(self) -> dict[str, Any]:
-        return {s: getattr(self, s) for s in self.__slots__}
-
 
 class StepRecord:
     """One optimizer step of one role, still on the device (``values`` follows ``STEP_METRICS``)."""
 
-    __slots__ = ("grad_none", "optimizer_idx", "role", "step", "values")
+    __slots__ = ("grad_none", "role", "step", "values")
 
-    def __init__(self, role: str, step: int, optimizer_idx: int, values: Tensor, grad_none: int) -> None:
-        self.role, self.step, self.optimizer_idx, self.values, self.grad_none = (
-            role, step, optimizer_idx, values, grad_none)
+    def __init__(self, role: str, step: int, values: Tensor, grad_none: int) -> None:
+        self.role, self.step, self.values, self.grad_none = role, step, values, grad_none
 
 
 class ObserveRecord:
@@ -177,7 +173,6 @@ class PPOMonitor(Callback):
         self._active = False
         self._hooks: list[RemovableHandle] = []
         self._opt_roles: dict[int, list[Role]] = {}
-        self._opt_index: dict[int, int] = {}
         self._pre_clip: dict[str, tuple[Tensor, float]] = {}
         self._at_step: dict[str, tuple[Tensor, int]] = {}
         self._snapshots: dict[str, list[Tensor]] = {}
@@ -220,8 +215,7 @@ class PPOMonitor(Callback):
             self._obs_offset[role.name] = offset
             offset += len(OBSERVE_METRICS)
         self._stats = VectorStats(offset).to(pl_module.device)
-        for idx, opt in enumerate(trainer.optimizers):
-            self._opt_index[id(opt)] = idx
+        for opt in trainer.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
             self._hooks.append(opt.register_step_post_hook(self._optimizer_post_step))
         self.refresh()
@@ -367,7 +361,6 @@ class PPOMonitor(Callback):
         if not self._active:
             return
         step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
-        opt_idx = self._opt_index.get(id(optimizer), -1)
         records = []
         for role in self._opt_roles.get(id(optimizer), ()):
             if role.kind == "actor":
@@ -394,7 +387,7 @@ class PPOMonitor(Callback):
             mask = self._mask((True, True, True, actor, True, True) + (bool(snap),) * 3, values.device)
             if self._stats is not None:
                 self._stats.update(values, mask, self._step_offset[role.name])
-            records.append(StepRecord(role.name, step, opt_idx, values, none))
+            records.append(StepRecord(role.name, step, values, none))
         self.optimizer_steps += 1
         self._steps_since_flush += 1
         if records:
