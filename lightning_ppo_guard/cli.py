@@ -3,6 +3,7 @@
     ppo-guard demo [--fault NAME] [--seed N] [--iterations N] [--auto] [--logdir DIR]
     ppo-guard rules
     ppo-guard explain PPG001
+    ppo-guard report LOGDIR [--out PATH]
 """
 
 from __future__ import annotations
@@ -104,6 +105,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(guard.summary())
     print(f"\nFindings as JSON: {os.path.join(logger.log_dir, 'ppo_guard_findings.json')}")
+    print(f"Dashboard and findings page: ppo-guard report {logger.log_dir}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lightning_ppo_guard.report import ReportError, make_report
+
+    try:
+        html_path, png_path, run = make_report(args.logdir, args.out, prefix=args.prefix)
+    except ReportError as exc:
+        print(f"ppo-guard report: {exc}", file=sys.stderr)
+        return 2
+    found = ", ".join(f"{f.get('code')}[{f.get('role')}]" for f in run.findings) or "no finding"
+    print(f"Run: {run.run_dir} ({', '.join(p.name for p in run.sources)}); findings: {found}")
+    if run.other_runs:
+        print(f"(newest of {len(run.other_runs) + 1} runs under {args.logdir}; give a version folder to pick "
+              "another)")
+    print(f"Dashboard: {png_path}")
+    print(f"Report:    {html_path}")
+    print(f"Open it:   python -m webbrowser {html_path.resolve().as_uri()}")
     return 0
 
 
@@ -124,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain = sub.add_parser("explain", help="explain one diagnosis code or symbol, with its fix")
     explain.add_argument("code")
     explain.set_defaults(func=_cmd_explain)
+    report = sub.add_parser("report", help="draw a PNG dashboard and an HTML page of a run's guard metrics "
+                            "and findings (needs matplotlib)")
+    report.add_argument("logdir", help="the logger's folder (CSVLogger or TensorBoardLogger version_N), or one above")
+    report.add_argument("--out", default=None, help="HTML file to write (default <run>/ppo_guard_report.html); "
+                        "the PNG goes next to it")
+    report.add_argument("--prefix", default="ppo_guard", help="the guard's metric prefix")
+    report.set_defaults(func=_cmd_report)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
