@@ -235,11 +235,12 @@ class PPOGuard(PPOMonitor):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._process([])
         super().on_train_end(trainer, pl_module)
+        # trainer.log_dir broadcasts from rank zero under DDP: every rank must read it, not rank zero alone.
+        log_dir = trainer.log_dir if trainer.loggers else None
         if trainer.is_global_zero:
             if self.verbose:
                 rank_zero_info(self.summary())
             # Next to the first logger's files; with logger=False nothing is written to the working directory.
-            log_dir = trainer.log_dir if trainer.loggers else None
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
                 with open(os.path.join(log_dir, "ppo_guard_findings.json"), "w") as fh:

@@ -40,3 +40,7 @@ def read_csv(log_dir: str | Path) -> list[dict[str, float]]:
 def guard_rows(rows, role="actor", metric="grad_norm"):
     key = f"ppo_guard/{role}/{metric}"
     return [r for r in rows if key in r]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ddp: 2-process CPU DDP (gloo) fits in a subprocess (~20 s)")

@@ -20,7 +20,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossTerms", "VecCartPole", "compute_gae", "layer_init", "mlp", "ppo_objective", "trainer_kwargs"]
+__all__ = [
+    "LossTerms",
+    "VecCartPole",
+    "compute_gae",
+    "layer_init",
+    "mlp",
+    "normalize_advantages",
+    "ppo_objective",
+    "trainer_kwargs",
+]
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -116,6 +125,11 @@ def compute_gae(
     return advantages, advantages + values
 
 
+def normalize_advantages(advantages: Tensor) -> Tensor:
+    """``(adv - mean) / (std + 1e-8)`` over the minibatch (CleanRL's per-minibatch normalisation)."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 @dataclass
 class LossTerms:
     """The loss of one minibatch and its detached statistics."""
@@ -136,16 +150,19 @@ def ppo_objective(
     old_values: Tensor,
     returns: Tensor,
     entropy: Tensor,
+    *,
+    norm_adv: bool | None = None,
 ) -> tuple[Tensor, LossTerms]:
     """The clipped PPO objective of one minibatch (CleanRL ``ppo.py``), shared by the reference modules.
 
-    Normalises ``advantages`` per minibatch when ``cfg.norm_adv``; clipped surrogate; value loss (clipped
-    around ``old_values`` when ``cfg.clip_vloss``); entropy bonus. Returns the advantages as they entered the
-    policy loss (what ``observe`` must see) and the loss terms.
+    Normalises ``advantages`` per minibatch when ``cfg.norm_adv`` (``norm_adv=False`` when the caller already
+    normalised them, e.g. over the whole minibatch before sharding it across ranks); clipped surrogate; value
+    loss (clipped around ``old_values`` when ``cfg.clip_vloss``); entropy bonus. Returns the advantages as they
+    entered the policy loss (what ``observe`` must see) and the loss terms.
     """
     ratio = logratio.exp()
-    if cfg.norm_adv and advantages.numel() > 1:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    if (cfg.norm_adv if norm_adv is None else norm_adv) and advantages.numel() > 1:
+        advantages = normalize_advantages(advantages)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
     policy_loss = torch.max(pg_loss1, pg_loss2).mean()

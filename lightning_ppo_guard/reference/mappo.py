@@ -8,6 +8,11 @@ step per minibatch (manual optimization, shared grad-norm clip). ``observe(..., 
 called per agent per minibatch.
 
 ``cfg.fault="agent_unbound"`` leaves agent 2's actor out of the optimizer.
+
+Under DDP (``Trainer(strategy="ddp", devices=n)``) every rank collects the same rollout (same seeds, and DDP
+keeps the weights identical) and trains on its ``1/n`` share of every minibatch; advantages are normalised
+over the whole minibatch first. With ``cfg.minibatch_multiple`` a multiple of ``n`` the shares are equal,
+so DDP's averaged gradient is the one-process gradient of the same minibatch (``tests/test_ddp.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from torch.distributions import Categorical
 from torch.utils.data import DataLoader
 
 from lightning_ppo_guard import observe
-from lightning_ppo_guard.reference._common import LossTerms, VecCartPole, compute_gae, mlp, ppo_objective
+from lightning_ppo_guard.reference._common import (
+    LossTerms,
+    VecCartPole,
+    compute_gae,
+    mlp,
+    normalize_advantages,
+    ppo_objective,
+)
 from lightning_ppo_guard.reference.cartpole import RECENT_RETURNS, Actor, PPOConfig
 from lightning_ppo_guard.reference.faults import MAPPO_FAULTS, apply_config_fault, validate_fault
 
@@ -42,6 +54,10 @@ class MAPPOConfig(PPOConfig):
 
     total_timesteps: int = 60_000
     n_agents: int = 3
+    minibatch_multiple: int = 1
+    """Trim every minibatch to a multiple of this many samples. Under DDP each rank trains on its share of
+    each minibatch; a multiple of the world size makes the shares equal (the one-process run then computes
+    the same averaged gradient)."""
 
 
 class CentralCritic(nn.Module):
@@ -171,6 +187,10 @@ class MultiCartPoleMAPPO(L.LightningModule):
     def agent_losses(self, data: dict[str, Tensor], agent: int, idx: Tensor, rollout: int) -> LossTerms:
         """PPO loss of ``agent`` on the flat samples ``idx``; hands the policy term to :func:`observe`."""
         cfg = self.cfg
+        advantages = data["advantages"][idx, agent]
+        if cfg.norm_adv and advantages.numel() > 1:
+            advantages = normalize_advantages(advantages)  # over the whole minibatch, before it is sharded
+        idx, advantages = self.rank_share(idx), self.rank_share(advantages)
         obs = data["obs"][idx]  # (B, n_agents, obs_dim)
         actions, old_logp = data["actions"][idx, agent], data["logp"][idx, agent]
 
@@ -180,8 +200,8 @@ class MultiCartPoleMAPPO(L.LightningModule):
         logratio = new_logp - old_logp
         values = self.critic(obs.reshape(len(idx), -1))[:, agent]
         old_values, returns = data["values"][idx, agent], data["returns"][idx, agent]
-        advantages, terms = ppo_objective(cfg, logratio, data["advantages"][idx, agent], values, old_values, returns,
-                                          entropy)
+        advantages, terms = ppo_objective(cfg, logratio, advantages, values, old_values, returns, entropy,
+                                          norm_adv=False)
         observe(
             self,
             new_logp=new_logp,
@@ -196,6 +216,13 @@ class MultiCartPoleMAPPO(L.LightningModule):
             role=f"agent_{agent}",
         )
         return terms
+
+    def rank_share(self, t: Tensor) -> Tensor:
+        """This rank's contiguous share of a minibatch tensor under DDP (the whole tensor in one process)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return t
+        return t.tensor_split(trainer.world_size)[trainer.global_rank]
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         cfg = self.cfg
@@ -212,7 +239,8 @@ class MultiCartPoleMAPPO(L.LightningModule):
                 valid_idx = torch.nonzero(data["valid"][:, agent]).squeeze(-1)
                 order = torch.as_tensor(self._shuffler.permutation(len(valid_idx)), device=self.device)
                 perm = valid_idx[order]
-                chunks.append(torch.tensor_split(perm, cfg.num_minibatches))
+                m = cfg.minibatch_multiple
+                chunks.append([c[: len(c) - len(c) % m] for c in torch.tensor_split(perm, cfg.num_minibatches)])
             for k in range(cfg.num_minibatches):
                 terms = [self.agent_losses(data, a, chunks[a][k], iteration) for a in range(cfg.n_agents)]
                 loss = torch.stack([t.loss for t in terms]).sum()
