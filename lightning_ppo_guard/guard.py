@@ -246,15 +246,61 @@ class PPOGuard(PPOMonitor):
                 with open(os.path.join(log_dir, "ppo_guard_findings.json"), "w") as fh:
                     json.dump([f.as_dict() for f in self.findings], fh, indent=2, default=str)
 
-    def summary(self) -> str:
-        """A readable table of the findings of this fit."""
+    def summary(self, style: Literal["auto", "rich", "plain"] = "auto", width: int | None = None) -> str:
+        """A readable table of the findings of this fit, one row per finding.
+
+        Columns: code, severity, role, optimizer step, rollout (1 = first), symbol, message and fix. With
+        ``style="auto"`` it is a ``rich`` table when rich is importable, else plain text in aligned columns
+        (``"rich"`` / ``"plain"`` force one). ``width`` defaults to the terminal's (80..140 columns). The
+        string holds no colour codes, so it reads the same in a log file.
+        """
+        import io
+        import shutil
+        import textwrap
+
+        if style not in ("auto", "rich", "plain"):
+            raise ValueError(f"style must be 'auto', 'rich' or 'plain', got {style!r}.")
         if not self.findings:
             return f"PPOGuard: no finding in {self.optimizer_steps} optimizer steps ({self.observes} observes)."
-        lines = [f"PPOGuard: {len(self.findings)} finding(s) in {self.optimizer_steps} optimizer steps",
-                 f"  {'code':<7} {'role':<10} {'step':>6}  symbol / message"]
-        for f in self.findings:
-            lines.append(f"  {f.code:<7} {f.role:<10} {f.step:>6}  {f.symbol}: {f.message}")
-            lines.append(f"  {'':<7} {'':<10} {'':>6}  fix: {CATALOG[f.code].fix}")
+        width = width or min(max(shutil.get_terminal_size((120, 24)).columns, 80), 140)
+        title = f"PPOGuard: {len(self.findings)} finding(s) in {self.optimizer_steps} optimizer steps"
+        header = ("code", "severity", "role", "step", "rollout")
+        rows = [(f.code, f.severity, f.role, str(f.step), "-" if f.rollout is None else str(f.rollout + 1),
+                 f.symbol, f.message, CATALOG[f.code].fix) for f in self.findings]
+        if style != "plain":
+            try:
+                from rich.console import Console
+                from rich.table import Table
+                from rich.text import Text
+            except ImportError:
+                if style == "rich":
+                    raise
+            else:
+                table = Table(title=Text(title), title_justify="left", show_lines=True, expand=True)
+                for name in header:
+                    table.add_column(name, no_wrap=True, justify="right" if name in ("step", "rollout") else "left")
+                table.add_column("symbol: message / fix", ratio=1)
+                for *cells, symbol, message, fix in rows:
+                    # Text, not markup: messages and fixes hold brackets such as [len(g['params']) ...]
+                    table.add_row(*(Text(c) for c in cells[:5]), Text(f"{symbol}: {message}\nfix: {fix}"))
+                console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False,
+                                  emoji=False, soft_wrap=False)
+                console.print(table)
+                return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+        def cols(cells: Iterable[str]) -> str:
+            return "  " + "  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                                    for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+        indent = " " * (len(cols([""] * len(header))) + 2)
+        width = max(width, len(indent) + 40)
+        message = textwrap.TextWrapper(width=width, subsequent_indent=indent)
+        fix = textwrap.TextWrapper(width=width, initial_indent=indent + "fix: ", subsequent_indent=indent + "     ")
+        lines = [title, cols(header) + "  symbol: message / fix"]
+        for row in rows:
+            lines.append(message.fill(cols(row[:5]) + "  " + f"{row[5]}: {row[6]}"))
+            lines.append(fix.fill(row[7]))
         return "\n".join(lines)
 
     def codes(self, role: str | None = None) -> set[str]:
