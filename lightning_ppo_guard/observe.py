@@ -15,28 +15,40 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.distributions import Distribution
 
-__all__ = ["observe"]
+__all__ = ["attach_monitor", "detach_monitor", "observe"]
 
 # module -> (weak ref to its Trainer, the monitor found in that Trainer's callbacks)
 _CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+# module -> monitor, for loops without a Trainer (Lightning Fabric): see lightning_ppo_guard.fabric.FabricGuard
+_ATTACHED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def attach_monitor(module: Any, monitor: Any) -> None:
+    """Make ``observe(module, ...)`` reach ``monitor`` without a Trainer (``FabricGuard`` does this)."""
+    _ATTACHED[module] = monitor
+
+
+def detach_monitor(module: Any) -> None:
+    """Undo :func:`attach_monitor`; ``observe(module, ...)`` is a no-op again."""
+    _ATTACHED.pop(module, None)
 
 
 def _find_monitor(pl_module: Any) -> Any:
     from lightning_ppo_guard.monitor import PPOMonitor
 
+    if isinstance(pl_module, PPOMonitor):
+        return pl_module  # observe(guard, ...): the monitor itself, in any loop
     trainer = getattr(pl_module, "_trainer", None)
-    cached = _CACHE.get(pl_module)
-    if cached is not None and trainer is not None and cached[0]() is trainer:
-        return cached[1]  # observe() runs once per minibatch: skip the callback scan
     if trainer is None:
-        # Fabric: modules registered with a Fabric loop expose ``fabric``; the guard is found in its callbacks.
-        fabric = getattr(pl_module, "_fabric", None) or getattr(pl_module, "fabric", None)
-        callbacks = getattr(fabric, "_callbacks", None) or []
-    else:
-        callbacks = trainer.callbacks
-    found = next((cb for cb in callbacks if isinstance(cb, PPOMonitor)), None)
-    if trainer is not None:
-        _CACHE[pl_module] = (weakref.ref(trainer), found)
+        try:
+            return _ATTACHED.get(pl_module)  # a Fabric loop (or none: observe is a no-op)
+        except TypeError:  # not weak-referenceable
+            return None
+    cached = _CACHE.get(pl_module)
+    if cached is not None and cached[0]() is trainer:
+        return cached[1]  # observe() runs once per minibatch: skip the callback scan
+    found = next((cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor)), None)
+    _CACHE[pl_module] = (weakref.ref(trainer), found)
     return found
 
 
@@ -62,7 +74,8 @@ def observe(
     (the guard inspects the live autograd graph of ``new_logp``), in automatic or manual optimization.
 
     Args:
-        pl_module: the LightningModule whose Trainer holds the guard.
+        pl_module: the LightningModule whose Trainer holds the guard; in a Fabric loop, the model given to
+            ``FabricGuard``'s ``on_train_start`` (or the guard itself).
         new_logp: log pi_theta(a|s) of the taken actions, built from the live logits (requires grad).
         old_logp: log-probs recorded at rollout time (detached).
         advantages: the advantages exactly as they enter the policy loss (after any normalisation).
