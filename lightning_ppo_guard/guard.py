@@ -283,8 +283,9 @@ class PPOGuard(PPOMonitor):
                 for *cells, symbol, message, fix in rows:
                     # Text, not markup: messages and fixes hold brackets such as [len(g['params']) ...]
                     table.add_row(*(Text(c) for c in cells[:5]), Text(f"{symbol}: {message}\nfix: {fix}"))
+                # force_jupyter=False: in a notebook rich would otherwise display the table, not write it
                 console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False,
-                                  emoji=False, soft_wrap=False)
+                                  emoji=False, soft_wrap=False, force_jupyter=False, force_terminal=False)
                 console.print(table)
                 return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
