@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -52,6 +53,21 @@ def _find_monitor(pl_module: Any) -> Any:
     return found
 
 
+def _valid_actions(mask: Any, new_logp: Any) -> Tensor:
+    """Per-sample number of valid actions of an action mask (one row per log-prob), on the device, no sync."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"observe(): action_mask must be a torch.Tensor of booleans, got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"observe(): action_mask has dtype {mask.dtype}; pass booleans (True = valid action), "
+                        "e.g. mask.bool().")
+    if mask.dim() < 1 or (isinstance(new_logp, Tensor) and mask.shape[:-1].numel() != new_logp.numel()):
+        raise ValueError(
+            f"observe(): action_mask has shape {tuple(mask.shape)}; pass one row of num_actions booleans per "
+            f"log-prob (new_logp has shape {tuple(getattr(new_logp, 'shape', ()))})."
+        )
+    return mask.reshape(-1, mask.shape[-1]).sum(-1)
+
+
 def observe(
     pl_module: Any,
     *,
@@ -61,12 +77,13 @@ def observe(
     clip_eps: float | None = None,
     dist: Distribution | None = None,
     entropy: Tensor | None = None,
-    num_actions: int | None = None,
+    num_actions: int | Tensor | None = None,
     values: Tensor | None = None,
     returns: Tensor | None = None,
     rollout: int | None = None,
     target_kl: float | None = None,
     role: str = "actor",
+    action_mask: Tensor | None = None,
 ) -> None:
     """Hand one minibatch of the PPO policy term to the attached guard; a no-op without one.
 
@@ -83,7 +100,11 @@ def observe(
         dist: the ``torch.distributions.Distribution`` that produced ``new_logp``; gives entropy and the
             number of actions.
         entropy: per-sample entropy, when no ``dist`` is given.
-        num_actions: size of the discrete action space, to normalise entropy by ``log(num_actions)``.
+        num_actions: size of the discrete action space, to normalise entropy by ``log(num_actions)``; or a
+            per-sample tensor of valid-action counts.
+        action_mask: ``(batch, num_actions)`` booleans, True where an action is valid (masked / invalid-action
+            PPO): ``entropy_norm`` divides each sample's entropy by ``log`` of its own number of valid actions
+            (samples with one valid action count as 1.0). Overrides ``num_actions``.
         values: critic predictions for the minibatch, for ``explained_variance``.
         returns: the critic's regression targets, for ``explained_variance``.
         rollout: an integer that changes when a new rollout starts (e.g. the iteration number);
@@ -96,6 +117,8 @@ def observe(
     monitor = _find_monitor(pl_module)
     if monitor is None:
         return
+    if action_mask is not None:
+        num_actions = _valid_actions(action_mask, new_logp)
     monitor.observe(
         new_logp=new_logp,
         old_logp=old_logp,
