@@ -246,9 +246,11 @@ def plot_dashboard(run: RunLogs, png_path: str | os.PathLike[str], *, title: str
             steps, vals = zip(*s, strict=True)
             ax.plot(steps, vals, label=role, color=colors[i % len(colors)], lw=1.3,
                     marker="." if len(s) < 40 else None)
-        positive = [abs(v) for v in values if v != 0]
+        positive = sorted(abs(v) for v in values if v != 0)
         if loglike and positive:
-            ax.set_yscale("symlog", linthresh=min(positive) / 2)  # zeros (a frozen actor) stay visible
+            # linear below a tenth of the 10% quantile: exact zeros (a frozen actor) stay visible, and a few
+            # float-noise values (1e-15) do not stretch the axis over ten empty decades
+            ax.set_yscale("symlog", linthresh=positive[len(positive) // 10] / 10)
         if loglike and values and min(values) >= 0:
             ax.set_ylim(bottom=0)
         if values and not positive:
@@ -256,6 +258,13 @@ def plot_dashboard(run: RunLogs, png_path: str | os.PathLike[str], *, title: str
                     color="#d62728", fontsize=10)
         if not loglike:
             ax.ticklabel_format(axis="y", useOffset=False)
+            scale = max((abs(v) for v in values), default=0.0)
+            if values and scale > 0 and max(values) - min(values) <= 1e-4 * scale:
+                # float32 noise around a constant would fill the axis and look like motion
+                center = (max(values) + min(values)) / 2
+                ax.set_ylim(center - 0.05 * scale, center + 0.05 * scale)
+                ax.text(0.5, 0.3, f"flat at {center:.4g} (spread < 1e-4 relative)", transform=ax.transAxes,
+                        ha="center", color="#d62728", fontsize=10)
         if mark:
             for j, f in enumerate(run.findings):
                 color, style = finding_styles[j % len(finding_styles)]
