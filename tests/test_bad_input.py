@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -88,3 +91,92 @@ def test_frozen_actor_is_a_finding_not_a_crash():
     guard = PPOGuard()
     fit(module, [guard])
     assert guard.codes() == {"PPG005"}
+
+
+# ----------------------------------------------------------------------------- issue 4: hard inputs
+
+
+def _one_rollout(module_cls=CartPolePPO, **cfg_kw):
+    cfg = PPOConfig(seed=0, **cfg_kw)
+    cfg.total_timesteps = cfg.batch_size
+    return module_cls(cfg)
+
+
+def test_partly_frozen_actor_is_no_finding():
+    module = _one_rollout()
+    module.actor.net[0].requires_grad_(False)  # a frozen input layer (transfer learning): the rest learns
+    guard = PPOGuard(dense_steps=0, measure_every_n_steps=1)
+    fit(module, [guard])
+    assert guard.findings == [], guard.summary()
+    assert len(guard.roles[0].frozen) == 2 and guard.bindings["actor"].fraction == 1.0
+
+
+def test_empty_or_parameterless_roles_fail_at_fit_start():
+    with pytest.raises(ValueError, match="No actor role was given"):
+        fit(_one_rollout(), [PPOGuard(actors=[])])
+    with pytest.raises(ValueError, match=r"'actor\.net\.1' has no parameters at all"):
+        fit(_one_rollout(), [PPOGuard(actors="actor.net.1")])  # a Tanh
+
+
+def test_half_precision_logp_is_measured_in_float32(monkeypatch):
+    guard = _run(monkeypatch, lambda kw: {**kw, "new_logp": kw["new_logp"].half(), "old_logp": kw["old_logp"].half()})
+    assert guard.findings == [] and guard.observes == PER
+
+
+def test_integer_advantages_are_a_type_error(monkeypatch):
+    with pytest.raises(TypeError, match=r"advantages has dtype torch.int64; pass floating-point values"):
+        _run(monkeypatch, lambda kw: {**kw, "advantages": kw["advantages"].long()})
+
+
+def test_inf_logp_is_a_finding_not_a_crash(monkeypatch):
+    def inf(kw):
+        old = kw["old_logp"].clone()
+        old[-1] = -float("inf")  # log of a zero probability
+        return {**kw, "old_logp": old}
+
+    guard = _run(monkeypatch, inf)
+    assert guard.codes() == {"PPG902"} and guard.optimizer_steps == PER
+
+
+class _NaNGradAtLastStep(CartPolePPO):
+    def on_after_backward(self):
+        if self.trainer.global_step == PER - 1:  # the last step: no forward pass follows the NaN weights
+            self.actor.net[0].weight.grad[0, 0] = float("nan")
+
+
+def test_nan_gradient_is_a_finding_not_a_crash():
+    guard = PPOGuard(dense_steps=0, measure_every_n_steps=1)
+    fit(_one_rollout(_NaNGradAtLastStep), [guard])
+    assert guard.codes() == {"PPG901"}
+    # the NaN reaches every actor tensor through the shared clip coefficient
+    assert guard.findings[0].step == PER - 1 and guard.findings[0].evidence["tensors"] >= 1
+
+
+class _Tracked(CartPolePPO):
+    """Keeps weak references to every tensor handed to observe(), and checks at each batch end that those of
+    earlier batches are gone: the guard keeps neither the graph nor the minibatch."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.refs, self.leaks, self.live = [], [], []
+
+    def ppo_losses(self, mb, rollout):
+        self.refs += [weakref.ref(t) for t in mb.values()]
+        return super().ppo_losses(mb, rollout)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        gc.collect()
+        self.leaks.append(sum(r() is not None for r in self.refs))
+        self.refs = []
+        self.live.append(sum(isinstance(o, torch.Tensor) for o in gc.get_objects()))
+
+
+def test_memory_stays_flat_no_batch_or_graph_is_retained():
+    cfg = PPOConfig(seed=0)
+    cfg.total_timesteps = 6 * cfg.batch_size
+    module = _Tracked(cfg)
+    guard = PPOGuard(dense_steps=0, measure_every_n_steps=1)
+    fit(module, [guard])
+    assert module.leaks == [0] * 6  # every minibatch tensor of the batch is freed by its end
+    # the number of live tensors stops growing after the first batches (optimizer state, snapshots, stats)
+    assert max(module.live[2:]) - min(module.live[2:]) <= 4, module.live
