@@ -11,6 +11,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_ppo_guard import PPOGuard
 from lightning_ppo_guard.reference import CartPolePPO
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv is not ours
+    pytest.mark.filterwarnings("ignore::lightning_ppo_guard.PPOGuardWarning"),  # the test reads guard.codes()
+]
+
 # What trainer_kwargs(CartPolePPO) gives, written as YAML, plus the guard and a planted fault.
 CONFIG = """\
 seed_everything: 0
