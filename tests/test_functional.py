@@ -79,3 +79,41 @@ def test_flat_norm_equals_norm_of_concatenation(chunks):
     tensors = [torch.tensor(c, dtype=torch.float64) for c in chunks]
     expected = math.sqrt(sum(v * v for c in chunks for v in c))
     assert F.flat_norm(tensors).item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1, allow_nan=False), st.integers(1, 50)), min_size=1, max_size=64))
+def test_normalized_entropy_per_sample_matches_definition_and_stays_in_unit_range(samples):
+    # an entropy of fraction f of its maximum log(n): the normalised value is f (1.0 where n == 1)
+    ent = torch.tensor([f * math.log(n) for f, n in samples], dtype=torch.float64)
+    counts = torch.tensor([n for _, n in samples])
+    got = F.normalized_entropy(ent, counts).item()
+    want = sum(f if n > 1 else 1.0 for f, n in samples) / len(samples)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6) and -1e-6 <= got <= 1 + 1e-6
+    if len({n for _, n in samples}) == 1 and samples[0][1] > 1:  # constant counts: the scalar form agrees
+        assert F.normalized_entropy(ent, samples[0][1]).item() == pytest.approx(got, rel=1e-5, abs=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.0, 1.5, -2.0, 1e-3, 7.0]), min_size=1, max_size=12),
+                min_size=1, max_size=5))
+def test_grad_stats_norm_and_nonzero_count_match_definition(chunks):
+    grads = [torch.tensor(c) for c in chunks]
+    norm, nonzero, nonfinite = F.grad_stats(grads).tolist()
+    assert norm == pytest.approx(math.sqrt(sum(v * v for c in chunks for v in c)), rel=1e-5, abs=1e-9)
+    assert nonzero == sum(v != 0 for c in chunks for v in c) and nonfinite == 0
+    assert math.isnan(F.grad_stats(grads, count_nonzero=False)[1].item())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=2, max_size=64),
+       st.lists(st.floats(-50, 50, allow_nan=False), min_size=2, max_size=64))
+def test_explained_variance_matches_definition(values, returns):
+    n = min(len(values), len(returns))
+    v, r = torch.tensor(values[:n], dtype=torch.float64), torch.tensor(returns[:n], dtype=torch.float64)
+    got = F.explained_variance(v, r).item()
+    var_r = float(r.float().var(unbiased=False))
+    if var_r <= 1e-6:  # float32 variance of (near-)constant returns: NaN or ill-conditioned, not checked
+        return
+    want = 1 - float((r - v).var(unbiased=False)) / float(r.var(unbiased=False))
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-3 * max(1.0, abs(want)))

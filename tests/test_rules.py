@@ -152,3 +152,39 @@ def test_random_evidence_never_raises_and_never_reports_a_code_twice_per_role(st
                                                 adv_std=adv))
     keys = [(f.code, f.role) for f in seen]
     assert len(keys) == len(set(keys))
+
+
+_facts = st.one_of(
+    st.tuples(st.just("setup"), st.floats(0, 1), st.sampled_from([0.0, 1e-3, math.nan]), st.integers(0, 6),
+              st.integers(0, 6), st.integers(0, 6)),
+    st.tuples(st.just("wiring"), st.booleans(), st.booleans(), st.integers(0, 6), st.integers(0, 6),
+              st.sampled_from(["", "LogBackward0"])),
+    st.tuples(st.just("step"), _num, _num, _num, st.integers(0, 6), _num),
+    st.tuples(st.just("observe"), _num, _num, _num, st.booleans(), st.one_of(st.none(), st.integers(1, 4))),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["actor", "agent_1", "critic"]), _facts), min_size=1, max_size=120))
+def test_random_mixed_evidence_over_roles_never_raises_nor_repeats_a_code_per_role(stream):
+    d = Diagnoser()
+    seen = []
+    for i, (role, (kind, *f)) in enumerate(stream):
+        if kind == "setup":
+            seen += d.check_setup(role, "critic" if role == "critic" else "actor", i, binding=f[0], lr=f[1],
+                                  trainable=f[2], frozen=f[3], stale_tensors=f[4])
+        elif kind == "wiring":
+            seen += d.check_wiring(role, i, WiringFacts(logp_requires_grad=f[0], old_requires_grad=f[1], reached=f[2],
+                                                        trainable=f[3], by_hand=f[4]))
+        elif kind == "step":
+            seen += d.check_step(role, i, step(grad_norm=f[0], grad_norm_clipped=f[1], update_ratio=f[2],
+                                               update_norm=f[2], grad_none=f[3], clip_coef=f[4], critic_grad_norm=f[0]))
+        else:
+            o = obs(first=f[3], rollout=i // 5, approx_kl=f[0], ratio_dev=f[1], adv_std=f[2])
+            o.prev_updates = f[4]
+            seen += d.check_observe(role, i, o)
+    keys = [(x.code, x.role) for x in seen]
+    assert len(keys) == len(set(keys))
+    assert all(x.role in ("actor", "agent_1", "critic") and x.code.startswith("PPG") for x in seen)
+    assert not any(x.role == "critic" and x.code in ("PPG001", "PPG002", "PPG003", "PPG005") for x in seen)
+    d.load_state_dict(d.state_dict())  # the state round-trips whatever the stream left in it
