@@ -37,10 +37,10 @@ STEP_METRICS: tuple[MetricSpec, ...] = (
                "> 0"),
     MetricSpec("clip_coef", "mean", "grad_norm_clipped / grad_norm: the factor gradient clipping applied",
                "0.1..1; << 0.01 means the clip budget is spent elsewhere"),
-    MetricSpec("grad_nonzero_frac", "mean", "fraction of the role's trainable elements with a nonzero gradient "
-               "at the step", "close to 1 (ReLU nets: 0.5..1)", roles="actor"),
     MetricSpec("grad_none", "max", "trainable parameters of the role whose .grad is None at the step", "0"),
     MetricSpec("grad_nonfinite", "sum", "parameter tensors of the role with a NaN/Inf gradient", "0"),
+    MetricSpec("grad_nonzero_frac", "mean", "fraction of the role's trainable elements with a nonzero gradient "
+               "at the step", "close to 1 (ReLU nets: 0.5..1)", roles="actor"),
     MetricSpec("update_norm", "mean", "exact ||theta_after - theta_before|| over the optimizer step", "> 0",
                roles="actor"),
     MetricSpec("update_ratio", "mean", "update_norm / ||theta_before||: relative size of the step",
@@ -98,8 +98,8 @@ def metric_key(prefix: str, role: str, metric: str) -> str:
 class VectorStats(Metric):
     """Sum, count, min and max of a fixed-length vector of measurements, with masked updates.
 
-    One ``update`` per measurement adds a whole vector at once (entries outside ``mask`` were not measured
-    this time). The states declare their own reduction, so a ``compute`` under DDP gives the statistics
+    One ``update`` adds a whole vector, or a stack of vectors, at once (entries outside ``mask`` were not
+    measured that time). The states declare their own reduction, so a ``compute`` under DDP gives the statistics
     over all ranks; values are never silently dropped: a NaN measured inside the mask makes the mean NaN.
     """
 
@@ -121,15 +121,22 @@ class VectorStats(Metric):
         self.add_state("low", default=torch.full((size,), math.inf), dist_reduce_fx="min")
         self.add_state("high", default=torch.full((size,), -math.inf), dist_reduce_fx="max")
 
-    def update(self, values: Tensor, mask: Tensor, offset: int = 0) -> None:  # type: ignore[override]
-        """Add ``values`` (where ``mask``) to the slots ``offset .. offset + len(values)``."""
-        end = offset + values.numel()
+    def update(self, values: Tensor, mask: Tensor, index: Tensor | int = 0) -> None:  # type: ignore[override]
+        """Add measurements (where ``mask``) to the slots ``index``.
+
+        ``values`` and ``mask`` are one measurement ``[n]`` or a stack of them ``[k, n]``; ``index`` is the
+        ``[n]`` slot of each entry (distinct), or the first slot of a contiguous range.
+        """
         values = values.to(self.total.dtype)
-        self.total[offset:end] += torch.where(mask, values, 0.0)
-        self.count[offset:end] += mask
+        if values.dim() == 1:
+            values, mask = values.unsqueeze(0), mask.unsqueeze(0)
+        if isinstance(index, int):
+            index = torch.arange(index, index + values.shape[1], device=self.total.device)
+        self.total.index_add_(0, index, torch.where(mask, values, 0.0).sum(0))
+        self.count.index_add_(0, index, mask.sum(0).to(self.count.dtype))
         # fmin/fmax skip NaN; a NaN measurement still reaches the mean through ``total``.
-        torch.fmin(self.low[offset:end], torch.where(mask, values, math.inf), out=self.low[offset:end])
-        torch.fmax(self.high[offset:end], torch.where(mask, values, -math.inf), out=self.high[offset:end])
+        self.low[index] = torch.fmin(self.low[index], torch.where(mask, values, math.inf).amin(0))
+        self.high[index] = torch.fmax(self.high[index], torch.where(mask, values, -math.inf).amax(0))
 
     def compute(self) -> Tensor:  # type: ignore[override]
         """Rows: mean, min, max, sum, count (NaN where nothing was measured)."""

@@ -14,8 +14,10 @@ What is measured, per role (actor, ``agent_i``, critic):
 * per minibatch, from :func:`~lightning_ppo_guard.observe`: KL, clip fraction, ratio, entropy, advantage
   and value statistics.
 
-Numbers stay on the device and are reduced over the logging interval (and across ranks) by
-:class:`~lightning_ppo_guard.metrics.VectorStats`; one transfer to the host per logging interval.
+A measured step is a fixed handful of fused multi-tensor ops for all roles together
+(:class:`~lightning_ppo_guard._plan.StepPlan`). Numbers stay on the device: each measurement is queued as
+it is and folded into :class:`~lightning_ppo_guard.metrics.VectorStats` (reduced over the interval and
+across ranks) when a row is logged; one transfer to the host per logging interval.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_ppo_guard import functional as F
+from lightning_ppo_guard._plan import StepPlan
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import (
     OBSERVE_METRICS,
@@ -79,6 +82,16 @@ class ObserveRecord:
         self.role, self.step, self.rollout, self.first_in_rollout = role, step, rollout, first_in_rollout
         self.target_kl, self.values, self.mask = target_kl, values, mask
         self.prev_updates = prev_updates  # actor steps of the rollout this one's first observe ends
+
+
+# The light vector of an off-cadence first minibatch: [approx_kl, ratio_dev, NaN...] permuted to OBSERVE_METRICS.
+_FIRST_PATTERN = tuple(spec.name in ("approx_kl", "ratio_dev") for spec in OBSERVE_METRICS)
+_FIRST_ORDER = [0 if spec.name == "approx_kl" else 1 if spec.name == "ratio_dev" else 2 for spec in OBSERVE_METRICS]
+
+
+def _lr(group: dict[str, Any]) -> float:
+    lr = group.get("lr", math.nan)
+    return float(lr.item() if isinstance(lr, Tensor) else lr)
 
 
 def _check_logp(name: str, t: Any) -> Tensor:
@@ -172,16 +185,23 @@ class PPOMonitor(Callback):
         self._module: pl.LightningModule | None = None
         self._active = False
         self._hooks: list[RemovableHandle] = []
-        self._opt_roles: dict[int, list[Role]] = {}
-        self._pre_clip: dict[str, tuple[Tensor, float]] = {}
-        self._at_step: dict[str, tuple[Tensor, int]] = {}
+        self._plans: dict[int, StepPlan] = {}  # id(optimizer) -> the fused measurement of its roles
+        self._all_plan: StepPlan | None = None  # every role: the pre-clip norms
+        self._fingerprint: tuple[Any, ...] = ()
+        self._role_modules: tuple[int, ...] = ()
+        self._next_role_scan = 0
+        self._pre_clip: tuple[Tensor, float, set[str]] | None = None  # norms of _all_plan.roles, 1/scale, unused
+        self._at_step: dict[int, tuple[Tensor, Tensor, Tensor, list[int]]] = {}
         self._snapshots: dict[str, list[Tensor]] = {}
         self.snapshot_bytes = 0  # the guard's only persistent allocation: actor snapshot buffers
-        self._param_norm: dict[str, Tensor] = {}
         self._stats: VectorStats | None = None
+        self._queued: list[tuple[Tensor, Tensor, Tensor]] = []  # (values, mask, slots) not yet in _stats
         self._step_offset: dict[str, int] = {}
         self._obs_offset: dict[str, int] = {}
+        self._obs_slots: dict[str, Tensor] = {}
         self._masks: dict[tuple[bool, ...], Tensor] = {}
+        self._nan_pad: dict[torch.device, Tensor] = {}
+        self._first_index: dict[torch.device, Tensor] = {}
         self._steps_since_flush = 0
         self.last_logged: dict[str, float] = {}
         # progress, kept in state_dict
@@ -215,6 +235,10 @@ class PPOMonitor(Callback):
             self._obs_offset[role.name] = offset
             offset += len(OBSERVE_METRICS)
         self._stats = VectorStats(offset).to(pl_module.device)
+        self._obs_slots = {name: torch.arange(o, o + len(OBSERVE_METRICS), device=pl_module.device)
+                           for name, o in self._obs_offset.items()}
+        self._fingerprint = self._role_modules = ()
+        self._next_role_scan = 0
         for opt in trainer.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
             self._hooks.append(opt.register_step_post_hook(self._optimizer_post_step))
@@ -240,7 +264,11 @@ class PPOMonitor(Callback):
         self._hooks.clear()
         self._active = False
         self._snapshots.clear()
-        self._pre_clip.clear()
+        self._plans.clear()
+        self._all_plan = None
+        self._fingerprint = self._role_modules = ()
+        self._next_role_scan = 0
+        self._pre_clip = None
         self._at_step.clear()
 
     @override
@@ -263,16 +291,35 @@ class PPOMonitor(Callback):
         return n < self.dense_steps or n % self.measure_every_n_steps == 0
 
     def refresh(self) -> None:
-        """Re-read the roles' tensors and the optimizers' param groups (host-only work, no device sync)."""
+        """Re-read the roles' tensors and the optimizers' param groups (host-only work, no device sync).
+
+        Cheap when nothing changed (the learning rates are re-read); bindings and the fused step plans are
+        rebuilt when a role's tensors or an optimizer's param groups differ from the last refresh.
+        """
         if self._module is None or self._trainer is None:
             return
-        changed = [role for role in self.roles if role.refresh(self._module) or role.name not in self._snapshots]
+        # Walking a role's modules costs more than the rest: do it when the module at a role's path is another
+        # object (a replaced actor), when the param groups changed, and every 64 optimizer steps.
         optimizers = self._trainer.optimizers
+        fingerprint = tuple(id(p) for opt in optimizers for g in opt.param_groups for p in g["params"])
+        modules = tuple(id(self._module.get_submodule(r.path)) if r.path else id(self._module) for r in self.roles)
+        changed: list[Role] = []
+        if (fingerprint != self._fingerprint or modules != self._role_modules
+                or self.optimizer_steps >= self._next_role_scan):
+            changed = [r for r in self.roles if r.refresh(self._module) or r.name not in self._snapshots]
+            self._role_modules, self._next_role_scan = modules, self.optimizer_steps + 64
+        if not changed and fingerprint == self._fingerprint:
+            for role in self.roles:  # schedulers move the learning rate: re-read it
+                binding = self.bindings[role.name]
+                if binding.optimizers:
+                    binding.lr = min(_lr(g) for i in binding.optimizers for g in optimizers[i].param_groups
+                                     if any(id(p) in role.ids for p in g["params"]))
+            return
+        self._fingerprint = fingerprint
         held: dict[int, tuple[int, float]] = {}
         for idx, opt in enumerate(optimizers):
             for group in opt.param_groups:
-                lr = group.get("lr", math.nan)
-                lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+                lr = _lr(group)
                 for p in group["params"]:
                     held[id(p)] = (idx, lr)
         model_ids = {id(p) for p in self._module.parameters()}
@@ -296,19 +343,22 @@ class PPOMonitor(Callback):
                 opt_roles[i].append(role)
             if not opts:
                 unbound.append(role)
+        for role in changed:
+            # Preallocated once per set of tensors: the step hooks never allocate snapshot memory.
+            self._snapshots[role.name] = (
+                [torch.empty_like(p, memory_format=torch.preserve_format) for p in role.params]
+                if role.kind == "actor" else []
+            )
+        self.snapshot_bytes = sum(b.numel() * b.element_size() for bufs in self._snapshots.values() for b in bufs)
         # A role no optimizer holds is measured across every optimizer step: its update must be 0.
-        for i in opt_roles:
-            opt_roles[i].extend(unbound)
-        self._opt_roles = {id(opt): opt_roles[i] for i, opt in enumerate(optimizers)}
+        device = self._device()
+        self._plans = {
+            id(opt): StepPlan(opt_roles[i] + unbound, self._snapshots, self._step_offset, device)
+            for i, opt in enumerate(optimizers)
+        }
+        self._all_plan = StepPlan(self.roles, self._snapshots, self._step_offset, device)
+        self._pre_clip = None
         if changed:
-            for role in changed:
-                # Preallocated once per set of tensors: the step hooks never allocate snapshot memory.
-                self._snapshots[role.name] = (
-                    [torch.empty_like(p, memory_format=torch.preserve_format) for p in role.params]
-                    if role.kind == "actor" else []
-                )
-                self._pre_clip.pop(role.name, None)
-            self.snapshot_bytes = sum(b.numel() * b.element_size() for bufs in self._snapshots.values() for b in bufs)
             self._on_roles_changed(changed)
 
     def _on_roles_changed(self, roles: list[Role]) -> None:
@@ -321,77 +371,61 @@ class PPOMonitor(Callback):
             return 1.0
         return float(scaler.get_scale())
 
-    def _measure_pre_clip(self) -> None:
-        inv_scale = 1.0 / self._grad_scale()
-        for role in self.roles:
-            grads, _ = role.grads()
-            if grads:
-                self._pre_clip[role.name] = (F.flat_norm(grads), inv_scale)  # the rest is measured at the step
-            else:
-                self._pre_clip.pop(role.name, None)
+    def _measure_pre_clip(self, inv_scale: float) -> None:
+        if self._all_plan is not None:
+            self._pre_clip = (self._all_plan.grad_norms(), inv_scale, set(self._all_plan.names))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Manual optimization: the user clips between backward and step, so measure here (AMP-scaled:
         # undone with the scaler's current scale). With accumulation, the last backward before the step wins.
         if self._active and not pl_module.automatic_optimization and self.measuring():
-            self._measure_pre_clip()
+            self._measure_pre_clip(1.0 / self._grad_scale())
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # Automatic optimization: gradients are unscaled here and Lightning clips right after this hook.
+        # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
         if self._active and pl_module.automatic_optimization and self.measuring():
-            self._measure_pre_clip()
+            self._measure_pre_clip(1.0)
 
     def _optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._active or not self.measuring():
-            return
-        for role in self._opt_roles.get(id(optimizer), ()):
-            grads, none = role.grads()
-            # the nonzero count is a full pass over the data: actors only (it is the checklist's evidence)
-            stats = F.grad_stats(grads, role.kind == "actor") if grads else torch.zeros(3, device=self._device())
-            self._at_step[role.name] = (stats, none)
-            snap = self._snapshots.get(role.name)
-            if snap:
-                params = [p.detach() for p in role.params]
-                torch._foreach_copy_(snap, params)
-                self._param_norm[role.name] = F.flat_norm(params)
+        if self._active and self.measuring():
+            plan = self._plans.get(id(optimizer))
+            if plan is not None:
+                self._at_step[id(optimizer)] = plan.before()
+
+    def _pre_clip_for(self, plan: StepPlan) -> tuple[Tensor | None, float]:
+        """The pre-clip norms of ``plan``'s roles from the last backward, each used by one step only."""
+        if self._pre_clip is None or self._all_plan is None:
+            return None, 1.0
+        norms, inv_scale, unused = self._pre_clip
+        if not unused.issuperset(plan.names):
+            return None, 1.0
+        unused.difference_update(plan.names)
+        if not unused:
+            self._pre_clip = None
+        if plan.names == self._all_plan.names:
+            return norms, inv_scale
+        return norms[[self._all_plan.names.index(n) for n in plan.names]], inv_scale
 
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
-        step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
-        records = []
-        for role in self._opt_roles.get(id(optimizer), ()):
-            if role.kind == "actor":
-                self._rollout_steps[role.name] = self._rollout_steps.get(role.name, 0) + 1
-            at_step = self._at_step.pop(role.name, None)
-            if at_step is None:
-                continue
-            post, none = at_step
-            pre, inv_scale = self._pre_clip.pop(role.name, (None, 1.0))
-            grad_norm = post[0] if pre is None else pre.to(post.dtype) * inv_scale
-            clip_coef = torch.where(grad_norm > 0, post[0] / grad_norm, torch.ones_like(grad_norm))
-            nonzero_frac = post[1] / max(role.numel, 1)
-            snap = self._snapshots.get(role.name)
-            if snap:
-                torch._foreach_sub_(snap, [p.detach() for p in role.params])
-                update_norm = F.flat_norm(snap).to(post.device)
-                param_norm = self._param_norm.pop(role.name).to(post.device)  # ||theta|| before the step
-                update_ratio = update_norm / param_norm.clamp_min(1e-12)
-            else:
-                update_norm = update_ratio = param_norm = torch.full_like(post[0], math.nan)
-            values = torch.stack([grad_norm, post[0], clip_coef, nonzero_frac, torch.zeros_like(post[0]) + none,
-                                  post[2], update_norm, update_ratio, param_norm])
-            actor = role.kind == "actor"
-            mask = self._mask((True, True, True, actor, True, True) + (bool(snap),) * 3, values.device)
-            if self._stats is not None:
-                self._stats.update(values, mask, self._step_offset[role.name])
-            records.append(StepRecord(role.name, step, values, none))
+        plan = self._plans.get(id(optimizer))
+        if plan is None:
+            return
+        for role in plan.actors:
+            self._rollout_steps[role.name] = self._rollout_steps.get(role.name, 0) + 1
         self.optimizer_steps += 1
         self._steps_since_flush += 1
-        if records:
-            self._on_step(records)
+        measured = self._at_step.pop(id(optimizer), None)
+        if measured is not None:
+            pre, inv_scale = self._pre_clip_for(plan)
+            block = plan.after(measured, pre, inv_scale)
+            self._queue(block.reshape(-1), plan.mask, plan.slots)
+            step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps - 1
+            nones = measured[3]
+            self._on_step([StepRecord(name, step, block[i], nones[i]) for i, name in enumerate(plan.names)])
         if self._log_every is not None and self._steps_since_flush >= self._log_every:
             self._flush()
 
@@ -463,30 +497,50 @@ class PPOMonitor(Callback):
         if dist is not None and not isinstance(dist, Distribution):
             raise TypeError(f"observe(): dist must be a torch.distributions.Distribution, got {type(dist).__name__}.")
 
+        measured = self.measuring()
         with torch.no_grad():
-            vec, pattern = self._observe_stats(new_logp, old_logp, advantages, clip_eps, dist, entropy, num_actions,
-                                               values, returns, name)
-        if self._stats is not None and self.measuring():
-            # an off-cadence first minibatch feeds the rules (rollout bookkeeping) but not the logged statistics
-            self._stats.update(vec, self._mask(pattern, vec.device), self._obs_offset[name])
+            if measured:
+                vec, pattern = self._observe_stats(new_logp, old_logp, advantages, clip_eps, dist, entropy,
+                                                   num_actions, values, returns, name)
+            else:  # an off-cadence first minibatch feeds the first-minibatch rules only, and is not logged
+                vec, pattern = self._first_minibatch_stats(new_logp, old_logp)
+        if self._stats is not None and measured:
+            self._queue(vec, self._mask(pattern, vec.device), self._obs_slots[name])
         self.observes += 1
         step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
         record = ObserveRecord(name, step, rollout, first_in_rollout, target_kl, vec, pattern, prev_updates)
         self._on_observe(record, actor, new_logp=new_logp, old_logp=old_logp, advantages=advantages,
                          values=values, returns=returns, dist=dist)
 
+    def _first_minibatch_stats(self, new_logp: Tensor, old_logp: Tensor) -> tuple[Tensor, tuple[bool, ...]]:
+        """``approx_kl`` and ``ratio_dev`` only (NaN elsewhere): the ratio must be 1 on a rollout's first minibatch."""
+        log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
+        ratio_m1 = torch.expm1(log_ratio)
+        pad = self._nan_pad.get(log_ratio.device)
+        if pad is None:
+            pad = self._nan_pad[log_ratio.device] = torch.full((len(OBSERVE_METRICS) - 2,), math.nan,
+                                                               device=log_ratio.device)
+        head = torch.stack([(ratio_m1 - log_ratio).mean(), ratio_m1.abs().max()])
+        # OBSERVE_METRICS order: approx_kl first; ratio_dev moved next to it by _FIRST_ORDER
+        return torch.cat([head, pad])[self._first_order(log_ratio.device)], _FIRST_PATTERN
+
+    def _first_order(self, device: torch.device) -> Tensor:
+        order = self._first_index.get(device)
+        if order is None:
+            order = self._first_index[device] = torch.tensor(_FIRST_ORDER, device=device)
+        return order
+
     def _observe_stats(self, new_logp: Tensor, old_logp: Tensor, advantages: Tensor | None, clip_eps: float | None,
                        dist: Distribution | None, entropy: Tensor | None, num_actions: int | Tensor | None,
                        values: Tensor | None, returns: Tensor | None, name: str) -> tuple[Tensor, tuple[bool, ...]]:
-        """The ``OBSERVE_METRICS`` vector of one minibatch, in few fused ops, and which entries it holds."""
+        """The ``OBSERVE_METRICS`` vector of one minibatch, in few fused ops, and which entries it holds.
+
+        Every per-sample series goes into one stacked tensor whose row means and variances are one
+        ``var_mean`` call: KL estimators, clip indicator, ratio, advantages, value residuals, entropy.
+        """
         log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
         ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation: k3 stays >= 0 for tiny log-ratios
-        dev = ratio_m1.abs()
         eps = float(clip_eps) if clip_eps is not None else math.inf
-        # k3 KL, k1 KL, clip fraction and mean ratio - 1 as four row means of one stacked tensor
-        means = torch.stack([ratio_m1 - log_ratio, -log_ratio, (dev > eps).float(), ratio_m1]).mean(dim=1)
-        lo, hi = torch.aminmax(ratio_m1)
-        nan = means.new_full((), math.nan)
         if entropy is None and dist is not None:
             try:
                 entropy = dist.entropy()
@@ -495,23 +549,37 @@ class PPOMonitor(Callback):
         n_actions = num_actions
         if n_actions is None and dist is not None and getattr(dist, "_num_events", None) is not None:
             n_actions = int(dist.param_shape[-1])
+        # rows: 0 k3, 1 k1 (negated), 2 clipped, 3 r - 1, then optional advantages, residual, returns, entropy
+        rows = [ratio_m1 - log_ratio, log_ratio, (ratio_m1.abs() > eps).float(), ratio_m1]
+        has_adv, has_ev = advantages is not None, values is not None and returns is not None
+        if has_adv:
+            rows.append(advantages.detach().reshape(-1).float())
+        if has_ev:
+            ret = returns.detach().reshape(-1).float()
+            rows += [ret - values.detach().reshape(-1).float(), ret]
+        ent_row = entropy is not None and entropy.numel() == log_ratio.numel()
+        if ent_row:
+            rows.append(entropy.detach().reshape(-1).float())
+        var, mean = torch.var_mean(torch.stack(rows), dim=1, correction=0)
+        lo, hi = torch.aminmax(ratio_m1)
+        m, v = mean.unbind(), var.unbind()
+        nan = mean.new_full((), math.nan)
+        adv_mean, adv_std = (m[4], v[4].sqrt()) if has_adv else (nan, nan)
+        ev = nan
+        if has_ev:
+            k = 4 + has_adv
+            ev = torch.where(v[k + 1] > 0, 1.0 - v[k] / v[k + 1], nan)
         ent = ent_norm = drift = nan
         if entropy is not None:
-            ent = entropy.detach().float().mean()
+            ent = m[-1] if ent_row else entropy.detach().float().mean()
             if n_actions is not None:
                 ent_norm = (F.normalized_entropy(entropy, n_actions) if isinstance(n_actions, Tensor)
                             else ent / math.log(n_actions) if n_actions > 1 else ent.new_ones(()))
-            base = self._entropy0.setdefault(name, ent)
-            drift = ent - base
-        adv_std = adv_mean = nan
-        if advantages is not None:
-            adv_std, adv_mean = torch.std_mean(advantages.detach().reshape(-1).float(), correction=0)
-        ev = F.explained_variance(values, returns) if values is not None and returns is not None else nan
-        vec = torch.stack([means[0], means[1], means[2] if clip_eps is not None else nan, means[3] + 1.0, lo + 1.0,
-                           hi + 1.0,
-                           dev.max(), ent, ent_norm, drift, adv_mean, adv_std, ev])
+            drift = ent - self._entropy0.setdefault(name, ent)
+        vec = torch.stack([m[0], -m[1], m[2] if clip_eps is not None else nan, m[3] + 1.0, lo + 1.0, hi + 1.0,
+                           torch.maximum(-lo, hi), ent, ent_norm, drift, adv_mean, adv_std, ev])
         given = (clip_eps is not None, entropy is not None, entropy is not None and n_actions is not None,
-                 advantages is not None, values is not None and returns is not None)
+                 has_adv, has_ev)
         pattern = (True, True, given[0], True, True, True, True, given[1], given[2], given[1],
                    given[3], given[3], given[4])
         return vec, pattern
@@ -532,12 +600,31 @@ class PPOMonitor(Callback):
         """Called after each observe with the live tensors (hook for the guard; must not keep them)."""
 
     # ------------------------------------------------------------------ logging
+    def _queue(self, values: Tensor, mask: Tensor, slots: Tensor) -> None:
+        """Keep one measurement on the device until the next row (folded in batches: a few ops per row)."""
+        self._queued.append((values, mask, slots))
+        if len(self._queued) >= 256:  # bounded, whatever the logging interval
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add the queued measurements to ``_stats``: one stacked update per set of slots."""
+        groups: dict[int, tuple[Tensor, list[Tensor], list[Tensor]]] = {}
+        for values, mask, slots in self._queued:
+            group = groups.setdefault(id(slots), (slots, [], []))
+            group[1].append(values)
+            group[2].append(mask)
+        self._queued.clear()
+        if self._stats is not None:
+            for slots, values, masks in groups.values():
+                self._stats.update(torch.stack(values), torch.stack(masks), slots)
+
     def _flush(self) -> None:
         """Reduce the interval's statistics (over ranks too) and log them: one host transfer."""
         self._batches_since_flush = 0
         if self._trainer is None or self._stats is None:
             return
         metrics: dict[str, float] = {}
+        self._fold()
         # Every rank updates the same slots at the same steps, so the syncing compute() is collective.
         if self._stats.update_count > 0:
             mean, low, high, total, count = self._stats.compute().float().cpu().tolist()

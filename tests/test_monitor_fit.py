@@ -191,5 +191,5 @@ def test_wrong_role_path_fails_at_fit_start_listing_children():
 def test_memory_is_not_retained_by_the_guard():
     guard = PPOGuard()
     fit(CartPolePPO(_cfg(2)), [guard])
-    assert guard._pending == [] and guard._pre_clip == {} and guard._at_step == {}
+    assert guard._pending == [] and guard._pre_clip is None and guard._at_step == {} and guard._queued == []
     assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(guard).values())

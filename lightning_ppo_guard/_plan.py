@@ -1,0 +1,158 @@
+"""``StepPlan``: the fused measurement of one optimizer step, for every role that optimizer holds.
+
+Each pass over the roles' tensors is one multi-tensor call for all roles together (``_foreach_norm``,
+``_foreach_copy_``, ``_foreach_sub_``); per-tensor results are summed into roles with one ``index_add_``
+(a NaN or an Inf stays in its own role). A measured step is ~25 small ops whatever the number of roles
+and tensors, nothing is allocated in proportion to the model, and nothing is copied to the host.
+
+Pure torch, no Lightning: :class:`~lightning_ppo_guard.PPOMonitor` builds one plan per optimizer at each
+refresh that changed the tensors, and calls :meth:`StepPlan.before` / :meth:`StepPlan.after` from the
+optimizer's step hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_ppo_guard.metrics import STEP_METRICS
+from lightning_ppo_guard.roles import Role
+
+__all__ = ["StepPlan"]
+
+#: Step metrics measured for every role, then the ones measured for actors only (columns of ``StepPlan.block``).
+_ALL = [s.name for s in STEP_METRICS if s.roles == "all"]
+_ACTOR = [s.name for s in STEP_METRICS if s.roles == "actor"]
+_COLUMNS = ["grad_norm", "grad_norm_clipped", "clip_coef", "grad_none", "grad_nonfinite",
+            "grad_nonzero_frac", "update_norm", "update_ratio", "param_norm"]
+if [s.name for s in STEP_METRICS] != _ALL + _ACTOR or _ALL + _ACTOR != _COLUMNS:  # the block's column order
+    raise RuntimeError("STEP_METRICS must list the all-role metrics, then the actor-only ones, as StepPlan does.")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Above this many actor elements ``count_nonzero`` per tensor (one memory pass, ~2x faster per element on
+# CPU) beats the single fused ``_foreach_norm(ord=0)`` call (one op: cheaper for small tensors).
+_PER_TENSOR_COUNT = 1 << 20
+
+
+def _norms(tensors: Sequence[Tensor], ord: float, low_precision: bool) -> Tensor:
+    """Per-tensor norms as one float32 vector (one fused call; accumulated in float32 for half tensors)."""
+    out = torch._foreach_norm(tensors, ord, dtype=torch.float32) if low_precision else torch._foreach_norm(
+        tensors, ord)
+    return torch.stack(out).float()
+
+
+class StepPlan:
+    """The roles one optimizer steps, fused: actors first, then the rest (``roles`` order = ``block`` rows).
+
+    Args:
+        roles: the roles measured at this optimizer's steps.
+        snapshots: preallocated buffers per actor role (same shapes as its trainable tensors).
+        slots: the first ``VectorStats`` slot of each role's ``STEP_METRICS``.
+        device: where the measurements live.
+    """
+
+    def __init__(self, roles: Sequence[Role], snapshots: dict[str, list[Tensor]], slots: dict[str, int],
+                 device: torch.device) -> None:
+        self.roles = sorted(roles, key=lambda r: r.kind != "actor")  # stable: actors first, then the critic
+        self.actors = [r for r in self.roles if r.kind == "actor"]
+        self.params = [p for r in self.roles for p in r.params]
+        self._owner = [i for i, r in enumerate(self.roles) for _ in r.params]
+        n_roles, n_actors = len(self.roles), len(self.actors)
+        self.actor_params = self.params[:sum(len(r.params) for r in self.actors)]
+        self.seg = torch.tensor(self._owner, dtype=torch.long, device=device)
+        self.actor_seg = self.seg[:len(self.actor_params)]
+        self.snap = [b for r in self.actors for b in snapshots.get(r.name, [])]
+        self.numel = torch.tensor([max(r.numel, 1) for r in self.actors], dtype=torch.float32, device=device)
+        self.low_precision = any(p.dtype in _LOW_PRECISION for p in self.params)
+        self.per_tensor_count = sum(r.numel for r in self.actors) > _PER_TENSOR_COUNT
+        self.device = device
+        self._zero = torch.zeros((), device=device)
+        self._pad = torch.full((n_roles - n_actors, len(_ACTOR)), math.nan, device=device)
+        self._none: dict[tuple[int, ...], Tensor] = {}
+        # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
+        self.slots = torch.tensor([slots[r.name] + j for r in self.roles for j in range(len(STEP_METRICS))],
+                                  dtype=torch.long, device=device)
+        self.mask = torch.tensor([[True] * len(_ALL) + [r.kind == "actor" and bool(r.params)] * len(_ACTOR)
+                                  for r in self.roles], dtype=torch.bool, device=device).reshape(-1)
+        self.names = [r.name for r in self.roles]
+
+    def grads(self) -> tuple[list[Tensor], list[int]]:
+        """Every tensor's gradient (a zero scalar where ``.grad is None``) and the ``None`` count per role."""
+        grads = [p.grad for p in self.params]
+        nones = [0] * len(self.roles)
+        if any(g is None for g in grads):
+            for k, g in enumerate(grads):
+                if g is None:
+                    nones[self._owner[k]] += 1
+                    grads[k] = self._zero
+        return grads, nones
+
+    @torch.no_grad()
+    def grad_norms(self) -> Tensor:
+        """Each role's gradient L2 norm (one fused call for all roles)."""
+        grads, _ = self.grads()
+        if not grads:
+            return torch.zeros(len(self.roles), device=self.device)
+        sq = _norms(grads, 2, self.low_precision).square()
+        return sq.new_zeros(len(self.roles)).index_add_(0, self.seg, sq).sqrt()
+
+    @torch.no_grad()
+    def before(self) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """At the optimizer's step pre-hook: gradient stats as stepped with, and the actors' snapshot.
+
+        Returns per role ``[squared norm, non-finite tensors]``, the actors' nonzero gradient counts, the
+        actors' squared parameter norms, and the ``None`` gradient counts (host).
+        """
+        grads, nones = self.grads()
+        n_roles = len(self.roles)
+        if grads:
+            norms = _norms(grads, 2, self.low_precision)
+            per = torch.stack([norms.square(), (~torch.isfinite(norms)).float()], dim=1)
+            per = per.new_zeros(n_roles, 2).index_add_(0, self.seg, per)
+        else:
+            per = torch.zeros(n_roles, 2, device=self.device)
+        nonzero = param_sq = torch.zeros(len(self.actors), device=self.device)
+        if self.actor_params:
+            actor_grads = grads[:len(self.actor_params)]
+            if self.per_tensor_count:
+                counts = torch.stack([g.count_nonzero() for g in actor_grads]).float()
+            else:
+                counts = _norms(actor_grads, 0, self.low_precision)
+            nonzero = counts.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, counts)
+            torch._foreach_copy_(self.snap, self.actor_params)
+            psq = _norms(self.actor_params, 2, self.low_precision).square()
+            param_sq = psq.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, psq)
+        return per, nonzero, param_sq, nones
+
+    @torch.no_grad()
+    def after(self, measured: tuple[Tensor, Tensor, Tensor, list[int]], pre: Tensor | None,
+              inv_scale: float) -> Tensor:
+        """At the step post-hook: the ``[roles, STEP_METRICS]`` block of this step (still on the device).
+
+        ``pre`` is each role's gradient norm before clipping (AMP-scaled by ``1 / inv_scale``), if measured.
+        """
+        per, nonzero, param_sq, nones = measured
+        post = per[:, 0].sqrt()
+        grad_norm = post if pre is None else pre * inv_scale
+        clip_coef = torch.where(grad_norm > 0, post / grad_norm, torch.ones_like(post))
+        key = tuple(nones)
+        none = self._none.get(key)
+        if none is None:
+            none = self._none[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
+        block = torch.stack([grad_norm, post, clip_coef, none, per[:, 1]], dim=1)
+        if self.actors:
+            if self.snap:
+                torch._foreach_sub_(self.snap, self.actor_params)
+                usq = _norms(self.snap, 2, self.low_precision).square()
+                update = usq.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, usq).sqrt()
+            else:
+                update = torch.zeros(len(self.actors), device=self.device)
+            param_norm = param_sq.sqrt()
+            actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm],
+                                dim=1)
+            block = torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor], dim=1)
+        else:
+            block = torch.cat([block, self._pad], dim=1)
+        return block
