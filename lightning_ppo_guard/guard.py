@@ -27,6 +27,7 @@ __all__ = ["PPOGuard", "PPOGuardError"]
 
 _S = {spec.name: i for i, spec in enumerate(STEP_METRICS)}
 _O = {spec.name: i for i, spec in enumerate(OBSERVE_METRICS)}
+_GRAPH_WALK_ROLLOUTS = 8
 OnStall = Literal["warn", "raise", "stop"]
 
 
@@ -90,6 +91,7 @@ class PPOGuard(PPOMonitor):
         self._stall = False
         self._pending: list[ObserveRecord] = []
         self._wired: set[str] = set()
+        self._walks: dict[str, int] = {}
         self._rollouts_started: dict[str, int] = {}
 
     # ------------------------------------------------------------------ findings
@@ -143,7 +145,10 @@ class PPOGuard(PPOMonitor):
                 broadcast = (name, tuple(other.shape), tuple(new_logp.shape), shape)
                 break
         old_rg = bool(old_logp.requires_grad)
-        check_graph = role.name not in self._wired or (record.first_in_rollout and len(self._wired) < 64)
+        # The graph walk runs at a role's first observe and again at the start of its first rollouts (a loop
+        # that changes path after warm-up); later, a cut graph still shows in the step rules (zero gradient).
+        walks = self._walks.get(role.name, 0)
+        check_graph = role.name not in self._wired or (record.first_in_rollout and walks < _GRAPH_WALK_ROLLOUTS)
         if check_graph or old_rg or broadcast is not None:
             reached = trainable = 0
             by_hand = ""
@@ -157,6 +162,8 @@ class PPOGuard(PPOMonitor):
             )
             self._report(self.diagnoser.check_wiring(role.name, record.step, facts))
             self._wired.add(role.name)
+            if check_graph:
+                self._walks[role.name] = walks + 1
         self._pending.append(record)
         if record.first_in_rollout and not self.measuring():
             self._process([])  # a rollout ended: run its rules now, not at the next measured step
