@@ -95,9 +95,6 @@ def test_fp16_manual_grad_norm_is_unscaled_and_skipped_steps_are_not_logged(tmp_
         assert row["ppo_guard/actor/update_norm"] > 0 and row["ppo_guard/actor/grad_nonfinite"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="needs monitor change: in automatic optimization Lightning unscales before "
-                                       "on_before_optimizer_step, so _measure_pre_clip must not divide by the scale "
-                                       "again (it logs grad_norm / 65536)")
 def test_fp16_automatic_grad_norm_is_unscaled_once(tmp_path):
     module = NaiveAuto(_cfg())
     rows = _rows(module, tmp_path, _dense(), plugins=_fp16())

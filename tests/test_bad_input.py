@@ -173,10 +173,13 @@ class _Tracked(CartPolePPO):
 
 def test_memory_stays_flat_no_batch_or_graph_is_retained():
     cfg = PPOConfig(seed=0)
-    cfg.total_timesteps = 6 * cfg.batch_size
+    cfg.total_timesteps = 12 * cfg.batch_size
     module = _Tracked(cfg)
     guard = PPOGuard(dense_steps=0, measure_every_n_steps=1)
     fit(module, [guard])
-    assert module.leaks == [0] * 6  # every minibatch tensor of the batch is freed by its end
-    # the number of live tensors stops growing after the first batches (optimizer state, snapshots, stats)
-    assert max(module.live[2:]) - min(module.live[2:]) <= 4, module.live
+    assert module.leaks == [0] * 12  # every minibatch tensor of the batch is freed by its end
+    # The number of live tensors does not grow with the run: the guard's only per-step state is its bounded
+    # queue of measurement vectors (folded into the statistics at each row, or at 256 entries), so the peak
+    # of the second half is the peak of the first.
+    assert max(module.live[6:]) <= max(module.live[1:6]) + 4, module.live
+    assert len(guard._queued) <= 256
