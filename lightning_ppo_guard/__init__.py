@@ -4,6 +4,7 @@ from lightning_ppo_guard import functional
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import CATALOG, Diagnosis, Finding
+from lightning_ppo_guard.fabric import FabricGuard
 from lightning_ppo_guard.guard import PPOGuard, PPOGuardError
 from lightning_ppo_guard.metrics import OBSERVE_METRICS, STEP_METRICS, MetricSpec
 from lightning_ppo_guard.monitor import PPOMonitor
@@ -15,6 +16,7 @@ __all__ = [
     "OBSERVE_METRICS",
     "STEP_METRICS",
     "Diagnosis",
+    "FabricGuard",
     "Finding",
     "GuardConfig",
     "MetricSpec",

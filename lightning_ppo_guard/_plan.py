@@ -74,8 +74,12 @@ class StepPlan:
         # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
         self.slots = torch.tensor([slots[r.name] + j for r in self.roles for j in range(len(STEP_METRICS))],
                                   dtype=torch.long, device=device)
-        self.mask = torch.tensor([[True] * len(_ALL) + [r.kind == "actor" and bool(r.params)] * len(_ACTOR)
-                                  for r in self.roles], dtype=torch.bool, device=device).reshape(-1)
+        mask = torch.tensor([[True] * len(_ALL) + [r.kind == "actor" and bool(r.params)] * len(_ACTOR)
+                             for r in self.roles], dtype=torch.bool, device=device)
+        self.mask = mask.reshape(-1)
+        mask = mask.clone()
+        mask[:, _COLUMNS.index("grad_nonzero_frac")] = False
+        self.mask_without_nonzero = mask.reshape(-1)  # a step whose nonzero count was skipped
         self.names = [r.name for r in self.roles]
 
     def grads(self) -> tuple[list[Tensor], list[int]]:
@@ -89,51 +93,54 @@ class StepPlan:
                     grads[k] = self._zero
         return grads, nones
 
+    def grad_state(self) -> tuple[tuple[int, int], ...]:
+        """Identity and version counter of every gradient: equal twice means nothing wrote them in between."""
+        return tuple((id(p.grad), p.grad._version) if p.grad is not None else (0, 0) for p in self.params)
+
     @torch.no_grad()
-    def grad_norms(self) -> Tensor:
-        """Each role's gradient L2 norm (one fused call for all roles)."""
+    def grad_norms(self) -> tuple[Tensor, Tensor | None]:
+        """Each role's gradient L2 norm, and the per-tensor norms (one fused call for all roles)."""
         grads, _ = self.grads()
         if not grads:
-            return torch.zeros(len(self.roles), device=self.device)
-        sq = _norms(grads, 2, self.low_precision).square()
-        return sq.new_zeros(len(self.roles)).index_add_(0, self.seg, sq).sqrt()
+            return torch.zeros(len(self.roles), device=self.device), None
+        norms = _norms(grads, 2, self.low_precision)
+        sq = norms.square()
+        return sq.new_zeros(len(self.roles)).index_add_(0, self.seg, sq).sqrt(), norms
 
     @torch.no_grad()
-    def before(self) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """At the optimizer's step pre-hook: gradient stats as stepped with, and the actors' snapshot.
+    def before(self) -> Tensor:
+        """At the optimizer's step pre-hook: snapshot the actors; returns their squared parameter norms.
 
-        Returns per role ``[squared norm, non-finite tensors]``, the actors' nonzero gradient counts, the
-        actors' squared parameter norms, and the ``None`` gradient counts (host).
+        In automatic optimization this hook runs before the closure (forward and backward) inside
+        ``optimizer.step``, so it reads parameters only: the gradients are read at :meth:`after`.
+        """
+        if not self.actor_params:
+            return torch.zeros(len(self.actors), device=self.device)
+        torch._foreach_copy_(self.snap, self.actor_params)
+        psq = _norms(self.actor_params, 2, self.low_precision).square()
+        return psq.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, psq)
+
+    @torch.no_grad()
+    def after(self, param_sq: Tensor, pre: Tensor | None, inv_scale: float, count_nonzero: bool = True,
+              norms: Tensor | None = None) -> tuple[Tensor, list[int]]:
+        """At the step post-hook: the ``[roles, STEP_METRICS]`` block of this step (still on the device), and
+        the ``None`` gradient count per role (host).
+
+        The gradients are the ones the optimizer stepped with (after every clip; an optimizer does not write
+        them). ``pre`` is each role's gradient norm before clipping (AMP-scaled by ``1 / inv_scale``), if
+        measured; ``norms`` the per-tensor norms of these very gradients if nothing wrote them since (no
+        clipping): reused instead of a second pass. ``count_nonzero=False`` skips the nonzero count (a full
+        pass over the actor's gradients, the costliest part on large actors) and gives NaN there.
         """
         grads, nones = self.grads()
-        n_roles = len(self.roles)
+        n_roles, n_actors = len(self.roles), len(self.actors)
         if grads:
-            norms = _norms(grads, 2, self.low_precision)
+            if norms is None:
+                norms = _norms(grads, 2, self.low_precision)
             per = torch.stack([norms.square(), (~torch.isfinite(norms)).float()], dim=1)
             per = per.new_zeros(n_roles, 2).index_add_(0, self.seg, per)
         else:
             per = torch.zeros(n_roles, 2, device=self.device)
-        nonzero = param_sq = torch.zeros(len(self.actors), device=self.device)
-        if self.actor_params:
-            actor_grads = grads[:len(self.actor_params)]
-            if self.per_tensor_count:
-                counts = torch.stack([g.count_nonzero() for g in actor_grads]).float()
-            else:
-                counts = _norms(actor_grads, 0, self.low_precision)
-            nonzero = counts.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, counts)
-            torch._foreach_copy_(self.snap, self.actor_params)
-            psq = _norms(self.actor_params, 2, self.low_precision).square()
-            param_sq = psq.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, psq)
-        return per, nonzero, param_sq, nones
-
-    @torch.no_grad()
-    def after(self, measured: tuple[Tensor, Tensor, Tensor, list[int]], pre: Tensor | None,
-              inv_scale: float) -> Tensor:
-        """At the step post-hook: the ``[roles, STEP_METRICS]`` block of this step (still on the device).
-
-        ``pre`` is each role's gradient norm before clipping (AMP-scaled by ``1 / inv_scale``), if measured.
-        """
-        per, nonzero, param_sq, nones = measured
         post = per[:, 0].sqrt()
         grad_norm = post if pre is None else pre * inv_scale
         clip_coef = torch.where(grad_norm > 0, post / grad_norm, torch.ones_like(post))
@@ -142,17 +149,21 @@ class StepPlan:
         if none is None:
             none = self._none[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
         block = torch.stack([grad_norm, post, clip_coef, none, per[:, 1]], dim=1)
-        if self.actors:
-            if self.snap:
-                torch._foreach_sub_(self.snap, self.actor_params)
-                usq = _norms(self.snap, 2, self.low_precision).square()
-                update = usq.new_zeros(len(self.actors)).index_add_(0, self.actor_seg, usq).sqrt()
-            else:
-                update = torch.zeros(len(self.actors), device=self.device)
-            param_norm = param_sq.sqrt()
-            actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm],
-                                dim=1)
-            block = torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor], dim=1)
-        else:
-            block = torch.cat([block, self._pad], dim=1)
-        return block
+        if not self.actors:
+            return torch.cat([block, self._pad], dim=1), nones
+        nonzero = torch.full((n_actors,), math.nan, device=self.device)
+        update = torch.zeros(n_actors, device=self.device)
+        if self.actor_params:
+            if count_nonzero:
+                actor_grads = grads[:len(self.actor_params)]
+                if self.per_tensor_count:
+                    counts = torch.stack([g.count_nonzero() for g in actor_grads]).float()
+                else:
+                    counts = _norms(actor_grads, 0, self.low_precision)
+                nonzero = counts.new_zeros(n_actors).index_add_(0, self.actor_seg, counts)
+            torch._foreach_sub_(self.snap, self.actor_params)
+            usq = _norms(self.snap, 2, self.low_precision).square()
+            update = usq.new_zeros(n_actors).index_add_(0, self.actor_seg, usq).sqrt()
+        param_norm = param_sq.sqrt()
+        actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm], dim=1)
+        return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor], dim=1), nones

@@ -25,6 +25,10 @@ class GuardConfig:
     cleared_steps: int = 2
     #: PPG203: steps with a gradient at the step but an exactly-zero parameter change.
     unchanged_steps: int = 3
+    #: PPG203 also: consecutive optimizer steps skipped (AMP's GradScaler found inf/NaN). A few skips are
+    #: normal while fp16's scale settles (each halves it); 25 in a row take 65536 below 1/256, so the
+    #: gradients are non-finite at any scale.
+    skipped_steps: int = 25
     #: PPG204: relative update ||dtheta||/||theta|| per step below this is "too small" ...
     tiny_update_ratio: float = 1e-6
     #: ... on this many consecutive steps.

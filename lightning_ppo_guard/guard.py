@@ -170,6 +170,13 @@ class PPOGuard(PPOMonitor):
 
     # ------------------------------------------------------------------ runtime, at each step
     @override
+    def _on_skipped(self, roles: list[str]) -> None:
+        step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps
+        for role in self.actor_roles:
+            if role.name in roles:
+                self._report(self.diagnoser.check_skipped(role.name, step))
+
+    @override
     def _on_step(self, records: list[StepRecord]) -> None:
         self._process(records)
 
@@ -225,6 +232,7 @@ class PPOGuard(PPOMonitor):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # skipped steps, the row
         if self.on_stall == "warn":
             return
         # Every rank calls this collective at every batch end, so no rank waits on another.

@@ -87,6 +87,9 @@ ROLLOUT_METRICS: tuple[MetricSpec, ...] = (
 BINDING_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("binding", "min", "fraction of the role's trainable elements held by some optimizer "
                "param group (by tensor identity)", "1.0"),
+    MetricSpec("steps_skipped", "max", "optimizer steps of the role skipped so far: on_before_optimizer_step ran "
+               "but the step did not (AMP GradScaler found inf/NaN; automatic optimization with a None loss)",
+               "a few while fp16's scale settles, then no new ones"),
     MetricSpec("lr", "mean", "smallest learning rate among the param groups holding the role", "> 0"),
 )
 

@@ -190,8 +190,9 @@ class PPOMonitor(Callback):
         self._fingerprint: tuple[Any, ...] = ()
         self._role_modules: tuple[int, ...] = ()
         self._next_role_scan = 0
-        self._pre_clip: tuple[Tensor, float, set[str]] | None = None  # norms of _all_plan.roles, 1/scale, unused
-        self._at_step: dict[int, tuple[Tensor, Tensor, Tensor, list[int]]] = {}
+        # norms of _all_plan.roles after backward, 1/scale, roles not yet stepped, per-tensor norms, grad state
+        self._pre_clip: tuple[Tensor, float, set[str], Tensor | None, tuple[tuple[int, int], ...]] | None = None
+        self._at_step: dict[int, Tensor] = {}  # the actors' squared parameter norms before the step
         self._snapshots: dict[str, list[Tensor]] = {}
         self.snapshot_bytes = 0  # the guard's only persistent allocation: actor snapshot buffers
         self._stats: VectorStats | None = None
@@ -211,6 +212,8 @@ class PPOMonitor(Callback):
         self._rollout: dict[str, int | None] = {}
         self._rollout_steps: dict[str, int] = {}
         self.updates_per_rollout: dict[str, int] = {}
+        self.steps_skipped: dict[str, int] = {}
+        self._awaiting: set[int] = set()  # optimizers past on_before_optimizer_step whose step has not run
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -270,6 +273,7 @@ class PPOMonitor(Callback):
         self._next_role_scan = 0
         self._pre_clip = None
         self._at_step.clear()
+        self._awaiting.clear()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -280,6 +284,8 @@ class PPOMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        for opt_id in list(self._awaiting):  # a batch ended with a step announced but never run
+            self._skipped(opt_id)
         if self._log_every is None and self._active:
             self._batches_since_flush += 1
             if self._batches_since_flush >= self._log_every_batches:
@@ -372,8 +378,14 @@ class PPOMonitor(Callback):
         return float(scaler.get_scale())
 
     def _measure_pre_clip(self, inv_scale: float) -> None:
-        if self._all_plan is not None:
-            self._pre_clip = (self._all_plan.grad_norms(), inv_scale, set(self._all_plan.names))
+        plan = self._all_plan
+        if plan is not None:
+            norms, per_tensor = plan.grad_norms()
+            self._pre_clip = (norms, inv_scale, set(plan.names), per_tensor, plan.grad_state())
+
+    def counting_nonzero(self, n: int) -> bool:
+        """Whether measured step ``n`` counts nonzero gradients: each dense step, then 1 measured step in 8."""
+        return n < self.dense_steps or (n // self.measure_every_n_steps) % 8 == 0
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -384,8 +396,14 @@ class PPOMonitor(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._active:
+            return
+        # A step that never ran since this optimizer's last on_before_optimizer_step was skipped (GradScaler).
+        if id(optimizer) in self._awaiting:
+            self._skipped(id(optimizer))
+        self._awaiting.add(id(optimizer))
         # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
-        if self._active and pl_module.automatic_optimization and self.measuring():
+        if pl_module.automatic_optimization and self.measuring():
             self._measure_pre_clip(1.0)
 
     def _optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -394,11 +412,20 @@ class PPOMonitor(Callback):
             if plan is not None:
                 self._at_step[id(optimizer)] = plan.before()
 
+    def _unwritten_norms(self, plan: StepPlan) -> Tensor | None:
+        """The per-tensor norms taken after backward, if nothing (no clipping) wrote these gradients since."""
+        pre = self._pre_clip
+        if pre is None or pre[3] is None or pre[1] != 1.0 or self._all_plan is None:
+            return None
+        if plan.names != self._all_plan.names or plan.grad_state() != pre[4]:
+            return None
+        return pre[3]
+
     def _pre_clip_for(self, plan: StepPlan) -> tuple[Tensor | None, float]:
         """The pre-clip norms of ``plan``'s roles from the last backward, each used by one step only."""
         if self._pre_clip is None or self._all_plan is None:
             return None, 1.0
-        norms, inv_scale, unused = self._pre_clip
+        norms, inv_scale, unused = self._pre_clip[:3]
         if not unused.issuperset(plan.names):
             return None, 1.0
         unused.difference_update(plan.names)
@@ -411,6 +438,7 @@ class PPOMonitor(Callback):
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
+        self._awaiting.discard(id(optimizer))
         plan = self._plans.get(id(optimizer))
         if plan is None:
             return
@@ -418,16 +446,30 @@ class PPOMonitor(Callback):
             self._rollout_steps[role.name] = self._rollout_steps.get(role.name, 0) + 1
         self.optimizer_steps += 1
         self._steps_since_flush += 1
-        measured = self._at_step.pop(id(optimizer), None)
-        if measured is not None:
+        param_sq = self._at_step.pop(id(optimizer), None)
+        if param_sq is not None:
+            counted = self.counting_nonzero(self.optimizer_steps - 1)
+            reuse = self._unwritten_norms(plan)
             pre, inv_scale = self._pre_clip_for(plan)
-            block = plan.after(measured, pre, inv_scale)
-            self._queue(block.reshape(-1), plan.mask, plan.slots)
+            block, nones = plan.after(param_sq, pre, inv_scale, counted, reuse)
+            self._queue(block.reshape(-1), plan.mask if counted else plan.mask_without_nonzero, plan.slots)
             step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps - 1
-            nones = measured[3]
             self._on_step([StepRecord(name, step, block[i], nones[i]) for i, name in enumerate(plan.names)])
         if self._log_every is not None and self._steps_since_flush >= self._log_every:
             self._flush()
+
+    def _skipped(self, opt_id: int) -> None:
+        self._awaiting.discard(opt_id)
+        self._at_step.pop(opt_id, None)
+        plan = self._plans.get(opt_id)
+        if plan is None:
+            return
+        for name in plan.names:
+            self.steps_skipped[name] = self.steps_skipped.get(name, 0) + 1
+        self._on_skipped(plan.names)
+
+    def _on_skipped(self, roles: list[str]) -> None:
+        """Called when an optimizer step of these roles was skipped (hook for the guard)."""
 
     def _on_step(self, records: list[StepRecord]) -> None:
         """Called after each optimizer step with the device-side records (hook for the guard)."""
@@ -644,6 +686,8 @@ class PPOMonitor(Callback):
                 metrics[metric_key(self.prefix, role.name, "binding")] = binding.fraction
                 if not math.isnan(binding.lr):
                     metrics[metric_key(self.prefix, role.name, "lr")] = binding.lr
+            if role.name in self.steps_skipped:
+                metrics[metric_key(self.prefix, role.name, "steps_skipped")] = float(self.steps_skipped[role.name])
             if role.name in self.updates_per_rollout:
                 metrics[metric_key(self.prefix, role.name, "updates_per_rollout")] = float(
                     self.updates_per_rollout[role.name])
@@ -664,6 +708,7 @@ class PPOMonitor(Callback):
             "rollout": dict(self._rollout),
             "rollout_steps": dict(self._rollout_steps),
             "updates_per_rollout": dict(self.updates_per_rollout),
+            "steps_skipped": dict(self.steps_skipped),
         }
 
     @override
@@ -674,3 +719,4 @@ class PPOMonitor(Callback):
         self._rollout = dict(state_dict.get("rollout", {}))
         self._rollout_steps = dict(state_dict.get("rollout_steps", {}))
         self.updates_per_rollout = dict(state_dict.get("updates_per_rollout", {}))
+        self.steps_skipped = dict(state_dict.get("steps_skipped", {}))

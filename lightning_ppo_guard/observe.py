@@ -35,19 +35,20 @@ def detach_monitor(module: Any) -> None:
 
 
 def _find_monitor(pl_module: Any) -> Any:
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is not None:
+        cached = _CACHE.get(pl_module)
+        if cached is not None and cached[0]() is trainer:
+            return cached[1]  # observe() runs once per minibatch: skip the import and the callback scan
     from lightning_ppo_guard.monitor import PPOMonitor
 
     if isinstance(pl_module, PPOMonitor):
         return pl_module  # observe(guard, ...): the monitor itself, in any loop
-    trainer = getattr(pl_module, "_trainer", None)
     if trainer is None:
         try:
             return _ATTACHED.get(pl_module)  # a Fabric loop (or none: observe is a no-op)
         except TypeError:  # not weak-referenceable
             return None
-    cached = _CACHE.get(pl_module)
-    if cached is not None and cached[0]() is trainer:
-        return cached[1]  # observe() runs once per minibatch: skip the callback scan
     found = next((cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor)), None)
     _CACHE[pl_module] = (weakref.ref(trainer), found)
     return found

@@ -78,6 +78,7 @@ class RoleState:
     clipped_zero: int = 0
     unchanged: int = 0
     tiny_update: int = 0
+    skipped: int = 0
     # current rollout aggregates
     r_observes: int = 0
     r_kl_sum: float = 0.0
@@ -175,6 +176,7 @@ class Diagnoser:
     def check_step(self, role: str, step: int, f: StepFacts) -> list[Finding]:
         cfg, s = self.config, self.state(role)
         out: list[Finding] = []
+        s.skipped = 0
         if f.nonfinite > 0 or not _finite(f.grad_norm):
             out += self._emit(role, "PPG901", step, tensors=int(f.nonfinite), grad_norm=f.grad_norm)
             return out
@@ -215,6 +217,15 @@ class Diagnoser:
                 out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr,
                                   steps=s.tiny_update)
         return out
+
+    def check_skipped(self, role: str, step: int) -> list[Finding]:
+        """An optimizer step of ``role`` that was skipped (``on_before_optimizer_step`` ran, ``step`` did not)."""
+        s = self.state(role)
+        s.skipped += 1
+        if s.skipped >= self.config.skipped_steps and not self._has_root(role):
+            return self._emit(role, "PPG203", step, grad_norm_clipped=math.inf, steps=s.skipped,
+                              skipped=s.skipped)
+        return []
 
     def _starved(self, f: StepFacts) -> bool:
         cfg = self.config

@@ -193,3 +193,51 @@ def test_memory_is_not_retained_by_the_guard():
     fit(CartPolePPO(_cfg(2)), [guard])
     assert guard._pending == [] and guard._pre_clip is None and guard._at_step == {} and guard._queued == []
     assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(guard).values())
+
+
+@pytest.mark.parametrize("callback", [PPOGuard, PPOMonitor])
+def test_default_cadence_logs_one_row_per_lightning_log_interval(tmp_path, callback):
+    """``log_every_n_steps=None``: a row whenever Lightning logs (here every batch = one rollout of 40 steps),
+    holding the interval's reduction, for the guard as for the monitor."""
+    logger = CSVLogger(tmp_path, name="run")
+    cb = callback()
+    fit(CartPolePPO(_cfg(4)), [cb], logger=logger, log_every_n_steps=1)
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert [int(r["step"]) for r in rows] == [40, 80, 120, 160]
+    for r in rows:
+        assert r["ppo_guard/actor/grad_nonzero_frac"] > 0.5
+        assert r["ppo_guard/actor/grad_norm"] > 0 and r["ppo_guard/actor/clip_coef"] > 0
+
+
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_unclipped_step_reuses_the_norms_taken_after_backward(monkeypatch, tmp_path, clip):
+    """Automatic optimization: with no gradient clipping nothing writes the gradients between
+    on_before_optimizer_step and the step, so the step reuses the per-tensor norms (one pass fewer) and
+    clip_coef is exactly 1; with clipping both passes run. Nonzero counts: every 8th measured step."""
+    from lightning_ppo_guard import _plan
+
+    calls = {"n": 0}
+    norms = _plan._norms
+
+    def counting(tensors, ord, low_precision):
+        calls["n"] += 1
+        return norms(tensors, ord, low_precision)
+
+    monkeypatch.setattr(_plan, "_norms", counting)
+    logger = CSVLogger(tmp_path, name="run")
+    guard = PPOGuard(dense_steps=0, measure_every_n_steps=1, log_every_n_steps=1)
+    fit(CartPolePPOAuto(_cfg(1)), [guard], logger=logger, gradient_clip_val=clip)
+    steps = guard.optimizer_steps
+    counted = len(range(0, steps, 8))
+    # per step: after backward (1), at the step unless reused (1), actor params (1), update (1); + nonzero
+    assert calls["n"] == (4 if clip else 3) * steps + counted
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert len(rows) == steps
+    assert sum("ppo_guard/actor/grad_nonzero_frac" in r for r in rows) == counted
+    if clip is None:
+        assert all(r["ppo_guard/actor/clip_coef"] == 1.0 for r in rows)
+    else:  # the gradient the optimizer stepped with is this step's, clipped over all parameters together
+        for r in rows:
+            pre = math.hypot(r["ppo_guard/actor/grad_norm"], r["ppo_guard/critic/grad_norm"])
+            post = math.hypot(r["ppo_guard/actor/grad_norm_clipped"], r["ppo_guard/critic/grad_norm_clipped"])
+            assert post == pytest.approx(min(pre, clip), rel=1e-4)
