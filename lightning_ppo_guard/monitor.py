@@ -5,10 +5,12 @@ What is measured, per role (actor, ``agent_i``, critic):
 * gradient after backward and before any clipping the user does (``on_after_backward`` in manual
   optimization; ``on_before_optimizer_step`` in automatic optimization, where Lightning clips after that
   hook), unscaled under AMP;
-* gradient as the optimizer steps with it (a step pre-hook registered on the unwrapped
-  ``torch.optim.Optimizer``: after every clip, in both optimization modes);
+* gradient as the optimizer stepped with it (a step post-hook registered on the unwrapped
+  ``torch.optim.Optimizer``: after every clip, in both optimization modes; the pre-hook cannot read it, as
+  in automatic optimization it runs before the closure's backward);
 * the exact parameter update across the step (snapshot in preallocated buffers in the pre-hook, fused
   difference in the post-hook; Trainer callbacks have no after-step hook);
+* steps announced by ``on_before_optimizer_step`` that never ran (AMP's GradScaler skipped them);
 * optimizer binding: which share of the role's trainable tensors some param group holds, by identity,
   and at which learning rate;
 * per minibatch, from :func:`~lightning_ppo_guard.observe`: KL, clip fraction, ratio, entropy, advantage
@@ -205,6 +207,8 @@ class PPOMonitor(Callback):
         self._first_index: dict[torch.device, Tensor] = {}
         self._steps_since_flush = 0
         self.last_logged: dict[str, float] = {}
+        self._keys: list[tuple[str, str, int]] = []
+        self._last_host: dict[str, float] = {}
         # progress, kept in state_dict
         self.optimizer_steps = 0
         self.observes = 0
@@ -240,6 +244,14 @@ class PPOMonitor(Callback):
         self._stats = VectorStats(offset).to(pl_module.device)
         self._obs_slots = {name: torch.arange(o, o + len(OBSERVE_METRICS), device=pl_module.device)
                            for name, o in self._obs_offset.items()}
+        # (logged key, reduction, slot) of every statistic, in the order rows are written
+        self._keys = [(metric_key(self.prefix, role.name, spec.name), spec.reduce, offset + j)
+                      for role in self.roles
+                      for specs, offset in ([(STEP_METRICS, self._step_offset[role.name])]
+                                            + ([(OBSERVE_METRICS, self._obs_offset[role.name])]
+                                               if role.kind == "actor" else []))
+                      for j, spec in enumerate(specs) if spec.roles == "all" or role.kind == "actor"]
+        self._last_host = {}
         self._fingerprint = self._role_modules = ()
         self._next_role_scan = 0
         for opt in trainer.optimizers:
@@ -662,36 +674,35 @@ class PPOMonitor(Callback):
 
     def _flush(self) -> None:
         """Reduce the interval's statistics (over ranks too) and log them: one host transfer."""
-        self._batches_since_flush = 0
+        self._batches_since_flush = self._steps_since_flush = 0
         if self._trainer is None or self._stats is None:
             return
-        metrics: dict[str, float] = {}
         self._fold()
-        # Every rank updates the same slots at the same steps, so the syncing compute() is collective.
-        if self._stats.update_count > 0:
-            mean, low, high, total, count = self._stats.compute().float().cpu().tolist()
-            rows = {"mean": mean, "min": low, "max": high, "sum": total}
-            for role in self.roles:
-                tables = [(STEP_METRICS, self._step_offset[role.name])]
-                if role.kind == "actor":
-                    tables.append((OBSERVE_METRICS, self._obs_offset[role.name]))
-                for specs, offset in tables:
-                    for j, spec in enumerate(specs):
-                        if count[offset + j] > 0 and (spec.roles == "all" or role.kind == "actor"):
-                            metrics[metric_key(self.prefix, role.name, spec.name)] = rows[spec.reduce][offset + j]
-            self._stats.reset()
+        host: dict[str, float] = {}
         for role in self.roles:
             binding = self.bindings.get(role.name)
             if binding is not None:
-                metrics[metric_key(self.prefix, role.name, "binding")] = binding.fraction
+                host[metric_key(self.prefix, role.name, "binding")] = binding.fraction
                 if not math.isnan(binding.lr):
-                    metrics[metric_key(self.prefix, role.name, "lr")] = binding.lr
+                    host[metric_key(self.prefix, role.name, "lr")] = binding.lr
             if role.name in self.steps_skipped:
-                metrics[metric_key(self.prefix, role.name, "steps_skipped")] = float(self.steps_skipped[role.name])
+                host[metric_key(self.prefix, role.name, "steps_skipped")] = float(self.steps_skipped[role.name])
             if role.name in self.updates_per_rollout:
-                metrics[metric_key(self.prefix, role.name, "updates_per_rollout")] = float(
+                host[metric_key(self.prefix, role.name, "updates_per_rollout")] = float(
                     self.updates_per_rollout[role.name])
-        self._steps_since_flush = 0
+        # Every rank updates the same slots at the same steps, so the syncing compute() is collective.
+        if self._stats.update_count == 0 and host == self._last_host:
+            return  # nothing measured in the interval and no host value changed: no row (nothing is lost)
+        self._last_host = host
+        metrics: dict[str, float] = {}
+        if self._stats.update_count > 0:
+            mean, low, high, total, count = self._stats.compute().float().cpu().tolist()
+            rows = {"mean": mean, "min": low, "max": high, "sum": total}
+            for key, reduce, slot in self._keys:
+                if count[slot] > 0:
+                    metrics[key] = rows[reduce][slot]
+            self._stats.reset()
+        metrics.update(host)
         self.last_logged = metrics
         if metrics and self._trainer.is_global_zero:
             step = self._trainer.global_step

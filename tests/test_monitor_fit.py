@@ -241,3 +241,15 @@ def test_unclipped_step_reuses_the_norms_taken_after_backward(monkeypatch, tmp_p
             pre = math.hypot(r["ppo_guard/actor/grad_norm"], r["ppo_guard/critic/grad_norm"])
             post = math.hypot(r["ppo_guard/actor/grad_norm_clipped"], r["ppo_guard/critic/grad_norm_clipped"])
             assert post == pytest.approx(min(pre, clip), rel=1e-4)
+
+
+def test_a_row_is_written_only_when_something_new_was_measured(tmp_path):
+    """Sparse cadence (steps 0, 64, 128 of 160 measured; 40 steps per batch): the third batch measured nothing
+    and no host value changed, so it writes no row; the others write one each."""
+    logger = CSVLogger(tmp_path, name="run")
+    guard = PPOGuard(dense_steps=0, measure_every_n_steps=64)
+    fit(CartPolePPO(_cfg(4)), [guard], logger=logger, log_every_n_steps=1)
+    rows = [r for r in read_csv(logger.log_dir) if any(k.startswith("ppo_guard/") for k in r)]
+    assert [int(r["step"]) for r in rows] == [40, 80, 160]
+    assert [int(r["step"]) for r in guard_rows(rows)] == [40, 80, 160]
+    assert rows[1]["ppo_guard/actor/updates_per_rollout"] == 40
