@@ -253,3 +253,20 @@ def test_a_row_is_written_only_when_something_new_was_measured(tmp_path):
     assert [int(r["step"]) for r in rows] == [40, 80, 160]
     assert [int(r["step"]) for r in guard_rows(rows)] == [40, 80, 160]
     assert rows[1]["ppo_guard/actor/updates_per_rollout"] == 40
+
+
+def test_mappo_parameter_sharing_is_one_role_fed_by_every_agent(tmp_path):
+    """One actor for all agents: one role, ``actor``, whose observes come from every agent (3 per step)."""
+    from lightning_ppo_guard.reference import MAPPOConfig, MultiCartPoleMAPPO
+
+    cfg = MAPPOConfig(seed=0, share_actor=True)
+    cfg.total_timesteps = 2 * cfg.num_envs * cfg.num_steps
+    module = MultiCartPoleMAPPO(cfg)
+    logger = CSVLogger(tmp_path, name="run")
+    guard = PPOGuard(actors="actor")
+    fit(module, [guard], logger=logger, log_every_n_steps=1)
+    assert [r.name for r in guard.roles] == ["actor", "critic"] and guard.findings == []
+    assert guard.observes == cfg.n_agents * guard.optimizer_steps
+    assert guard.updates_per_rollout["actor"] == cfg.update_epochs * cfg.num_minibatches
+    rows = guard_rows(read_csv(logger.log_dir))
+    assert rows and all(r["ppo_guard/actor/update_norm"] > 0 and r["ppo_guard/actor/approx_kl"] >= 0 for r in rows)

@@ -58,6 +58,9 @@ class MAPPOConfig(PPOConfig):
     """Trim every minibatch to a multiple of this many samples. Under DDP each rank trains on its share of
     each minibatch; a multiple of the world size makes the shares equal (the one-process run then computes
     the same averaged gradient)."""
+    share_actor: bool = False
+    """Parameter sharing: one actor (``self.actor``) acts for every agent; the guard sees one role, ``actor``,
+    fed by every agent's ``observe``."""
 
 
 class CentralCritic(nn.Module):
@@ -92,9 +95,13 @@ class MultiCartPoleMAPPO(L.LightningModule):
         self.obs_dim, self.num_actions = VecCartPole.obs_dim, VecCartPole.num_actions
         with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
             torch.manual_seed(self.cfg.seed)
-            self.actors = nn.ModuleList(
-                Actor(self.obs_dim, self.num_actions, self.cfg.hidden) for _ in range(self.cfg.n_agents)
-            )
+            if self.cfg.share_actor:
+                self.actor = Actor(self.obs_dim, self.num_actions, self.cfg.hidden)
+                self.actors = nn.ModuleList([self.actor] * self.cfg.n_agents)  # the same module for every agent
+            else:
+                self.actors = nn.ModuleList(
+                    Actor(self.obs_dim, self.num_actions, self.cfg.hidden) for _ in range(self.cfg.n_agents)
+                )
             self.critic = CentralCritic(self.obs_dim, self.cfg.n_agents, self.cfg.hidden)
         self.recent_returns: list[list[float]] = [[] for _ in range(self.cfg.n_agents)]
         self._pending_returns: list[list[float]] = [[] for _ in range(self.cfg.n_agents)]
@@ -109,7 +116,7 @@ class MultiCartPoleMAPPO(L.LightningModule):
             {"params": list(actor.parameters()), "lr": cfg.lr, "name": f"agent_{i}"}
             for i, actor in enumerate(self.actors)
             if not (self.fault == "agent_unbound" and i == UNBOUND_AGENT)
-        ]
+        ] if not cfg.share_actor else [{"params": list(self.actor.parameters()), "lr": cfg.lr, "name": "actor"}]
         param_groups.append({"params": list(self.critic.parameters()), "lr": cfg.critic_lr, "name": "critic"})
         optimizer = torch.optim.Adam(param_groups, eps=1e-5)
         if not cfg.anneal_lr:
@@ -213,7 +220,7 @@ class MultiCartPoleMAPPO(L.LightningModule):
             returns=returns,
             rollout=rollout,
             target_kl=cfg.target_kl,
-            role=f"agent_{agent}",
+            role="actor" if cfg.share_actor else f"agent_{agent}",
         )
         return terms
 
