@@ -49,9 +49,6 @@ from lightning_ppo_guard.roles import Role, RoleSpec, resolve_roles
 
 __all__ = ["Binding", "ObserveRecord", "PPOMonitor", "StepRecord"]
 
-_STEP_INDEX = {spec.name: i for i, spec in enumerate(STEP_METRICS)}
-_OBS_INDEX = {spec.name: i for i, spec in enumerate(OBSERVE_METRICS)}
-
 
 class Binding:
     """How a role's trainable tensors are held by the optimizers (host values, read at each refresh)."""
@@ -63,6 +60,19 @@ class Binding:
         self.lr = lr  # smallest lr among the groups holding the role (nan when unbound)
         self.optimizers = optimizers  # indices of the optimizers holding part of the role
         self.stale_tensors = stale_tensors  # tensors held by those optimizers that are no model parameter
+
+
+class _PreClip:
+    """The gradient norms every role had after backward, waiting for the optimizer step(s) that use them."""
+
+    __slots__ = ("inv_scale", "norms", "per_tensor", "state", "unused")
+
+    def __init__(self, norms: Tensor, per_tensor: Tensor | None, inv_scale: float,
+                 state: tuple[tuple[int, int], ...], unused: set[str]) -> None:
+        self.norms, self.per_tensor = norms, per_tensor  # per role (all-roles plan order), per tensor
+        self.inv_scale = inv_scale  # 1 / AMP scale of the gradients they were taken from
+        self.state = state  # identity and version of each gradient then (StepPlan.grad_state)
+        self.unused = unused  # roles whose step has not used them yet
 
 
 class StepRecord:
@@ -192,8 +202,7 @@ class PPOMonitor(Callback):
         self._fingerprint: tuple[Any, ...] = ()
         self._role_modules: tuple[int, ...] = ()
         self._next_role_scan = 0
-        # norms of _all_plan.roles after backward, 1/scale, roles not yet stepped, per-tensor norms, grad state
-        self._pre_clip: tuple[Tensor, float, set[str], Tensor | None, tuple[tuple[int, int], ...]] | None = None
+        self._pre_clip: _PreClip | None = None
         self._at_step: dict[int, Tensor] = {}  # the actors' squared parameter norms before the step
         self._snapshots: dict[str, list[Tensor]] = {}
         self.snapshot_bytes = 0  # the guard's only persistent allocation: actor snapshot buffers
@@ -203,8 +212,7 @@ class PPOMonitor(Callback):
         self._obs_offset: dict[str, int] = {}
         self._obs_slots: dict[str, Tensor] = {}
         self._masks: dict[tuple[bool, ...], Tensor] = {}
-        self._nan_pad: dict[torch.device, Tensor] = {}
-        self._first_index: dict[torch.device, Tensor] = {}
+        self._first_order: dict[torch.device, Tensor] = {}
         self._steps_since_flush = 0
         self.last_logged: dict[str, float] = {}
         self._keys: list[tuple[str, str, int]] = []
@@ -374,7 +382,10 @@ class PPOMonitor(Callback):
             id(opt): StepPlan(opt_roles[i] + unbound, self._snapshots, self._step_offset, device)
             for i, opt in enumerate(optimizers)
         }
-        self._all_plan = StepPlan(self.roles, self._snapshots, self._step_offset, device)
+        # Every role's pre-clip norms: the one optimizer's own plan when it steps every role (the usual case).
+        every = sorted(r.name for r in self.roles)
+        self._all_plan = next((p for p in self._plans.values() if sorted(p.names) == every), None) or StepPlan(
+            self.roles, self._snapshots, self._step_offset, device)
         self._pre_clip = None
         if changed:
             self._on_roles_changed(changed)
@@ -393,7 +404,7 @@ class PPOMonitor(Callback):
         plan = self._all_plan
         if plan is not None:
             norms, per_tensor = plan.grad_norms()
-            self._pre_clip = (norms, inv_scale, set(plan.names), per_tensor, plan.grad_state())
+            self._pre_clip = _PreClip(norms, per_tensor, inv_scale, plan.grad_state(), set(plan.names))
 
     def counting_nonzero(self, n: int) -> bool:
         """Whether measured step ``n`` counts nonzero gradients: each dense step, then 1 measured step in 8."""
@@ -427,25 +438,21 @@ class PPOMonitor(Callback):
     def _unwritten_norms(self, plan: StepPlan) -> Tensor | None:
         """The per-tensor norms taken after backward, if nothing (no clipping) wrote these gradients since."""
         pre = self._pre_clip
-        if pre is None or pre[3] is None or pre[1] != 1.0 or self._all_plan is None:
+        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not self._all_plan:
             return None
-        if plan.names != self._all_plan.names or plan.grad_state() != pre[4]:
-            return None
-        return pre[3]
+        return pre.per_tensor if plan.grad_state() == pre.state else None
 
     def _pre_clip_for(self, plan: StepPlan) -> tuple[Tensor | None, float]:
         """The pre-clip norms of ``plan``'s roles from the last backward, each used by one step only."""
-        if self._pre_clip is None or self._all_plan is None:
+        pre = self._pre_clip
+        if pre is None or self._all_plan is None or not pre.unused.issuperset(plan.names):
             return None, 1.0
-        norms, inv_scale, unused = self._pre_clip[:3]
-        if not unused.issuperset(plan.names):
-            return None, 1.0
-        unused.difference_update(plan.names)
-        if not unused:
+        pre.unused.difference_update(plan.names)
+        if not pre.unused:
             self._pre_clip = None
-        if plan.names == self._all_plan.names:
-            return norms, inv_scale
-        return norms[[self._all_plan.names.index(n) for n in plan.names]], inv_scale
+        if plan is self._all_plan:
+            return pre.norms, pre.inv_scale
+        return pre.norms[[self._all_plan.names.index(n) for n in plan.names]], pre.inv_scale
 
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._active:
@@ -570,19 +577,12 @@ class PPOMonitor(Callback):
         """``approx_kl`` and ``ratio_dev`` only (NaN elsewhere): the ratio must be 1 on a rollout's first minibatch."""
         log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
         ratio_m1 = torch.expm1(log_ratio)
-        pad = self._nan_pad.get(log_ratio.device)
-        if pad is None:
-            pad = self._nan_pad[log_ratio.device] = torch.full((len(OBSERVE_METRICS) - 2,), math.nan,
-                                                               device=log_ratio.device)
-        head = torch.stack([(ratio_m1 - log_ratio).mean(), ratio_m1.abs().max()])
-        # OBSERVE_METRICS order: approx_kl first; ratio_dev moved next to it by _FIRST_ORDER
-        return torch.cat([head, pad])[self._first_order(log_ratio.device)], _FIRST_PATTERN
-
-    def _first_order(self, device: torch.device) -> Tensor:
-        order = self._first_index.get(device)
+        order = self._first_order.get(log_ratio.device)
         if order is None:
-            order = self._first_index[device] = torch.tensor(_FIRST_ORDER, device=device)
-        return order
+            order = self._first_order[log_ratio.device] = torch.tensor(_FIRST_ORDER, device=log_ratio.device)
+        kl = (ratio_m1 - log_ratio).mean()
+        # [approx_kl, ratio_dev, NaN] gathered into OBSERVE_METRICS order
+        return torch.stack([kl, ratio_m1.abs().max(), kl.new_full((), math.nan)])[order], _FIRST_PATTERN
 
     def _observe_stats(self, new_logp: Tensor, old_logp: Tensor, advantages: Tensor | None, clip_eps: float | None,
                        dist: Distribution | None, entropy: Tensor | None, num_actions: int | Tensor | None,

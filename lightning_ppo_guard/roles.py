@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = ["ACTOR_NAMES", "CRITIC_NAMES", "Role", "RoleSpec", "resolve_roles"]
 
@@ -48,11 +48,6 @@ class Role:
         self.params, self.frozen, self.ids = params, frozen, ids
         self.numel = sum(p.numel() for p in params)
         return changed
-
-    def grads(self) -> tuple[list[Tensor], int]:
-        """The gradients present, and how many trainable parameters have ``grad is None``."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return grads, len(self.params) - len(grads)
 
 
 def _children_listing(root: nn.Module) -> str:
