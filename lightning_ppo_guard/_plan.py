@@ -34,6 +34,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Above this many actor elements ``count_nonzero`` per tensor (one memory pass, ~2x faster per element on
 # CPU) beats the single fused ``_foreach_norm(ord=0)`` call (one op: cheaper for small tensors).
 _PER_TENSOR_COUNT = 1 << 20
+# Below this many gradient elements one fused norm pass is cheaper than inferring the post-clip norms (~10 ops).
+_INFER_FROM = 1 << 17
 
 
 def _norms(tensors: Sequence[Tensor], ord: float, low_precision: bool) -> Tensor:
@@ -86,6 +88,27 @@ class StepPlan:
         mask[:, _COLUMNS.index("grad_nonzero_frac")] = False
         self.mask_without_nonzero = mask.reshape(-1)  # a step whose nonzero count was skipped
         self.names = [r.name for r in self.roles]
+        # Probes: each role's small tensors (at most 1/256 of its elements; at least its smallest one). Their
+        # norms after the clip give each role's clip coefficient, from which the other tensors' norms follow
+        # when the clip scaled the role uniformly (see :meth:`inferred_norms`).
+        probe: list[int] = []
+        start = 0
+        for r in self.roles:
+            sizes = [p.numel() for p in r.params]
+            if sizes:
+                limit = max(min(sizes), r.numel // 256)
+                probe += [start + k for k, n in enumerate(sizes) if n <= limit]
+            start += len(sizes)
+        self.probe = probe
+        self.probe_idx = torch.tensor(probe, dtype=torch.long, device=device)
+        self.probe_seg = self.seg[self.probe_idx]
+        #: Whether post-clip norms are inferred: None while learning (every clipped step measured and compared),
+        #: True once enough comparisons agreed (then 1 clipped step in 8 still compared), False for good
+        #: after one disagreed, and for half-precision gradients or small models (a pass costs less there).
+        small = sum(r.numel for r in self.roles) < _INFER_FROM
+        self.inferring: bool | None = False if self.low_precision or small or not probe else None
+        self.agreed = 0  # comparisons read back that agreed
+        self.clipped_steps = 0  # steps whose gradients were rewritten after backward, with a pre-clip record
 
     def grads(self) -> tuple[list[Tensor], list[int]]:
         """Every tensor's gradient (a zero scalar where ``.grad is None``) and the ``None`` count per role."""
@@ -110,6 +133,38 @@ class StepPlan:
             return torch.zeros(len(self.roles), device=self.device), None
         norms = _norms(grads, 2, self.low_precision)
         return _by_role(norms.square(), self.seg, len(self.roles)).sqrt(), norms
+
+    @torch.no_grad()
+    def post_norms(self) -> Tensor:
+        """Per-tensor norms of the gradients as they are now (one fused pass over every role's tensors)."""
+        grads = self.grads()[0]
+        return _norms(grads, 2, self.low_precision) if grads else torch.zeros(0, device=self.device)
+
+    def _coef(self, post_probe: Tensor, pre: Tensor) -> Tensor:
+        """Each role's clip coefficient, sqrt(sum post^2 / sum pre^2) over its probes (1 where they are 0)."""
+        sums = _by_role(torch.stack([post_probe.square(), pre[self.probe_idx].square()], dim=1), self.probe_seg,
+                        len(self.roles))
+        return torch.where(sums[:, 1] > 0, (sums[:, 0] / sums[:, 1]).sqrt(), torch.ones_like(sums[:, 0]))
+
+    @torch.no_grad()
+    def inferred_norms(self, pre: Tensor) -> Tensor:
+        """Per-tensor norms after a clip that scaled each role by one coefficient: ``pre`` times the coefficient
+        read from the role's probes (a pass over the probes only, ~1/256 of the elements).
+
+        Exact up to rounding when the clip multiplies every gradient of a role by one number, as
+        ``clip_grad_norm_`` (Lightning's ``gradient_clip_algorithm="norm"``) does; the monitor uses it only
+        after full measurements of this plan's clipped steps agreed with it, and keeps checking.
+        """
+        grads = self.grads()[0]
+        post_probe = _norms([grads[i] for i in self.probe], 2, self.low_precision)
+        return pre * self._coef(post_probe, pre)[self.seg]
+
+    @torch.no_grad()
+    def deviation(self, measured: Tensor, pre: Tensor) -> Tensor:
+        """Largest relative gap between measured post-clip norms and the ones :meth:`inferred_norms` would give
+        (NaN when a norm is not finite: it counts as a disagreement)."""
+        inferred = pre * self._coef(measured[self.probe_idx], pre)[self.seg]
+        return ((measured - inferred).abs() / torch.maximum(measured, inferred).clamp_min(1e-30)).amax()
 
     @torch.no_grad()
     def before(self) -> Tensor:

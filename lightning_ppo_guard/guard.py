@@ -184,8 +184,11 @@ class PPOGuard(PPOMonitor):
         tensors = [r.values.float() for r in self._pending] + [r.values.float() for r in records]
         if not tensors:
             return
-        # One device-to-host transfer for everything this step produced.
-        rows = torch.cat([t.reshape(-1) for t in tensors]).cpu().tolist()
+        plans, gaps = self._take_comparisons()
+        # One device-to-host transfer for everything this step produced (and the post-clip inference checks).
+        rows = torch.cat([t.reshape(-1) for t in tensors] + [g.to(tensors[0].device) for g in gaps]).cpu().tolist()
+        if gaps:
+            self._read_comparisons(plans, rows[len(rows) - len(gaps):])
         offset = 0
         for record in self._pending:
             vals = rows[offset:offset + len(OBSERVE_METRICS)]

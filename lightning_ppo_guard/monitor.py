@@ -204,6 +204,7 @@ class PPOMonitor(Callback):
         self._next_role_scan = 0
         self._pre_clip: _PreClip | None = None
         self._at_step: dict[int, Tensor] = {}  # the actors' squared parameter norms before the step
+        self._comparisons: list[tuple[StepPlan, Tensor]] = []  # post-clip inference checks, read at the next transfer
         self._snapshots: dict[str, list[Tensor]] = {}
         self.snapshot_bytes = 0  # the guard's only persistent allocation: actor snapshot buffers
         self._stats: VectorStats | None = None
@@ -293,6 +294,7 @@ class PPOMonitor(Callback):
         self._next_role_scan = 0
         self._pre_clip = None
         self._at_step.clear()
+        self._comparisons.clear()
         self._awaiting.clear()
 
     @override
@@ -442,6 +444,54 @@ class PPOMonitor(Callback):
             return None
         return pre.per_tensor if plan.grad_state() == pre.state else None
 
+    def _rewritten_norms(self, plan: StepPlan) -> Tensor | None:
+        """The per-tensor norms taken after backward, if the same gradient tensors were rewritten since (a clip)."""
+        pre = self._pre_clip
+        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not self._all_plan:
+            return None
+        state = plan.grad_state()
+        if any(a[0] != b[0] or a[0] == 0 for a, b in zip(state, pre.state, strict=True)):
+            return None  # another gradient tensor, or none: nothing to scale
+        return pre.per_tensor
+
+    def _post_clip_norms(self, plan: StepPlan) -> Tensor:
+        """Per-tensor norms of the gradients the optimizer steps with: reused, inferred or measured.
+
+        Reused when nothing wrote the gradients since backward. When a clip rewrote them, every such step is
+        measured and compared with the inference from the roles' probes (``StepPlan.inferred_norms``) until 4
+        comparisons agreed to 1e-4; from then on the norms are inferred and 1 such step in 8 is still measured
+        and compared. One disagreement (a clip by value, a mask, a per-tensor rescale) ends the inference for
+        this plan. Comparisons are read back with the next transfer to the host, never with a transfer of
+        their own.
+        """
+        reuse = self._unwritten_norms(plan)
+        if reuse is not None:
+            return reuse
+        pre = self._rewritten_norms(plan)
+        if pre is None or plan.inferring is False:
+            return plan.post_norms()
+        plan.clipped_steps += 1
+        if plan.inferring and plan.clipped_steps % 8 != 0:
+            return plan.inferred_norms(pre)
+        measured = plan.post_norms()
+        self._comparisons.append((plan, plan.deviation(measured, pre)))
+        return measured
+
+    def _take_comparisons(self) -> tuple[list[StepPlan], list[Tensor]]:
+        """The inference checks waiting for a transfer to the host (the caller adds them to its own)."""
+        pending, self._comparisons = self._comparisons, []
+        return [p for p, _ in pending], [d.reshape(1).float() for _, d in pending]
+
+    @staticmethod
+    def _read_comparisons(plans: list[StepPlan], gaps: list[float]) -> None:
+        for plan, gap in zip(plans, gaps, strict=True):
+            if not gap <= 1e-4:  # NaN disagrees too
+                plan.inferring = False
+            elif plan.inferring is None:
+                plan.agreed += 1
+                if plan.agreed >= 4:
+                    plan.inferring = True
+
     def _pre_clip_for(self, plan: StepPlan) -> tuple[Tensor | None, float]:
         """The pre-clip norms of ``plan``'s roles from the last backward, each used by one step only."""
         pre = self._pre_clip
@@ -468,9 +518,9 @@ class PPOMonitor(Callback):
         param_sq = self._at_step.pop(id(optimizer), None)
         if param_sq is not None:
             counted = self.counting_nonzero(self.optimizer_steps - 1)
-            reuse = self._unwritten_norms(plan)
+            post = self._post_clip_norms(plan)
             pre, inv_scale = self._pre_clip_for(plan)
-            block, nones = plan.after(param_sq, pre, inv_scale, counted, reuse)
+            block, nones = plan.after(param_sq, pre, inv_scale, counted, post)
             self._queue(block.reshape(-1), plan.mask if counted else plan.mask_without_nonzero, plan.slots)
             step = self._trainer.global_step if self._trainer is not None else self.optimizer_steps - 1
             self._on_step([StepRecord(name, step, block[i], nones[i]) for i, name in enumerate(plan.names)])
@@ -695,8 +745,14 @@ class PPOMonitor(Callback):
             return  # nothing measured in the interval and no host value changed: no row (nothing is lost)
         self._last_host = host
         metrics: dict[str, float] = {}
-        if self._stats.update_count > 0:
-            mean, low, high, total, count = self._stats.compute().float().cpu().tolist()
+        plans, gaps = self._take_comparisons()
+        n_stats = len(self._stats.total) if self._stats.update_count > 0 else 0
+        parts = [self._stats.compute().float().reshape(-1)] if n_stats else []
+        if parts or gaps:  # one transfer for the row and the inference checks
+            flat = torch.cat(parts + [g.to(self._stats.device) for g in gaps]).cpu().tolist()
+            self._read_comparisons(plans, flat[5 * n_stats:])
+        if n_stats:
+            mean, low, high, total, count = (flat[i * n_stats:(i + 1) * n_stats] for i in range(5))
             rows = {"mean": mean, "min": low, "max": high, "sum": total}
             for key, reduce, slot in self._keys:
                 if count[slot] > 0:
