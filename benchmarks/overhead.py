@@ -16,6 +16,10 @@
     exact       ``PPOGuard(dense_steps=0, measure_every_n_steps=1)``: every step measured and checked
     default     ``PPOGuard()`` after its dense start: one step in 64 measured (the cheap tier)
 
+Each arm is reported twice: the difference of whole-step medians against ``none`` (what a user feels, but as
+noisy as the machine), and the time spent inside the arm's own hooks per step (median over steps, the same
+work timed directly: far less noise) as a share of the ``none`` step.
+
 Peak extra memory is the guard's only persistent allocation: the actor snapshot buffers.
 """
 
@@ -134,6 +138,37 @@ class Floor(Callback):
         self.dn = torch._foreach_norm(self.buf)
 
 
+#: The methods of each arm that run per step (timed in place; optimizer hooks are registered from these).
+HOOKS = {
+    "naive": ("on_before_optimizer_step", "on_train_batch_end"),
+    "grad_norm": ("on_before_optimizer_step",),
+    "floor": ("_pre", "_post"),
+    "exact": ("on_train_batch_start", "on_train_batch_end", "on_after_backward", "on_before_optimizer_step",
+              "_optimizer_pre_step", "_optimizer_post_step", "observe"),
+}
+HOOKS["default"] = HOOKS["exact"]
+
+
+class _HookClock:
+    """Accumulates wall time spent inside the wrapped methods."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def wrap(self, obj: Any, names: tuple[str, ...]) -> None:
+        for name in names:
+            method = getattr(obj, name)
+
+            def timed(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.total += time.perf_counter() - t0
+
+            setattr(obj, name, timed)
+
+
 ARMS = {
     "none": lambda: [],
     "naive": lambda: [NaiveChecklist()],
@@ -144,55 +179,79 @@ ARMS = {
 }
 
 
-def time_steps(size: str, arm: str, steps: int) -> tuple[float, int]:
+def time_steps(size: str, arm: str, steps: int) -> tuple[float, float, int]:
+    """Median step time, median time inside the arm's hooks per step, and the arm's extra memory."""
     obs, hidden, layers, batch = SIZES[size]
     torch.manual_seed(0)
     module = SyntheticPPO(obs, hidden, layers, batch, steps)
     callbacks = ARMS[arm]()
-    timer = _StepTimer(warmup=3)
+    clock = _HookClock()
+    for cb in callbacks:
+        clock.wrap(cb, HOOKS[arm])
+    timer = _StepTimer(warmup=3, clock=clock)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
-                        callbacks=[timer, *callbacks])
+                        callbacks=[timer, *callbacks, _StepEnd(timer)])
     trainer.fit(module)
     extra = max((cb.snapshot_bytes for cb in callbacks if isinstance(cb, PPOGuard)), default=0)
-    return timer.per_step(), extra
+    return timer.per_step(), timer.in_hooks(), extra
 
 
 class _StepTimer(Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self.t0 = warmup, [], 0.0
+    """Step wall time (batch start to batch end), and hook time between consecutive batch starts. First in the
+    callbacks list; ``_StepEnd`` is last, so a step includes every callback's batch-end work (the guard's row)."""
+
+    def __init__(self, warmup: int, clock: _HookClock) -> None:
+        self.warmup, self.clock, self.times, self.t0 = warmup, clock, [], 0.0
+        self.marks: list[float] = []
 
     def on_train_batch_start(self, *args: Any) -> None:
+        self.marks.append(self.clock.total)
         self.t0 = time.perf_counter()
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self.t0)
+    def on_train_end(self, *args: Any) -> None:
+        self.marks.append(self.clock.total)
 
     def per_step(self) -> float:
         return statistics.median(self.times[self.warmup:])
 
+    def in_hooks(self) -> float:
+        deltas = [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return statistics.median(deltas[self.warmup:])
+
+
+class _StepEnd(Callback):
+    def __init__(self, timer: _StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.timer.times.append(time.perf_counter() - self.timer.t0)
+
 
 def bench_steps(sizes: list[str], repeats: int) -> None:
-    print("\n(b) per PPO update step (median ms; overhead vs none)")
-    print(f"{'size':>5} {'params':>8} " + " ".join(f"{a:>16}" for a in ARMS) + f" {'extra mem':>10}")
+    print("\n(b) per PPO update step: median ms; overhead vs none as [whole-step difference | time in the arm's "
+          "hooks]")
+    print(f"{'size':>5} {'params':>8} " + " ".join(f"{a:>22}" for a in ARMS) + f" {'extra mem':>10}")
     for size in sizes:
         obs, hidden, layers, _ = SIZES[size]
         nets = (mlp(obs, hidden, layers, 6), mlp(obs, hidden, layers, 1))
         n = sum(p.numel() for net in nets for p in net.parameters())
         steps = 60 if size != "25M" else 14
         samples: dict[str, list[float]] = {a: [] for a in ARMS}
+        hooks: dict[str, list[float]] = {a: [] for a in ARMS}
         extra = 0
         for _ in range(repeats):
             for arm in ARMS:  # arms alternated within each repeat
-                t, e = time_steps(size, arm, steps)
+                t, h, e = time_steps(size, arm, steps)
                 samples[arm].append(t)
+                hooks[arm].append(h)
                 extra = max(extra, e)
         base = statistics.median(samples["none"])
-        cells = []
-        for arm in ARMS:
-            med = statistics.median(samples[arm])
-            cells.append(f"{med * 1e3:8.2f}" + ("        " if arm == "none" else f" {100 * (med / base - 1):+6.1f}%"))
-        print(f"{size:>5} {n / 1e6:7.2f}M " + " ".join(f"{c:>16}" for c in cells) + f" {extra / 2**20:8.1f}MB")
+        cells = [f"{base * 1e3:8.2f} ms"]
+        for arm in list(ARMS)[1:]:
+            med, hook = statistics.median(samples[arm]), statistics.median(hooks[arm])
+            cells.append(f"{100 * (med / base - 1):+6.1f}% |{100 * hook / base:6.2f}%")
+        print(f"{size:>5} {n / 1e6:7.2f}M " + " ".join(f"{c:>22}" for c in cells) + f" {extra / 2**20:8.1f}MB")
 
 
 def bench_fit(repeats: int) -> None:

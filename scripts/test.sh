@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check lightning_ppo_guard tests benchmarks
+.venv/bin/ruff check lightning_ppo_guard tests benchmarks notebooks
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
