@@ -257,29 +257,36 @@ def bench_steps(sizes: list[str], repeats: int) -> None:
 def bench_fit(repeats: int) -> None:
     from lightning_ppo_guard.reference import CartPolePPO, PPOConfig, trainer_kwargs
 
-    def run(with_guard: bool) -> tuple[float, int]:
+    def run(with_guard: bool) -> tuple[float, int, float]:
         L.seed_everything(0, verbose=False)
         module = CartPolePPO(PPOConfig(seed=0))
         guard = PPOGuard(verbose=False)
+        clock = _HookClock()
+        clock.wrap(guard, HOOKS["default"])
         logger = CSVLogger(tempfile.mkdtemp(prefix="ppo_guard_bench_"), name="fit")
         trainer = L.Trainer(**trainer_kwargs(module), logger=logger, enable_checkpointing=False,
                             callbacks=[guard] if with_guard else [])
         t0 = time.perf_counter()
         trainer.fit(module)
-        return time.perf_counter() - t0, trainer.global_step
+        return time.perf_counter() - t0, trainer.global_step, clock.total
 
     samples: dict[bool, list[float]] = {False: [], True: []}
+    in_hooks: list[float] = []
     steps = 0
     for _ in range(repeats):
         for arm in (False, True):
-            t, steps = run(arm)
+            t, steps, hooks = run(arm)
             samples[arm].append(t)
+            if arm:
+                in_hooks.append(hooks)
     base, guarded = statistics.median(samples[False]), statistics.median(samples[True])
     print(f"(a) whole Trainer.fit of the reference CartPole PPO ({steps} optimizer steps, env included), "
           f"median of {repeats}:")
     print(f"    without guard {base:7.2f} s   with PPOGuard() {guarded:7.2f} s   overhead "
           f"{100 * (guarded / base - 1):+.2f}%   (runs: {[round(x, 2) for x in samples[False]]} vs "
           f"{[round(x, 2) for x in samples[True]]})")
+    hooks = statistics.median(in_hooks)
+    print(f"    time inside the guard's hooks: {hooks:.3f} s per fit, {100 * hooks / base:.2f}% of the fit without it")
 
 
 def main() -> None:

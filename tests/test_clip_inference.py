@@ -32,6 +32,7 @@ class Truth(CartPolePPO):
         super().__init__(cfg)
         self.clip = clip
         self.clipped: list[tuple[float, float]] = []
+        self.thetas: list[torch.Tensor] = []  # the actor's parameters before each step
 
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.clip == "global":  # the reference: one coefficient for actor and critic together
@@ -53,6 +54,7 @@ class Truth(CartPolePPO):
             return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in module.parameters() if p.grad is not None))
 
         self.clipped.append((norm(self.actor), norm(self.critic)))
+        self.thetas.append(torch.cat([p.detach().reshape(-1) for p in self.actor.parameters()]))
 
 
 class Counting:
@@ -141,3 +143,26 @@ def test_a_small_model_is_always_measured(tmp_path, monkeypatch):
     guard = PPOGuard(dense_steps=0, measure_every_n_steps=1, log_every_n_steps=1)
     counts, rows = _run(tmp_path, monkeypatch, "global", guard, hidden=64)
     assert counts.inferred == 0 and counts.measured == len(rows)
+
+
+def test_large_actor_parameter_norm_is_reread_every_8th_step_and_the_update_is_exact(tmp_path, monkeypatch):
+    """135k parameters: ``param_norm`` is exact on measured steps 0, 8, 16, ... and at most 7 steps old between
+    (within the sum of the update norms since, as documented); ``update_norm`` is exact on every step."""
+    guard = PPOGuard(dense_steps=0, measure_every_n_steps=1, log_every_n_steps=1)
+    module = Truth("global")
+    logger = CSVLogger(tmp_path, name="run")
+    fit(module, [guard], logger=logger)
+    rows = guard_rows(read_csv(logger.log_dir))
+    norms = [float(t.norm()) for t in module.thetas]
+    updates = [float((b - a).norm()) for a, b in zip(module.thetas, module.thetas[1:], strict=False)]
+    stale = 0
+    for i, row in enumerate(rows):
+        logged = row["ppo_guard/actor/param_norm"]
+        if i % 8 == 0:
+            assert logged == pytest.approx(norms[i], rel=1e-5), i
+        else:
+            assert abs(logged - norms[i]) <= sum(updates[i - i % 8:i]) * (1 + 1e-5), i
+            stale += logged != pytest.approx(norms[i], rel=1e-6)
+        if i < len(updates):
+            assert row["ppo_guard/actor/update_norm"] == pytest.approx(updates[i], rel=1e-4), i
+    assert stale > 0  # the cadence is real: between re-reads the logged norm is the older one
