@@ -78,6 +78,8 @@ class StepPlan:
         self.per_tensor_count = sum(r.numel for r in self.actors) > _PER_TENSOR_COUNT
         self.device = device
         self._zero = torch.zeros((), device=device)
+        self._ones = torch.ones(n_roles, device=device)
+        self._nan_actors = torch.full((n_actors,), math.nan, device=device)
         self._pad = torch.full((n_roles - n_actors, len(_ACTOR)), math.nan, device=device)
         self._none: dict[tuple[int, ...], Tensor] = {}
         # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
@@ -148,7 +150,7 @@ class StepPlan:
         """Each role's clip coefficient, sqrt(sum post^2 / sum pre^2) over its probes (1 where they are 0)."""
         sums = _by_role(torch.stack([post_probe.square(), pre[self.probe_idx].square()], dim=1), self.probe_seg,
                         len(self.roles))
-        return torch.where(sums[:, 1] > 0, (sums[:, 0] / sums[:, 1]).sqrt(), torch.ones_like(sums[:, 0]))
+        return torch.where(sums[:, 1] > 0, (sums[:, 0] / sums[:, 1]).sqrt(), self._ones)
 
     @torch.no_grad()
     def inferred_norms(self, pre: Tensor) -> Tensor:
@@ -216,7 +218,7 @@ class StepPlan:
             per = torch.zeros(n_roles, 2, device=self.device)
         post = per[:, 0].sqrt()
         grad_norm = post if pre is None else pre * inv_scale
-        clip_coef = torch.where(grad_norm > 0, post / grad_norm, torch.ones_like(post))
+        clip_coef = torch.where(grad_norm > 0, post / grad_norm, self._ones)
         key = tuple(nones)
         none = self._none.get(key)
         if none is None:
@@ -224,8 +226,8 @@ class StepPlan:
         block = torch.stack([grad_norm, post, clip_coef, none, per[:, 1]], dim=1)
         if not self.actors:
             return torch.cat([block, self._pad], dim=1), nones
-        nonzero = torch.full((n_actors,), math.nan, device=self.device)
-        update = torch.zeros(n_actors, device=self.device)
+        nonzero = self._nan_actors
+        update = self._nan_actors.new_zeros(n_actors)
         if self.actor_params:
             if count_nonzero:
                 actor_grads = grads[:len(self.actor_params)]

@@ -437,44 +437,30 @@ class PPOMonitor(Callback):
             if plan is not None:
                 self._at_step[id(optimizer)] = plan.before()
 
-    def _unwritten_norms(self, plan: StepPlan) -> Tensor | None:
-        """The per-tensor norms taken after backward, if nothing (no clipping) wrote these gradients since."""
-        pre = self._pre_clip
-        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not self._all_plan:
-            return None
-        return pre.per_tensor if plan.grad_state() == pre.state else None
-
-    def _rewritten_norms(self, plan: StepPlan) -> Tensor | None:
-        """The per-tensor norms taken after backward, if the same gradient tensors were rewritten since (a clip)."""
-        pre = self._pre_clip
-        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not self._all_plan:
-            return None
-        state = plan.grad_state()
-        if any(a[0] != b[0] or a[0] == 0 for a, b in zip(state, pre.state, strict=True)):
-            return None  # another gradient tensor, or none: nothing to scale
-        return pre.per_tensor
-
     def _post_clip_norms(self, plan: StepPlan) -> Tensor:
         """Per-tensor norms of the gradients the optimizer steps with: reused, inferred or measured.
 
-        Reused when nothing wrote the gradients since backward. When a clip rewrote them, every such step is
-        measured and compared with the inference from the roles' probes (``StepPlan.inferred_norms``) until 4
-        comparisons agreed to 1e-4; from then on the norms are inferred and 1 such step in 8 is still measured
-        and compared. One disagreement (a clip by value, a mask, a per-tensor rescale) ends the inference for
-        this plan. Comparisons are read back with the next transfer to the host, never with a transfer of
-        their own.
+        Reused when nothing wrote the gradients since the norms taken after backward (same tensors, same
+        version counters: no clipping). When a clip rewrote the same tensors, every such step is measured and
+        compared with the inference from the roles' probes (``StepPlan.inferred_norms``, large models only)
+        until 4 comparisons agreed to 1e-4; from then on the norms are inferred and 1 such step in 8 is still
+        measured and compared. One disagreement (a clip by value, a mask, a per-tensor rescale) ends the
+        inference for this plan. Comparisons are read back with the next transfer to the host, never with a
+        transfer of their own.
         """
-        reuse = self._unwritten_norms(plan)
-        if reuse is not None:
-            return reuse
-        pre = self._rewritten_norms(plan)
-        if pre is None or plan.inferring is False:
+        pre = self._pre_clip
+        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not self._all_plan:
             return plan.post_norms()
+        state = plan.grad_state()
+        if state == pre.state:
+            return pre.per_tensor
+        if plan.inferring is False or any(a[0] != b[0] or a[0] == 0 for a, b in zip(state, pre.state, strict=True)):
+            return plan.post_norms()  # inference ruled out, or other gradient tensors (or none): nothing to scale
         plan.clipped_steps += 1
         if plan.inferring and plan.clipped_steps % 8 != 0:
-            return plan.inferred_norms(pre)
+            return plan.inferred_norms(pre.per_tensor)
         measured = plan.post_norms()
-        self._comparisons.append((plan, plan.deviation(measured, pre)))
+        self._comparisons.append((plan, plan.deviation(measured, pre.per_tensor)))
         return measured
 
     def _take_comparisons(self) -> tuple[list[StepPlan], list[Tensor]]:
@@ -642,7 +628,7 @@ class PPOMonitor(Callback):
         Every per-sample series goes into one stacked tensor whose row means and variances are one
         ``var_mean`` call: KL estimators, clip indicator, ratio, advantages, value residuals, entropy.
         """
-        log_ratio = new_logp.detach().reshape(-1).float() - old_logp.detach().reshape(-1).float()
+        log_ratio = new_logp.reshape(-1).float() - old_logp.reshape(-1).float()
         ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation: k3 stays >= 0 for tiny log-ratios
         eps = float(clip_eps) if clip_eps is not None else math.inf
         if entropy is None and dist is not None:
@@ -657,13 +643,13 @@ class PPOMonitor(Callback):
         rows = [ratio_m1 - log_ratio, log_ratio, (ratio_m1.abs() > eps).float(), ratio_m1]
         has_adv, has_ev = advantages is not None, values is not None and returns is not None
         if has_adv:
-            rows.append(advantages.detach().reshape(-1).float())
+            rows.append(advantages.reshape(-1).float())
         if has_ev:
-            ret = returns.detach().reshape(-1).float()
-            rows += [ret - values.detach().reshape(-1).float(), ret]
+            ret = returns.reshape(-1).float()
+            rows += [ret - values.reshape(-1).float(), ret]
         ent_row = entropy is not None and entropy.numel() == log_ratio.numel()
         if ent_row:
-            rows.append(entropy.detach().reshape(-1).float())
+            rows.append(entropy.reshape(-1).float())
         var, mean = torch.var_mean(torch.stack(rows), dim=1, correction=0)
         lo, hi = torch.aminmax(ratio_m1)
         m, v = mean.unbind(), var.unbind()
