@@ -45,8 +45,9 @@ STEP_METRICS: tuple[MetricSpec, ...] = (
                roles="actor"),
     MetricSpec("update_ratio", "mean", "update_norm / ||theta_before||: relative size of the step",
                "1e-5..1e-2 (Adam, lr 1e-4..1e-3)", roles="actor"),
-    MetricSpec("param_norm", "mean", "||theta|| of the role's trainable parameters before the step", "finite",
-               roles="actor"),
+    MetricSpec("param_norm", "mean",
+               "||theta|| of the role's trainable parameters before the step (large models: re-read every 8th "
+               "measured step)", "finite", roles="actor"),
 )
 
 #: Measured at each ``observe`` call (one per minibatch update of an actor role).
