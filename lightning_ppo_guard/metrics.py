@@ -128,19 +128,20 @@ class VectorStats(Metric):
     def update(self, values: Tensor, mask: Tensor, index: Tensor | int = 0) -> None:  # type: ignore[override]
         """Add measurements (where ``mask``) to the slots ``index``.
 
-        ``values`` and ``mask`` are one measurement ``[n]`` or a stack of them ``[k, n]``; ``index`` is the
-        ``[n]`` slot of each entry (distinct), or the first slot of a contiguous range.
+        ``values``, ``mask`` and ``index`` have one shape (any; an index may repeat, each entry counts), or
+        ``index`` is the first slot of the contiguous range ``values`` fills. Any number of measurements of any
+        slots is a fixed handful of ops (``index_add_`` and ``scatter_reduce_`` accumulate repeats).
         """
-        values = values.to(self.total.dtype)
-        if values.dim() == 1:
-            values, mask = values.unsqueeze(0), mask.unsqueeze(0)
+        values = values.to(self.total.dtype).reshape(-1)
         if isinstance(index, int):
-            index = torch.arange(index, index + values.shape[1], device=self.total.device)
-        self.total.index_add_(0, index, torch.where(mask, values, 0.0).sum(0))
-        self.count.index_add_(0, index, mask.sum(0).to(self.count.dtype))
-        # fmin/fmax skip NaN; a NaN measurement still reaches the mean through ``total``.
-        self.low[index] = torch.fmin(self.low[index], torch.where(mask, values, math.inf).amin(0))
-        self.high[index] = torch.fmax(self.high[index], torch.where(mask, values, -math.inf).amax(0))
+            index = torch.arange(index, index + values.numel(), device=self.total.device)
+        index, mask = index.reshape(-1), mask.reshape(-1)
+        self.total.index_add_(0, index, torch.where(mask, values, 0.0))
+        self.count.index_add_(0, index, mask.to(self.count.dtype))
+        # min/max skip NaN (amin/amax would propagate it); a NaN measurement still reaches the mean via ``total``.
+        valid = mask & (values == values)
+        self.low.scatter_reduce_(0, index, torch.where(valid, values, math.inf), "amin")
+        self.high.scatter_reduce_(0, index, torch.where(valid, values, -math.inf), "amax")
 
     def compute(self) -> Tensor:  # type: ignore[override]
         """Rows: mean, min, max, sum, count (NaN where nothing was measured)."""

@@ -697,16 +697,11 @@ class PPOMonitor(Callback):
             self._fold()
 
     def _fold(self) -> None:
-        """Add the queued measurements to ``_stats``: one stacked update per set of slots."""
-        groups: dict[int, tuple[Tensor, list[Tensor], list[Tensor]]] = {}
-        for values, mask, slots in self._queued:
-            group = groups.setdefault(id(slots), (slots, [], []))
-            group[1].append(values)
-            group[2].append(mask)
-        self._queued.clear()
-        if self._stats is not None:
-            for slots, values, masks in groups.values():
-                self._stats.update(torch.stack(values), torch.stack(masks), slots)
+        """Add the queued measurements to ``_stats``: one update for all of them (three concatenations)."""
+        queued, self._queued = self._queued, []
+        if self._stats is not None and queued:
+            values, masks, slots = (torch.cat(part) for part in zip(*queued, strict=True))
+            self._stats.update(values, masks, slots)
 
     def _flush(self) -> None:
         """Reduce the interval's statistics (over ranks too) and log them: one host transfer."""

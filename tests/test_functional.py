@@ -117,3 +117,32 @@ def test_explained_variance_matches_definition(values, returns):
         return
     want = 1 - float((r - v).var(unbiased=False)) / float(r.var(unbiased=False))
     assert got == pytest.approx(want, rel=1e-3, abs=1e-3 * max(1.0, abs(want)))
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([0.5, -3.0, 2.25, 0.0, math.nan, math.inf]),
+                          st.booleans()), min_size=1, max_size=40), st.integers(1, 4))
+def test_vector_stats_accumulates_repeated_slots_as_separate_updates(entries, chunks):
+    """One update with repeated slots (the monitor's fold) equals the statistics taken entry by entry."""
+    from lightning_ppo_guard.metrics import VectorStats
+
+    stats = VectorStats(6)
+    size = -(-len(entries) // chunks)
+    for k in range(0, len(entries), size):  # a few folds of several measurements each
+        part = entries[k:k + size]
+        stats.update(torch.tensor([v for _, v, _ in part]), torch.tensor([m for _, _, m in part]),
+                     torch.tensor([s for s, _, _ in part]))
+    mean, low, high, total, count = stats.compute().tolist()
+    for slot in range(6):
+        seen = [v for s, v, m in entries if s == slot and m]
+        assert count[slot] == len(seen)
+        if not seen:
+            assert math.isnan(mean[slot]) and math.isnan(low[slot]) and math.isnan(total[slot])
+            continue
+        finite_or_inf = [v for v in seen if not math.isnan(v)]
+        if any(math.isnan(v) for v in seen):  # a NaN measurement is never lost: it reaches the mean
+            assert math.isnan(total[slot]) and math.isnan(mean[slot])
+        elif math.inf not in seen:
+            assert total[slot] == pytest.approx(sum(seen)) and mean[slot] == pytest.approx(sum(seen) / len(seen))
+        # min and max skip NaN (nothing but NaN leaves them at +-inf)
+        assert low[slot] == (min(finite_or_inf) if finite_or_inf else math.inf)
+        assert high[slot] == (max(finite_or_inf) if finite_or_inf else -math.inf)
