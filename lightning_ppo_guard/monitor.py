@@ -627,6 +627,7 @@ class PPOMonitor(Callback):
 
         Every per-sample series goes into one stacked tensor whose row means and variances are one
         ``var_mean`` call: KL estimators, clip indicator, ratio, advantages, value residuals, entropy.
+        Called under ``torch.no_grad()``, so none of it is recorded by autograd (no ``.detach()`` needed).
         """
         log_ratio = new_logp.reshape(-1).float() - old_logp.reshape(-1).float()
         ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation: k3 stays >= 0 for tiny log-ratios
