@@ -227,8 +227,9 @@ class StepPlan:
         if not self.actors:
             return torch.cat([block, self._pad], dim=1), nones
         nonzero = self._nan_actors
-        update = self._nan_actors.new_zeros(n_actors)
-        if self.actor_params:
+        if not self.actor_params:  # parameterless actors: nothing moved
+            update = self._nan_actors.new_zeros(n_actors)
+        else:
             if count_nonzero:
                 actor_grads = grads[:len(self.actor_params)]
                 if self.per_tensor_count:
