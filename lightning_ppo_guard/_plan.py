@@ -18,18 +18,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_ppo_guard.metrics import STEP_METRICS
+from lightning_ppo_guard.metrics import STEP_METRICS, Layout
 from lightning_ppo_guard.roles import Role
 
-__all__ = ["StepPlan"]
+__all__ = ["COLUMNS", "ClipInference", "PreClip", "StepPlan", "transfer"]
 
-#: Step metrics measured for every role, then the ones measured for actors only (columns of ``StepPlan.block``).
-_ALL = [s.name for s in STEP_METRICS if s.roles == "all"]
-_ACTOR = [s.name for s in STEP_METRICS if s.roles == "actor"]
-_COLUMNS = ["grad_norm", "grad_norm_clipped", "clip_coef", "grad_none", "grad_nonfinite",
-            "grad_nonzero_frac", "update_norm", "update_ratio", "param_norm"]
-if [s.name for s in STEP_METRICS] != _ALL + _ACTOR or _ALL + _ACTOR != _COLUMNS:  # the block's column order
-    raise RuntimeError("STEP_METRICS must list the all-role metrics, then the actor-only ones, as StepPlan does.")
+#: The columns of :meth:`StepPlan.after`'s block, by name (the block's one order; readers map by these names).
+COLUMNS = ("grad_norm", "grad_norm_clipped", "clip_coef", "grad_none", "grad_nonfinite",
+           "grad_nonzero_frac", "update_norm", "update_ratio", "param_norm")
+#: Columns measured for actors only (the snapshot and the nonzero count): the block's last ones.
+ACTOR_COLUMNS = COLUMNS[5:]
+if sorted(COLUMNS) != sorted(s.name for s in STEP_METRICS) or set(ACTOR_COLUMNS) != {
+        s.name for s in STEP_METRICS if s.roles == "actor"}:
+    raise RuntimeError("StepPlan.COLUMNS must name every STEP_METRICS entry, the actor-only ones last.")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Above this many actor elements ``count_nonzero`` per tensor (one memory pass, ~2x faster per element on
 # CPU) beats the single fused ``_foreach_norm(ord=0)`` call (one op: cheaper for small tensors).
@@ -58,11 +59,11 @@ class StepPlan:
     Args:
         roles: the roles measured at this optimizer's steps.
         snapshots: preallocated buffers per actor role (same shapes as its trainable tensors).
-        slots: the first ``VectorStats`` slot of each role's ``STEP_METRICS``.
+        layout: where each role's step metrics live in the fit's ``VectorStats`` (by name).
         device: where the measurements live.
     """
 
-    def __init__(self, roles: Sequence[Role], snapshots: dict[str, list[Tensor]], slots: dict[str, int],
+    def __init__(self, roles: Sequence[Role], snapshots: dict[str, list[Tensor]], layout: Layout,
                  device: torch.device) -> None:
         self.roles = sorted(roles, key=lambda r: r.kind != "actor")  # stable: actors first, then the critic
         self.actors = [r for r in self.roles if r.kind == "actor"]
@@ -80,16 +81,16 @@ class StepPlan:
         self._zero = torch.zeros((), device=device)
         self._ones = torch.ones(n_roles, device=device)
         self._nan_actors = torch.full((n_actors,), math.nan, device=device)
-        self._pad = torch.full((n_roles - n_actors, len(_ACTOR)), math.nan, device=device)
+        self._pad = torch.full((n_roles - n_actors, len(ACTOR_COLUMNS)), math.nan, device=device)
         self._none: dict[tuple[int, ...], Tensor] = {}
         # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
-        self.slots = torch.tensor([slots[r.name] + j for r in self.roles for j in range(len(STEP_METRICS))],
+        self.slots = torch.tensor([layout.step_slot(r.name, c) for r in self.roles for c in COLUMNS],
                                   dtype=torch.long, device=device)
-        mask = torch.tensor([[True] * len(_ALL) + [r.kind == "actor" and bool(r.params)] * len(_ACTOR)
+        mask = torch.tensor([[c not in ACTOR_COLUMNS or (r.kind == "actor" and bool(r.params)) for c in COLUMNS]
                              for r in self.roles], dtype=torch.bool, device=device)
         self.mask = mask.reshape(-1)
         mask = mask.clone()
-        mask[:, _COLUMNS.index("grad_nonzero_frac")] = False
+        mask[:, COLUMNS.index("grad_nonzero_frac")] = False
         self.mask_without_nonzero = mask.reshape(-1)  # a step whose nonzero count was skipped
         self.names = [r.name for r in self.roles]
         # Probes: each role's small tensors (at most 1/256 of its elements; at least its smallest one). Their
@@ -106,13 +107,9 @@ class StepPlan:
         self.probe = probe
         self.probe_idx = torch.tensor(probe, dtype=torch.long, device=device)
         self.probe_seg = self.seg[self.probe_idx]
-        #: Whether post-clip norms are inferred: None while learning (every clipped step measured and compared),
-        #: True once enough comparisons agreed (then 1 clipped step in 8 still compared), False for good
-        #: after one disagreed, and for half-precision gradients or small models (a pass costs less there).
         self.large = sum(r.numel for r in self.roles) >= _LARGE
-        self.inferring: bool | None = False if self.low_precision or not self.large or not probe else None
-        self.agreed = 0  # comparisons read back that agreed
-        self.clipped_steps = 0  # steps whose gradients were rewritten after backward, with a pre-clip record
+        # post-clip norms may be inferred on large models only (a pass costs less than the inference elsewhere)
+        self.clip = ClipInference(self.large and not self.low_precision and bool(probe))
         self._param_sq: Tensor | None = None  # the actors' last squared parameter norms, and measured steps since
         self._param_age = 0
 
@@ -242,3 +239,101 @@ class StepPlan:
         param_norm = param_sq.sqrt()
         actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm], dim=1)
         return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor], dim=1), nones
+
+
+class PreClip:
+    """The gradient norms every role had after backward, waiting for the optimizer step(s) that use them.
+
+    Taken by the all-roles plan; each optimizer's step takes its own roles' norms once (:meth:`take`).
+    """
+
+    __slots__ = ("inv_scale", "norms", "per_tensor", "plan", "state", "unused")
+
+    def __init__(self, plan: StepPlan, inv_scale: float) -> None:
+        self.plan = plan  # the all-roles plan the norms were taken with (its role and tensor order)
+        self.norms, self.per_tensor = plan.grad_norms()
+        self.inv_scale = inv_scale  # 1 / AMP scale of the gradients they were taken from
+        self.state = plan.grad_state()  # identity and version of each gradient then
+        self.unused = set(plan.names)  # roles whose step has not used them yet
+
+    def take(self, plan: StepPlan) -> Tensor | None:
+        """``plan``'s roles' norms (AMP-scaled by ``1 / inv_scale``), once; None when already taken or missing."""
+        if not self.unused.issuperset(plan.names):
+            return None
+        self.unused.difference_update(plan.names)
+        if plan is self.plan:
+            return self.norms
+        return self.norms[[self.plan.names.index(n) for n in plan.names]]
+
+
+class ClipInference:
+    """Whether a plan's post-clip norms can be inferred from the clip coefficient instead of measured.
+
+    States: ``"learning"`` (every clipped step is measured and compared with the inference), ``"trusted"``
+    (after :data:`AGREEMENTS` comparisons agreed to :data:`TOLERANCE`: the norms are inferred, and 1 clipped step
+    in :data:`CHECK_EVERY` is still measured and compared), ``"off"`` (for good, after one disagreement, or from
+    the start for half-precision gradients and small models). Comparisons stay on the device until the
+    monitor's next transfer to the host, which hands them back to :meth:`settle`.
+    """
+
+    AGREEMENTS = 4
+    CHECK_EVERY = 8
+    TOLERANCE = 1e-4
+
+    __slots__ = ("agreed", "checks", "clipped_steps", "state")
+
+    def __init__(self, enabled: bool) -> None:
+        self.state = "learning" if enabled else "off"
+        self.agreed = 0  # comparisons read back that agreed
+        self.clipped_steps = 0  # steps whose gradients were rewritten after backward, with a pre-clip record
+        self.checks: list[Tensor] = []  # deviations waiting for the next transfer
+
+    def post_norms(self, plan: StepPlan, pre: PreClip | None) -> Tensor:
+        """Per-tensor norms of the gradients ``plan``'s optimizer steps with: reused, inferred or measured.
+
+        Reused when nothing wrote the gradients since the norms taken after backward (same tensors, same
+        version counters: no clipping). When a clip rewrote the same tensors, the norms are inferred once
+        trusted, else measured (and compared while learning, and on 1 such step in 8 once trusted).
+        """
+        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not pre.plan:
+            return plan.post_norms()
+        state = plan.grad_state()
+        if state == pre.state:
+            return pre.per_tensor
+        if self.state == "off" or any(a[0] != b[0] or a[0] == 0 for a, b in zip(state, pre.state, strict=True)):
+            return plan.post_norms()  # inference ruled out, or other gradient tensors (or none): nothing to scale
+        self.clipped_steps += 1
+        if self.state == "trusted" and self.clipped_steps % self.CHECK_EVERY != 0:
+            return plan.inferred_norms(pre.per_tensor)
+        measured = plan.post_norms()
+        self.checks.append(plan.deviation(measured, pre.per_tensor).reshape(1).float())
+        return measured
+
+    def take_checks(self) -> list[Tensor]:
+        checks, self.checks = self.checks, []
+        return checks
+
+    def settle(self, gaps: Sequence[float]) -> None:
+        """Read back the deviations :meth:`take_checks` handed out (in order)."""
+        for gap in gaps:
+            if not gap <= self.TOLERANCE:  # NaN disagrees too
+                self.state = "off"
+            elif self.state == "learning":
+                self.agreed += 1
+                if self.agreed >= self.AGREEMENTS:
+                    self.state = "trusted"
+
+
+def transfer(parts: Sequence[Tensor], plans: Sequence[StepPlan]) -> list[float]:
+    """One device-to-host transfer of ``parts`` (flattened, in order) and of every clip-inference check the
+    ``plans`` hold, which it settles; returns the values of ``parts``."""
+    checks = [(plan, plan.clip.take_checks()) for plan in plans if plan.clip.checks]
+    tensors = [t.reshape(-1).float() for t in parts] + [c for _, cs in checks for c in cs]
+    if not tensors:
+        return []
+    flat = torch.cat([t.to(tensors[0].device) for t in tensors]).cpu().tolist()
+    at = n = len(flat) - sum(len(cs) for _, cs in checks)
+    for plan, cs in checks:
+        plan.clip.settle(flat[at:at + len(cs)])
+        at += len(cs)
+    return flat[:n]

@@ -43,7 +43,9 @@ __all__ = ["FabricGuard"]
 
 
 class _FabricLoop:
-    """What :class:`PPOMonitor` and :class:`PPOGuard` read from a Trainer, answered by a Fabric loop."""
+    """A Fabric loop as the guard's engine sees a Trainer (:class:`~lightning_ppo_guard._protocols.TrainerLike`)."""
+
+    training = True  # the loop calls the guard's hooks from its training loop only
 
     def __init__(self, fabric: Any, optimizers: list[Any], monitor: PPOMonitor, log_every_n_steps: int) -> None:
         self.fabric = fabric
@@ -79,14 +81,6 @@ class _FabricLoop:
         return self.fabric.strategy
 
     @property
-    def world_size(self) -> int:
-        return int(self.fabric.world_size)
-
-    @property
-    def global_rank(self) -> int:
-        return int(self.fabric.global_rank)
-
-    @property
     def log_dir(self) -> str | None:
         loggers = self.loggers
         return getattr(loggers[0], "log_dir", None) if loggers else None
@@ -97,16 +91,15 @@ class _FabricLoop:
 
 
 class _ModuleView:
-    """The user's module as the monitor sees a LightningModule: with ``device`` and manual optimization."""
+    """The user's module as the engine sees a LightningModule (:class:`~lightning_ppo_guard._protocols.ModuleLike`):
+    its own submodules and parameters, Fabric's device, and manual optimization (the loop steps itself)."""
 
-    automatic_optimization = False  # a Fabric loop steps its optimizers itself: measure at on_after_backward
+    automatic_optimization = False
 
     def __init__(self, module: nn.Module, device: Any) -> None:
-        self.__dict__["_module"] = module
-        self.__dict__["device"] = device
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_module"], name)
+        self.module, self.device = module, device
+        self.get_submodule, self.parameters, self.named_modules = (module.get_submodule, module.parameters,
+                                                                   module.named_modules)
 
 
 def _unwrap(obj: Any, attr: str) -> Any:
@@ -136,7 +129,6 @@ class FabricGuard:
         self.guard: PPOMonitor = guard if guard is not None else PPOGuard()
         self.log_every_n_batches = log_every_n_batches
         self._loop: _FabricLoop | None = None
-        self._view: _ModuleView | None = None
         self._keys: list[Any] = []
 
     # ------------------------------------------------------------------ results
@@ -161,9 +153,10 @@ class FabricGuard:
             opts = [_unwrap(optimizers, "optimizer")]
         raw = _unwrap(module, "module")
         self._loop = _FabricLoop(fabric, opts, self.guard, self.log_every_n_batches)
-        self._view = _ModuleView(raw, fabric.device)
-        self.guard.on_fit_start(self._loop, self._view)  # type: ignore[arg-type]
-        self.guard.on_train_start(self._loop, self._view)  # type: ignore[arg-type]
+        view = _ModuleView(raw, fabric.device)
+        self.guard._reset()
+        self.guard._resolve(raw)
+        self.guard._attach(self._loop, view)
         self._loop.count_steps()  # registered after the guard's hooks, so it runs after them
         self._keys = [raw] if raw is module else [raw, module]
         for key in self._keys:
@@ -173,24 +166,24 @@ class FabricGuard:
 
     def on_train_batch_start(self, batch: Any = None, batch_idx: int = 0) -> None:
         if self._loop is not None:
-            self.guard.on_train_batch_start(self._loop, self._view, batch, batch_idx)  # type: ignore[arg-type]
+            self.guard._batch_start()
 
     def on_after_backward(self) -> None:
         """After ``fabric.backward`` and before any clipping: the gradient the loss produced."""
         if self._loop is not None:
-            self.guard.on_after_backward(self._loop, self._view)  # type: ignore[arg-type]
+            self.guard._after_backward()
 
     def on_train_batch_end(self, outputs: Any = None, batch: Any = None, batch_idx: int = 0) -> None:
         """End of one PPO iteration: log on the cadence; with ``on_stall`` stop or raise (agreed by all ranks)."""
         if self._loop is not None:
-            self.guard.on_train_batch_end(self._loop, self._view, outputs, batch, batch_idx)  # type: ignore[arg-type]
+            self.guard._batch_end()
 
     def on_train_end(self) -> None:
         """Flush the last row, remove the optimizer hooks, write the findings (rank zero)."""
         if self._loop is None:
             return
         try:
-            self.guard.on_train_end(self._loop, self._view)  # type: ignore[arg-type]
+            self.guard._train_end()
         finally:
             self._loop.remove()
             for key in self._keys:

@@ -8,14 +8,15 @@ README's metric table is checked against this table by the tests.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["OBSERVE_METRICS", "STEP_METRICS", "MetricSpec", "VectorStats", "metric_key"]
+__all__ = ["OBSERVE_METRICS", "STEP_METRICS", "Layout", "MetricSpec", "RowBuffer", "VectorStats", "metric_key", "stack"]
 
 Reduce = Literal["mean", "min", "max", "sum"]
 
@@ -99,6 +100,90 @@ def metric_key(prefix: str, role: str, metric: str) -> str:
     return f"{prefix}/{role}/{metric}"
 
 
+def host_values(prefix: str, bindings: Mapping[str, Any], steps_skipped: Mapping[str, int],
+                updates_per_rollout: Mapping[str, int]) -> dict[str, float]:
+    """A row's values that live on the host, by key: ``BINDING_METRICS`` and ``ROLLOUT_METRICS``."""
+    host: dict[str, float] = {}
+    for name, binding in bindings.items():
+        host[metric_key(prefix, name, "binding")] = binding.fraction
+        if not math.isnan(binding.lr):
+            host[metric_key(prefix, name, "lr")] = binding.lr
+    for name, count in steps_skipped.items():
+        host[metric_key(prefix, name, "steps_skipped")] = float(count)
+    for name, count in updates_per_rollout.items():
+        host[metric_key(prefix, name, "updates_per_rollout")] = float(count)
+    return host
+
+
+def _check_tables() -> None:
+    """The observe table and :func:`~lightning_ppo_guard.functional.policy_stats` name the same quantities."""
+    from lightning_ppo_guard.functional import POLICY_STATS
+
+    names = [spec.name for spec in OBSERVE_METRICS]
+    if sorted(names) != sorted((*POLICY_STATS, "entropy_drift")):
+        raise RuntimeError(f"OBSERVE_METRICS {names} must list policy_stats' names plus entropy_drift.")
+    for table in (STEP_METRICS, OBSERVE_METRICS, ROLLOUT_METRICS, BINDING_METRICS):
+        if len({spec.name for spec in table}) != len(table):
+            raise RuntimeError("metric names must be unique within a table")
+
+
+def stack(stats: Mapping[str, Tensor], names: Sequence[str]) -> tuple[Tensor, tuple[bool, ...]]:
+    """Named 0-d statistics as one vector in the order of ``names`` (NaN where absent), and which are present.
+
+    The one place a vector of named statistics is built; its reader maps it back with the same ``names``.
+    """
+    nan = next(iter(stats.values())).new_full((), math.nan)
+    return torch.stack([stats.get(name, nan) for name in names]), tuple(name in stats for name in names)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each role's statistics live in the fit's one :class:`VectorStats`, and the logged keys.
+
+    Built once per fit from the roles and the metric tables *by name*: the producers of vectors
+    (:class:`~lightning_ppo_guard._plan.StepPlan`'s columns, :func:`stack` in ``observe_names`` order) and the
+    readers of logged rows all go through :meth:`step_slot` / ``observe_names``, so the order of a table is
+    never relied on anywhere else.
+    """
+
+    prefix: str
+    roles: tuple[tuple[str, bool], ...]  # (name, is_actor), in role order
+    step_names: tuple[str, ...]
+    observe_names: tuple[str, ...]
+    step_offset: Mapping[str, int]
+    observe_offset: Mapping[str, int]
+    size: int
+    keys: tuple[tuple[str, Reduce, int], ...]  # (logged key, reduction, slot), in the order rows are written
+
+    @classmethod
+    def build(cls, prefix: str, roles: Sequence[tuple[str, bool]]) -> Layout:
+        step_offset: dict[str, int] = {}
+        observe_offset: dict[str, int] = {}
+        offset = 0
+        for name, _ in roles:
+            step_offset[name] = offset
+            offset += len(STEP_METRICS)
+        for name, actor in roles:
+            if actor:
+                observe_offset[name] = offset
+                offset += len(OBSERVE_METRICS)
+        keys = []
+        for name, actor in roles:
+            keys += [(metric_key(prefix, name, spec.name), spec.reduce, step_offset[name] + j)
+                     for j, spec in enumerate(STEP_METRICS) if spec.roles == "all" or actor]
+            if actor:
+                keys += [(metric_key(prefix, name, spec.name), spec.reduce, observe_offset[name] + j)
+                         for j, spec in enumerate(OBSERVE_METRICS)]
+        return cls(prefix, tuple(roles), tuple(spec.name for spec in STEP_METRICS),
+                   tuple(spec.name for spec in OBSERVE_METRICS), step_offset, observe_offset, offset, tuple(keys))
+
+    def step_slot(self, role: str, metric: str) -> int:
+        return self.step_offset[role] + self.step_names.index(metric)
+
+    def key(self, role: str, metric: str) -> str:
+        return metric_key(self.prefix, role, metric)
+
+
 class VectorStats(Metric):
     """Sum, count, min and max of a fixed-length vector of measurements, with masked updates.
 
@@ -156,3 +241,57 @@ class VectorStats(Metric):
             self.count,
         ])
 
+
+
+class RowBuffer:
+    """The measurements of one logging interval: queued on the device as they come, reduced into one
+    :class:`VectorStats` (over the interval and across ranks) when a row is written.
+
+    Queueing costs nothing but a list append; a fold is one ``VectorStats.update`` for every queued
+    measurement (three concatenations), at each row and whenever ``max_queued`` measurements wait.
+    """
+
+    def __init__(self, layout: Layout, device: torch.device, max_queued: int = 256) -> None:
+        self.layout = layout
+        self.stats = VectorStats(layout.size).to(device)
+        self.max_queued = max_queued
+        self.queued: list[tuple[Tensor, Tensor, Tensor]] = []  # (values, mask, slots) not yet in ``stats``
+        self._masks: dict[tuple[bool, ...], Tensor] = {}
+
+    def mask(self, pattern: tuple[bool, ...]) -> Tensor:
+        """The device tensor of a presence pattern (cached: a handful of patterns per fit)."""
+        mask = self._masks.get(pattern)
+        if mask is None:
+            mask = self._masks[pattern] = torch.tensor(pattern, dtype=torch.bool, device=self.stats.device)
+        return mask
+
+    def queue(self, values: Tensor, mask: Tensor, slots: Tensor) -> None:
+        self.queued.append((values.reshape(-1), mask, slots))
+        if len(self.queued) >= self.max_queued:  # bounded, whatever the logging interval
+            self.fold()
+
+    def fold(self) -> None:
+        queued, self.queued = self.queued, []
+        if queued:
+            values, masks, slots = (torch.cat(part) for part in zip(*queued, strict=True))
+            self.stats.update(values, masks, slots)
+
+    @property
+    def empty(self) -> bool:
+        return not self.queued and self.stats.update_count == 0
+
+    def compute(self) -> Tensor:
+        """The interval's reduction, flat (synced across ranks: every rank must call it at the same row)."""
+        self.fold()
+        return self.stats.compute().float().reshape(-1)
+
+    def read(self, flat: Sequence[float]) -> dict[str, float]:
+        """The logged values of a computed row (host numbers), by key; resets the interval."""
+        n = self.layout.size
+        mean, low, high, total, count = (flat[i * n:(i + 1) * n] for i in range(5))
+        rows = {"mean": mean, "min": low, "max": high, "sum": total}
+        self.stats.reset()
+        return {key: rows[reduce][slot] for key, reduce, slot in self.layout.keys if count[slot] > 0}
+
+
+_check_tables()

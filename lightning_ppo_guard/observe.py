@@ -10,15 +10,16 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
+
+from lightning_ppo_guard._inputs import PolicyTerm
 
 if TYPE_CHECKING:
     from torch.distributions import Distribution
 
 __all__ = ["attach_monitor", "detach_monitor", "observe"]
 
-# module -> (weak ref to its Trainer, the monitor found in that Trainer's callbacks)
+# module -> (weak ref to its Trainer, the monitors found in that Trainer's callbacks)
 _CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
 # module -> monitor, for loops without a Trainer (Lightning Fabric): see lightning_ppo_guard.fabric.FabricGuard
 _ATTACHED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -34,7 +35,8 @@ def detach_monitor(module: Any) -> None:
     _ATTACHED.pop(module, None)
 
 
-def _find_monitor(pl_module: Any) -> Any:
+def _find_monitors(pl_module: Any) -> tuple[Any, ...]:
+    """Every monitor ``observe(pl_module, ...)`` reaches: those in its Trainer's callbacks, else an attached one."""
     trainer = getattr(pl_module, "_trainer", None)
     if trainer is not None:
         cached = _CACHE.get(pl_module)
@@ -43,30 +45,16 @@ def _find_monitor(pl_module: Any) -> Any:
     from lightning_ppo_guard.monitor import PPOMonitor
 
     if isinstance(pl_module, PPOMonitor):
-        return pl_module  # observe(guard, ...): the monitor itself, in any loop
+        return (pl_module,)  # observe(guard, ...): the monitor itself, in any loop
     if trainer is None:
         try:
-            return _ATTACHED.get(pl_module)  # a Fabric loop (or none: observe is a no-op)
+            found = _ATTACHED.get(pl_module)  # a Fabric loop (or none: observe is a no-op)
         except TypeError:  # not weak-referenceable
-            return None
-    found = next((cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor)), None)
-    _CACHE[pl_module] = (weakref.ref(trainer), found)
-    return found
-
-
-def _valid_actions(mask: Any, new_logp: Any) -> Tensor:
-    """Per-sample number of valid actions of an action mask (one row per log-prob), on the device, no sync."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"observe(): action_mask must be a torch.Tensor of booleans, got {type(mask).__name__}.")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"observe(): action_mask has dtype {mask.dtype}; pass booleans (True = valid action), "
-                        "e.g. mask.bool().")
-    if mask.dim() < 1 or (isinstance(new_logp, Tensor) and mask.shape[:-1].numel() != new_logp.numel()):
-        raise ValueError(
-            f"observe(): action_mask has shape {tuple(mask.shape)}; pass one row of num_actions booleans per "
-            f"log-prob (new_logp has shape {tuple(getattr(new_logp, 'shape', ()))})."
-        )
-    return mask.reshape(-1, mask.shape[-1]).sum(-1)
+            return ()
+        return (found,) if found is not None else ()
+    monitors = tuple(cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor))
+    _CACHE[pl_module] = (weakref.ref(trainer), monitors)
+    return monitors
 
 
 def observe(
@@ -113,24 +101,17 @@ def observe(
         target_kl: the KL limit the training loop stops an update phase at, if any.
         role: which actor role this policy term belongs to (``"actor"``, ``"agent_2"``, ...).
 
+    Every monitor and guard attached to the Trainer receives the call. It is ignored outside training
+    (``validation_step``, sanity checks) and under ``torch.no_grad()``: such a loss is never trained on.
     Only detached numbers are kept; the graph and the batch are never held.
     """
-    monitor = _find_monitor(pl_module)
-    if monitor is None:
-        return
-    if action_mask is not None:
-        num_actions = _valid_actions(action_mask, new_logp)
-    monitor.observe(
-        new_logp=new_logp,
-        old_logp=old_logp,
-        advantages=advantages,
-        clip_eps=clip_eps,
-        dist=dist,
-        entropy=entropy,
-        num_actions=num_actions,
-        values=values,
-        returns=returns,
-        rollout=rollout,
-        target_kl=target_kl,
-        role=role,
+    monitors = [m for m in _find_monitors(pl_module) if m._accepts_observe()]
+    if not monitors:
+        return  # no monitor, or not training (validation, sanity check) or under torch.no_grad(): ignored
+    term = PolicyTerm.build(
+        new_logp=new_logp, old_logp=old_logp, advantages=advantages, clip_eps=clip_eps, dist=dist, entropy=entropy,
+        num_actions=num_actions, values=values, returns=returns, rollout=rollout, target_kl=target_kl, role=role,
+        action_mask=action_mask,
     )
+    for monitor in monitors:
+        monitor._observe(term)

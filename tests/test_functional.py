@@ -30,6 +30,28 @@ def test_kl_is_zero_for_identical_policies_and_detached():
     assert kl.item() == 0.0 and not kl.requires_grad
 
 
+def test_policy_stats_names_every_quantity_it_can_and_only_those():
+    lr, adv = _lr(), _lr(seed=1)
+    assert set(F.policy_stats(lr)) == {"approx_kl", "approx_kl_k1", "ratio_mean", "ratio_min", "ratio_max",
+                                       "ratio_dev"}
+    full = F.policy_stats(lr, clip_eps=0.2, advantages=adv, values=adv, returns=lr, entropy=adv.abs(),
+                          num_actions=4)
+    assert set(full) == set(F.POLICY_STATS)
+    assert set(F.policy_stats(values=adv, returns=lr)) == {"explained_variance"}
+
+
+def test_entropy_is_per_sample_for_multivariate_and_multi_categorical():
+    # a Gaussian over 3 action dimensions: the per-sample entropy is the sum over dimensions
+    dist = torch.distributions.Normal(torch.zeros(64, 3), torch.full((64, 3), 2.0))
+    stats = F.policy_stats(torch.zeros(64), entropy=dist.entropy())
+    assert stats["entropy"].item() == pytest.approx(dist.entropy().sum(-1).mean().item(), rel=1e-6)
+    # two categorical heads of 4 actions each, uniform: entropy 2 ln 4, normalised 1
+    heads = torch.distributions.Categorical(logits=torch.zeros(64, 2, 4))
+    stats = F.policy_stats(torch.zeros(64), entropy=heads.entropy(), num_actions=4)
+    assert stats["entropy"].item() == pytest.approx(2 * math.log(4), rel=1e-6)
+    assert stats["entropy_norm"].item() == pytest.approx(1.0, rel=1e-6)
+
+
 def test_clip_fraction_and_ratio_stats():
     lr = torch.log(torch.tensor([1.0, 1.1, 0.7, 1.25, 0.95]))
     assert F.clip_fraction(lr, 0.2).item() == pytest.approx(2 / 5)
@@ -55,15 +77,6 @@ def test_explained_variance():
     assert math.isnan(F.explained_variance(torch.zeros(4), torch.ones(4)).item())
 
 
-def test_grad_stats_norm_nonzero_nonfinite():
-    a = torch.tensor([3.0, 0.0, 0.0])
-    b = torch.tensor([[0.0, 4.0]])
-    norm, nz, nf = F.grad_stats([a, b]).tolist()
-    assert (norm, nz, nf) == (pytest.approx(5.0), 2.0, 0.0)
-    norm, nz, nf = F.grad_stats([a, torch.tensor([float("nan"), 1.0])]).tolist()
-    assert math.isnan(norm) and nf == 1.0
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=64))
 def test_k3_never_negative_and_matches_definition(values):
@@ -71,14 +84,6 @@ def test_k3_never_negative_and_matches_definition(values):
     kl = F.approx_kl(lr).item()
     assert kl >= -1e-7
     assert kl == pytest.approx(sum(math.expm1(v) - v for v in values) / len(values), rel=1e-4, abs=1e-6)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=16), min_size=1, max_size=6))
-def test_flat_norm_equals_norm_of_concatenation(chunks):
-    tensors = [torch.tensor(c, dtype=torch.float64) for c in chunks]
-    expected = math.sqrt(sum(v * v for c in chunks for v in c))
-    assert F.flat_norm(tensors).item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
 @settings(max_examples=60, deadline=None)
@@ -94,15 +99,42 @@ def test_normalized_entropy_per_sample_matches_definition_and_stays_in_unit_rang
         assert F.normalized_entropy(ent, samples[0][1]).item() == pytest.approx(got, rel=1e-5, abs=1e-6)
 
 
+def _plan_of(chunks):
+    """A StepPlan over one actor role whose parameters' gradients are ``chunks`` (one tensor each)."""
+    from lightning_ppo_guard._plan import StepPlan
+    from lightning_ppo_guard.metrics import Layout
+    from lightning_ppo_guard.roles import Role
+
+    params = [torch.nn.Parameter(torch.ones(len(c))) for c in chunks]
+    for p, c in zip(params, chunks, strict=True):
+        p.grad = torch.tensor(c)
+    role = Role("actor", "actor", "actor", params=params, numel=sum(len(c) for c in chunks),
+                ids=frozenset(id(p) for p in params))
+    snapshots = {"actor": [torch.empty_like(p) for p in params]}
+    return StepPlan([role], snapshots, Layout.build("ppo_guard", [("actor", True)]), torch.device("cpu"))
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.sampled_from([0.0, 0.0, 1.5, -2.0, 1e-3, 7.0]), min_size=1, max_size=12),
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.0, 1.5, -2.0, 1e-3, 7.0, math.nan]), min_size=1, max_size=12),
                 min_size=1, max_size=5))
-def test_grad_stats_norm_and_nonzero_count_match_definition(chunks):
-    grads = [torch.tensor(c) for c in chunks]
-    norm, nonzero, nonfinite = F.grad_stats(grads).tolist()
-    assert norm == pytest.approx(math.sqrt(sum(v * v for c in chunks for v in c)), rel=1e-5, abs=1e-9)
-    assert nonzero == sum(v != 0 for c in chunks for v in c) and nonfinite == 0
-    assert math.isnan(F.grad_stats(grads, count_nonzero=False)[1].item())
+def test_step_plan_gradient_columns_match_their_definitions(chunks):
+    """The step block's gradient columns (what the monitor logs) against a per-element loop."""
+    from lightning_ppo_guard._plan import COLUMNS
+
+    plan = _plan_of(chunks)
+    block, nones = plan.after(plan.before(), None, 1.0)
+    row = dict(zip(COLUMNS, block[0].tolist(), strict=True))
+    nan_tensors = sum(any(math.isnan(v) for v in c) for c in chunks)
+    assert row["grad_nonfinite"] == nan_tensors and nones == [0]
+    n = sum(len(c) for c in chunks)
+    assert row["grad_nonzero_frac"] == pytest.approx(sum(v != 0 for c in chunks for v in c) / n)  # NaN != 0
+    if nan_tensors:
+        assert math.isnan(row["grad_norm"])
+    else:
+        assert row["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for c in chunks for v in c)), rel=1e-5,
+                                                 abs=1e-9)
+        assert row["clip_coef"] == 1.0 and row["grad_norm_clipped"] == row["grad_norm"]
+    assert row["update_norm"] == 0.0 and row["param_norm"] == pytest.approx(math.sqrt(n))  # no optimizer step
 
 
 @settings(max_examples=60, deadline=None)

@@ -191,7 +191,9 @@ def test_wrong_role_path_fails_at_fit_start_listing_children():
 def test_memory_is_not_retained_by_the_guard():
     guard = PPOGuard()
     fit(CartPolePPO(_cfg(2)), [guard])
-    assert guard._pending == [] and guard._pre_clip is None and guard._at_step == {} and guard._queued == []
+    # nothing of the fit is held once it ended: no pending records, no step in flight, no buffers or hooks
+    assert guard._pending == [] and guard._fit is None
+    assert guard._flight.pre_clip is None and guard._flight.param_sq == {} and guard._flight.awaiting == set()
     assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(guard).values())
 
 

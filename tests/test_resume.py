@@ -35,7 +35,7 @@ def test_resume_from_checkpoint_round_trip(tmp_path):
         _trainer(second, max_epochs=2).fit(CartPolePPO(cfg), ckpt_path=ckpt)
     # counts continue, the entropy baseline and the finding survive, and PPG001 is not warned again
     assert second.optimizer_steps == 2 * per_epoch
-    assert second._entropy0 == pytest.approx({k: float(v) for k, v in first._entropy0.items()})
+    assert second.progress.entropy0 == pytest.approx({k: float(v) for k, v in first.progress.entropy0.items()})
     assert [(f.code, f.role, f.step) for f in second.findings] == [(f.code, f.role, f.step) for f in first.findings]
     assert not [w for w in caught if issubclass(w.category, PPOGuardWarning)]
     assert second.diagnoser.state("actor").raised == ["PPG001"]

@@ -1,0 +1,133 @@
+"""Which optimizer param groups hold each role, at which learning rate (host only, no device work).
+
+:func:`bind` is a pure function of the roles' tensors and the optimizers' param groups, testable without a
+Trainer; :class:`RoleCache` keeps, for one fit, the bindings and the fused step plans built from them, and
+decides when the roles' tensors must be read again (a walk of their modules costs more than the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ppo_guard._plan import StepPlan
+from lightning_ppo_guard.metrics import Layout
+from lightning_ppo_guard.roles import Role
+
+__all__ = ["Binding", "RoleCache", "bind", "group_lr", "role_lr"]
+
+#: Optimizer steps between two walks of the roles' modules when nothing else changed.
+SCAN_EVERY = 64
+
+
+@dataclass(slots=True)
+class Binding:
+    """How a role's trainable tensors are held by the optimizers."""
+
+    fraction: float  # share of the role's trainable elements held by some param group
+    lr: float  # smallest lr among the groups holding the role (nan when unbound)
+    optimizers: tuple[int, ...]  # indices of the optimizers holding part of the role
+    stale_tensors: int  # tensors held by those optimizers that are no parameter of the model
+
+
+def group_lr(group: dict[str, Any]) -> float:
+    lr = group.get("lr", math.nan)
+    return float(lr.item() if isinstance(lr, Tensor) else lr)
+
+
+def role_lr(role: Role, binding: Binding, optimizers: Sequence[Any]) -> float:
+    """The smallest learning rate among the param groups that hold part of ``role`` (nan when unbound)."""
+    lrs = [group_lr(g) for i in binding.optimizers for g in optimizers[i].param_groups
+           if any(id(p) in role.ids for p in g["params"])]
+    return min(lrs) if lrs else math.nan
+
+
+def bind(roles: Iterable[Role], optimizers: Sequence[Any], model_params: Iterable[nn.Parameter]) -> dict[str, Binding]:
+    """Each role's :class:`Binding`: which share of its trainable elements some param group holds (by tensor
+    identity), at which lr, in which optimizers, and how many tensors those optimizers hold that are no
+    parameter of the model (an actor re-created after the optimizer was built)."""
+    held: dict[int, tuple[int, float]] = {}
+    for idx, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            lr = group_lr(group)
+            for p in group["params"]:
+                held[id(p)] = (idx, lr)
+    model_ids = {id(p) for p in model_params}
+    stale_by_opt = [sum(1 for g in opt.param_groups for p in g["params"] if id(p) not in model_ids)
+                    for opt in optimizers]
+    out: dict[str, Binding] = {}
+    for role in roles:
+        bound, lrs, opts = 0, [], set()
+        for p in role.params:
+            hit = held.get(id(p))
+            if hit is not None:
+                bound += p.numel()
+                opts.add(hit[0])
+                lrs.append(hit[1])
+        fraction = bound / role.numel if role.numel else 0.0
+        stale = sum(stale_by_opt[i] for i in opts) if opts else sum(stale_by_opt)
+        out[role.name] = Binding(fraction, min(lrs) if lrs else math.nan, tuple(sorted(opts)), stale)
+    return out
+
+
+class RoleCache:
+    """The roles' tensors as the optimizers hold them, and the fused plans that measure them, for one fit.
+
+    :meth:`refresh` walks the roles' modules only when the param groups changed, when the module at a role's
+    path is another object (a replaced actor), and every :data:`SCAN_EVERY` optimizer steps (a
+    ``requires_grad`` flip); bindings, snapshot buffers and plans are rebuilt only when something changed.
+    Otherwise it re-reads the learning rates, which schedulers move.
+    """
+
+    def __init__(self, layout: Layout, device: torch.device) -> None:
+        self.layout, self.device = layout, device
+        self.bindings: dict[str, Binding] = {}
+        self.plans: dict[int, StepPlan] = {}  # id(optimizer) -> the fused measurement of its roles
+        self.all_plan: StepPlan | None = None  # every role: the pre-clip norms after backward
+        self.snapshots: dict[str, list[Tensor]] = {}  # actor role -> preallocated buffers, one per tensor
+        self._groups: tuple[int, ...] = ()
+        self._modules: tuple[int, ...] = ()
+        self._next_scan = 0
+
+    @property
+    def snapshot_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in self.snapshots.values() for b in bufs)
+
+    def refresh(self, roles: Sequence[Role], optimizers: Sequence[Any], module: Any, step: int) -> list[Role] | None:
+        """Re-read; returns the roles whose tensors changed ([] when only the param groups did), or None when
+        nothing was rebuilt."""
+        groups = tuple(id(p) for opt in optimizers for g in opt.param_groups for p in g["params"])
+        modules = tuple(id(module.get_submodule(r.path)) if r.path else id(module) for r in roles)
+        changed: list[Role] = []
+        if groups != self._groups or modules != self._modules or step >= self._next_scan:
+            changed = [r for r in roles if r.refresh(module) or r.name not in self.snapshots]
+            self._modules, self._next_scan = modules, step + SCAN_EVERY
+        if not changed and groups == self._groups:
+            for role in roles:
+                binding = self.bindings[role.name]
+                if binding.optimizers:
+                    binding.lr = role_lr(role, binding, optimizers)
+            return None
+        self._groups = groups
+        self.bindings = bind(roles, optimizers, module.parameters())
+        for role in changed:  # preallocated once per set of tensors: the step hooks never allocate snapshots
+            self.snapshots[role.name] = ([torch.empty_like(p, memory_format=torch.preserve_format)
+                                          for p in role.params] if role.kind == "actor" else [])
+        # A role no optimizer holds is measured across every optimizer step: its update must be 0.
+        unbound = [r for r in roles if not self.bindings[r.name].optimizers]
+        self.plans = {id(opt): StepPlan([r for r in roles if i in self.bindings[r.name].optimizers] + unbound,
+                                        self.snapshots, self.layout, self.device)
+                      for i, opt in enumerate(optimizers)}
+        # Every role's pre-clip norms: the one optimizer's own plan when it steps every role (the usual case).
+        every = sorted(r.name for r in roles)
+        self.all_plan = next((p for p in self.plans.values() if sorted(p.names) == every), None) or StepPlan(
+            roles, self.snapshots, self.layout, self.device)
+        return changed
+
+    def every_plan(self) -> list[StepPlan]:
+        return [p for p in {*self.plans.values(), self.all_plan} if p is not None]

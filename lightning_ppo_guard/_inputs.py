@@ -1,0 +1,193 @@
+"""What ``observe()`` is handed, checked once where it enters, with the messages users read.
+
+:class:`PolicyTerm` is the one record of a minibatch's policy term: built and validated by
+:func:`~lightning_ppo_guard.observe` (or :meth:`PPOMonitor.observe`), then passed unchanged to every attached
+monitor, to the statistics and to the rules. Its fields are the accepted inputs, declared in one place
+(as TorchRL's loss modules declare their input keys).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from lightning_ppo_guard.functional import policy_stats
+
+__all__ = ["PolicyTerm", "as_number"]
+
+
+def as_number(name: str, value: Any, *, positive: bool = True, where: str = "observe()") -> float:
+    """``value`` as a float: any real number type (int, float, numpy scalar, 0-d or one-element tensor)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"{where}: {name} must be a number, got a tensor of shape {tuple(value.shape)}.")
+        value = value.item()
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__} ({value!r}).")
+    number = float(value)
+    if positive and not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{where}: {name} must be a positive number, got {value!r}.")
+    return number
+
+
+def _logp(name: str, t: Any) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"observe(): {name} must be a torch.Tensor of log-probabilities, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"observe(): {name} has dtype {t.dtype}; log-probabilities are floating point. "
+            "Pass dist.log_prob(actions), not the actions or their indices."
+        )
+    return t
+
+
+def _per_sample(name: str, t: Any, like: Tensor, *, components: bool = False) -> Tensor | None:
+    """An optional per-sample tensor (``components``: or per sample and component, as a Gaussian's entropy)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"observe(): {name} must be a torch.Tensor or None, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"observe(): {name} has dtype {t.dtype}; pass floating-point values (e.g. .float()).")
+    if t.device != like.device:
+        raise ValueError(f"observe(): {name} is on {t.device} but new_logp is on {like.device}; move it first.")
+    n = like.numel()
+    if t.numel() != n and not (components and n and t.numel() % n == 0):
+        raise ValueError(
+            f"observe(): {name} has shape {tuple(t.shape)} ({t.numel()} values) but new_logp has shape "
+            f"{tuple(like.shape)}; pass one value per sample of the minibatch."
+        )
+    return t
+
+
+def _valid_actions(mask: Any, new_logp: Tensor) -> Tensor:
+    """Per-sample number of valid actions of an action mask (one row per log-prob), on the device, no sync."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"observe(): action_mask must be a torch.Tensor of booleans, got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"observe(): action_mask has dtype {mask.dtype}; pass booleans (True = valid action), "
+                        "e.g. mask.bool().")
+    if mask.dim() < 1 or mask.shape[:-1].numel() != new_logp.numel():
+        raise ValueError(
+            f"observe(): action_mask has shape {tuple(mask.shape)}; pass one row of num_actions booleans per "
+            f"log-prob (new_logp has shape {tuple(new_logp.shape)})."
+        )
+    return mask.reshape(-1, mask.shape[-1]).sum(-1)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTerm:
+    """One minibatch of the PPO policy term, as ``observe`` received it (see :func:`~lightning_ppo_guard.observe`
+    for the meaning of each field). Construct it with :meth:`build`, which checks every field once.
+
+    Only ``new_logp`` and ``old_logp`` are required. The tensors are the caller's live ones: a monitor reads
+    them under ``torch.no_grad()`` during the call and keeps nothing but detached statistics.
+    """
+
+    new_logp: Tensor
+    old_logp: Tensor
+    advantages: Tensor | None = None
+    clip_eps: float | None = None
+    dist: Distribution | None = None
+    entropy: Tensor | None = None
+    num_actions: int | Tensor | None = None
+    values: Tensor | None = None
+    returns: Tensor | None = None
+    rollout: int | None = None
+    target_kl: float | None = None
+    role: str = "actor"
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        new_logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor | None = None,
+        clip_eps: Any = None,
+        dist: Distribution | None = None,
+        entropy: Tensor | None = None,
+        num_actions: int | Tensor | None = None,
+        values: Tensor | None = None,
+        returns: Tensor | None = None,
+        rollout: Any = None,
+        target_kl: Any = None,
+        role: str = "actor",
+        action_mask: Tensor | None = None,
+    ) -> PolicyTerm:
+        """Check every input and normalise numbers (numpy scalars and 0-d tensors become floats/ints).
+
+        Raises:
+            TypeError, ValueError: with the argument's name and the fix.
+        """
+        new_logp, old_logp = _logp("new_logp", new_logp), _logp("old_logp", old_logp)
+        if new_logp.device != old_logp.device:
+            raise ValueError(f"observe(): old_logp is on {old_logp.device} but new_logp on {new_logp.device}.")
+        if new_logp.numel() != old_logp.numel():
+            raise ValueError(
+                f"observe(): new_logp has shape {tuple(new_logp.shape)} but old_logp has shape "
+                f"{tuple(old_logp.shape)}; they must hold one log-prob per sample of the same minibatch."
+            )
+        if dist is not None and not isinstance(dist, Distribution):
+            raise TypeError(f"observe(): dist must be a torch.distributions.Distribution, got {type(dist).__name__}.")
+        if not isinstance(role, str) or not role:
+            raise TypeError(f"observe(): role must be a role name such as 'actor' or 'agent_2', got {role!r}.")
+        if action_mask is not None:
+            num_actions = _valid_actions(action_mask, new_logp)
+        elif num_actions is not None and not isinstance(num_actions, Tensor):
+            num_actions = int(as_number("num_actions", num_actions))
+        if rollout is not None:
+            if isinstance(rollout, Tensor) and rollout.numel() == 1 and not rollout.is_floating_point():
+                rollout = int(rollout.item())
+            elif isinstance(rollout, numbers.Integral) and not isinstance(rollout, bool):
+                rollout = int(rollout)
+            else:
+                raise TypeError(f"observe(): rollout must be an int (the PPO iteration number), got {rollout!r}.")
+        return cls(
+            new_logp=new_logp,
+            old_logp=old_logp,
+            advantages=_per_sample("advantages", advantages, new_logp),
+            clip_eps=None if clip_eps is None else as_number("clip_eps", clip_eps),
+            dist=dist,
+            entropy=_per_sample("entropy", entropy, new_logp, components=True),
+            num_actions=num_actions,
+            values=_per_sample("values", values, new_logp),
+            returns=_per_sample("returns", returns, new_logp),
+            rollout=rollout,
+            target_kl=None if target_kl is None else as_number("target_kl", target_kl),
+            role=role,
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.new_logp.numel() == 0
+
+    @torch.no_grad()
+    def statistics(self, full: bool = True) -> dict[str, Tensor]:
+        """The minibatch's statistics by name (:func:`~lightning_ppo_guard.functional.policy_stats`): every one
+        the inputs allow, or with ``full=False`` those of the ratio alone (KL, ratio range)."""
+        log_ratio = self.new_logp.reshape(-1).float() - self.old_logp.reshape(-1).float()
+        if not full:
+            return policy_stats(log_ratio)
+        entropy, num_actions = self.entropy_and_actions()
+        return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
+                            returns=self.returns, entropy=entropy, num_actions=num_actions)
+
+    def entropy_and_actions(self) -> tuple[Tensor | None, int | Tensor | None]:
+        """The per-sample entropy (given, else the distribution's) and the number of actions (given, else a
+        categorical distribution's), for ``entropy`` and ``entropy_norm``."""
+        entropy, n_actions = self.entropy, self.num_actions
+        if entropy is None and self.dist is not None:
+            try:
+                entropy = self.dist.entropy()
+            except NotImplementedError:
+                entropy = None
+        if n_actions is None and self.dist is not None and getattr(self.dist, "_num_events", None) is not None:
+            n_actions = int(self.dist.param_shape[-1])
+        return entropy, n_actions
