@@ -242,6 +242,11 @@ class PPOMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(pl_module)
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor) and cb.prefix == self.prefix]
+        if len(ours) > 1 and ours[-1] is self:
+            rank_zero_warn(f"{len(ours)} PPOMonitor/PPOGuard callbacks log under the same prefix {self.prefix!r}, so "
+                           "their rows mix; give each its own, e.g. PPOGuard(prefix='guard2').",
+                           category=PPOGuardWarning)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_ppo_guard import PPOGuard, PPOMonitor
+from lightning_ppo_guard import PPOGuard, PPOGuardWarning, PPOMonitor
 from lightning_ppo_guard.reference import CartPolePPO, CartPolePPOAuto, PPOConfig
 
 from .conftest import fit, guard_rows, read_csv
@@ -272,3 +272,23 @@ def test_mappo_parameter_sharing_is_one_role_fed_by_every_agent(tmp_path):
     assert guard.updates_per_rollout["actor"] == cfg.update_epochs * cfg.num_minibatches
     rows = guard_rows(read_csv(logger.log_dir))
     assert rows and all(r["ppo_guard/actor/update_norm"] > 0 and r["ppo_guard/actor/approx_kl"] >= 0 for r in rows)
+
+
+def test_every_attached_monitor_and_guard_receives_the_observes(tmp_path):
+    """A monitor, a guard and a second guard (own prefix) in one Trainer: each gets every observe and names the
+    fault with the right code (not PPG201 for the one that would have seen no observe)."""
+    monitor, guard, second = PPOMonitor(prefix="m", measure_every_n_steps=1), PPOGuard(), PPOGuard(prefix="guard2")
+    logger = CSVLogger(tmp_path, name="run")
+    fit(CartPolePPO(_cfg(2, fault="detached_logits")), [monitor, guard, second], logger=logger)
+    assert monitor.observes == guard.observes == second.observes == 2 * PER
+    assert guard.codes() == second.codes() == {"PPG101"}
+    rows = read_csv(logger.log_dir)
+    ours = {r["step"]: r["ppo_guard/actor/grad_norm"] for r in rows if "ppo_guard/actor/grad_norm" in r}
+    theirs = {r["step"]: r["guard2/actor/grad_norm"] for r in rows if "guard2/actor/grad_norm" in r}
+    assert ours and ours == theirs
+    assert len({cb.state_key for cb in (monitor, guard, second)}) == 3
+
+
+def test_two_monitors_sharing_a_prefix_are_told_to_take_their_own():
+    with pytest.warns(PPOGuardWarning, match=r"2 PPOMonitor/PPOGuard callbacks log under the same prefix"):
+        fit(CartPolePPO(_cfg(1)), [PPOMonitor(), PPOGuard()], quiet=False)
