@@ -33,6 +33,8 @@ class Binding:
     lr: float  # smallest lr among the groups holding the role (nan when unbound)
     optimizers: tuple[int, ...]  # indices of the optimizers holding part of the role
     stale_tensors: int  # tensors held by those optimizers that are no parameter of the model
+    groups: tuple[tuple[int, int], ...] = ()  # (optimizer index, group index) of every group holding part of it
+    lr_max: float = math.nan  # largest lr among those groups (0: no part of the role can move)
 
 
 def group_lr(group: dict[str, Any]) -> float:
@@ -40,38 +42,40 @@ def group_lr(group: dict[str, Any]) -> float:
     return float(lr.item() if isinstance(lr, Tensor) else lr)
 
 
-def role_lr(role: Role, binding: Binding, optimizers: Sequence[Any]) -> float:
-    """The smallest learning rate among the param groups that hold part of ``role`` (nan when unbound)."""
-    lrs = [group_lr(g) for i in binding.optimizers for g in optimizers[i].param_groups
-           if any(id(p) in role.ids for p in g["params"])]
-    return min(lrs) if lrs else math.nan
+def role_lr(binding: Binding, optimizers: Sequence[Any]) -> tuple[float, float]:
+    """The smallest and the largest learning rate among the param groups holding the role, as they are now
+    (schedulers write them); nan when unbound. A few dict reads: no parameter is visited."""
+    lrs = [group_lr(optimizers[i].param_groups[j]) for i, j in binding.groups]
+    return (min(lrs), max(lrs)) if lrs else (math.nan, math.nan)
 
 
 def bind(roles: Iterable[Role], optimizers: Sequence[Any], model_params: Iterable[nn.Parameter]) -> dict[str, Binding]:
     """Each role's :class:`Binding`: which share of its trainable elements some param group holds (by tensor
     identity), at which lr, in which optimizers, and how many tensors those optimizers hold that are no
     parameter of the model (an actor re-created after the optimizer was built)."""
-    held: dict[int, tuple[int, float]] = {}
+    held: dict[int, tuple[int, int, float]] = {}
     for idx, opt in enumerate(optimizers):
-        for group in opt.param_groups:
+        for g, group in enumerate(opt.param_groups):
             lr = group_lr(group)
             for p in group["params"]:
-                held[id(p)] = (idx, lr)
+                held[id(p)] = (idx, g, lr)
     model_ids = {id(p) for p in model_params}
     stale_by_opt = [sum(1 for g in opt.param_groups for p in g["params"] if id(p) not in model_ids)
                     for opt in optimizers]
     out: dict[str, Binding] = {}
     for role in roles:
-        bound, lrs, opts = 0, [], set()
+        bound, lrs, groups = 0, [], set()
         for p in role.params:
             hit = held.get(id(p))
             if hit is not None:
                 bound += p.numel()
-                opts.add(hit[0])
-                lrs.append(hit[1])
+                groups.add(hit[:2])
+                lrs.append(hit[2])
         fraction = bound / role.numel if role.numel else 0.0
+        opts = sorted({i for i, _ in groups})
         stale = sum(stale_by_opt[i] for i in opts) if opts else sum(stale_by_opt)
-        out[role.name] = Binding(fraction, min(lrs) if lrs else math.nan, tuple(sorted(opts)), stale)
+        out[role.name] = Binding(fraction, min(lrs) if lrs else math.nan, tuple(opts), stale, tuple(sorted(groups)),
+                                 max(lrs) if lrs else math.nan)
     return out
 
 
@@ -79,9 +83,9 @@ class RoleCache:
     """The roles' tensors as the optimizers hold them, and the fused plans that measure them, for one fit.
 
     :meth:`refresh` walks the roles' modules only when the param groups changed, when the module at a role's
-    path is another object (a replaced actor), and every :data:`SCAN_EVERY` optimizer steps (a
-    ``requires_grad`` flip); bindings, snapshot buffers and plans are rebuilt only when something changed.
-    Otherwise it re-reads the learning rates, which schedulers move.
+    path is another object (a replaced actor), every :data:`SCAN_EVERY` optimizer steps (a ``requires_grad``
+    flip), and while lazy parameters wait for their first forward; bindings, snapshot buffers and plans are
+    rebuilt only when something changed. Otherwise it re-reads the learning rates, which schedulers move.
     """
 
     def __init__(self, layout: Layout, device: torch.device) -> None:
@@ -90,6 +94,7 @@ class RoleCache:
         self.plans: dict[int, StepPlan] = {}  # id(optimizer) -> the fused measurement of its roles
         self.all_plan: StepPlan | None = None  # every role: the pre-clip norms after backward
         self.snapshots: dict[str, list[Tensor]] = {}  # actor role -> preallocated buffers, one per tensor
+        self.lazy = False  # some role has lazy parameters not materialised yet: walk the roles at every refresh
         self._groups: tuple[int, ...] = ()
         self._modules: tuple[int, ...] = ()
         self._next_scan = 0
@@ -104,14 +109,13 @@ class RoleCache:
         groups = tuple(id(p) for opt in optimizers for g in opt.param_groups for p in g["params"])
         modules = tuple(id(module.get_submodule(r.path)) if r.path else id(module) for r in roles)
         changed: list[Role] = []
-        if groups != self._groups or modules != self._modules or step >= self._next_scan:
+        if groups != self._groups or modules != self._modules or step >= self._next_scan or self.lazy:
             changed = [r for r in roles if r.refresh(module) or r.name not in self.snapshots]
             self._modules, self._next_scan = modules, step + SCAN_EVERY
+            self.lazy = any(r.lazy for r in roles)
         if not changed and groups == self._groups:
-            for role in roles:
-                binding = self.bindings[role.name]
-                if binding.optimizers:
-                    binding.lr = role_lr(role, binding, optimizers)
+            for binding in self.bindings.values():
+                binding.lr, binding.lr_max = role_lr(binding, optimizers)
             return None
         self._groups = groups
         self.bindings = bind(roles, optimizers, module.parameters())
@@ -128,6 +132,13 @@ class RoleCache:
         self.all_plan = next((p for p in self.plans.values() if sorted(p.names) == every), None) or StepPlan(
             roles, self.snapshots, self.layout, self.device)
         return changed
+
+    def key(self, role: str) -> int:
+        """The optimizer (``id``) whose cadence an actor role's observes follow: the first holding it."""
+        binding, plans = self.bindings.get(role), list(self.plans)
+        if not plans:
+            return 0
+        return plans[binding.optimizers[0]] if binding is not None and binding.optimizers else plans[0]
 
     def every_plan(self) -> list[StepPlan]:
         return [p for p in {*self.plans.values(), self.all_plan} if p is not None]

@@ -179,6 +179,15 @@ class PolicyTerm:
         return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
                             returns=self.returns, entropy=entropy, num_actions=num_actions)
 
+    def precision_eps(self) -> float:
+        """Machine epsilon of the lowest precision new_logp was computed in: its dtype, or the autocast dtype
+        when autocast is on where it was computed (read during the ``observe`` call, inside that context)."""
+        dtype, device = self.new_logp.dtype, self.new_logp.device.type
+        if torch.is_autocast_enabled(device):
+            low = torch.get_autocast_dtype(device)
+            dtype = low if torch.finfo(low).eps > torch.finfo(dtype).eps else dtype
+        return float(torch.finfo(dtype).eps)
+
     def entropy_and_actions(self) -> tuple[Tensor | None, int | Tensor | None]:
         """The per-sample entropy (given, else the distribution's) and the number of actions (given, else a
         categorical distribution's), for ``entropy`` and ``entropy_norm``."""

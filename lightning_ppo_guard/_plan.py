@@ -114,14 +114,17 @@ class StepPlan:
         self._param_age = 0
 
     def grads(self) -> tuple[list[Tensor], list[int]]:
-        """Every tensor's gradient (a zero scalar where ``.grad is None``) and the ``None`` count per role."""
+        """Every tensor's gradient (a zero scalar where ``.grad is None``; the stored values of a sparse one,
+        whose norms and nonzero count they share) and the ``None`` count per role."""
         grads = [p.grad for p in self.params]
         nones = [0] * len(self.roles)
-        if any(g is None for g in grads):
+        if any(g is None or g.is_sparse for g in grads):
             for k, g in enumerate(grads):
                 if g is None:
                     nones[self._owner[k]] += 1
                     grads[k] = self._zero
+                elif g.is_sparse:  # nn.Embedding(sparse=True): no fused kernel takes sparse tensors
+                    grads[k] = g.coalesce().values()
         return grads, nones
 
     def grad_state(self) -> tuple[tuple[int, int], ...]:

@@ -23,8 +23,11 @@ class GuardConfig:
     zero_grad_steps: int = 3
     #: PPG202/PPG004: steps whose gradient vanished between backward and the optimizer step.
     cleared_steps: int = 2
-    #: PPG203: steps with a gradient at the step but an exactly-zero parameter change.
+    #: PPG203: steps with a gradient at the step but an exactly-zero parameter change (PPG003 when every param
+    #: group holding the role had lr 0 at those steps, and they span two rollouts: a warm-up from 0 rises sooner).
     unchanged_steps: int = 3
+    #: PPG003 when no rollout (or manual-optimization batch) boundary is known: this many unchanged steps at lr 0.
+    lr_zero_steps: int = 16
     #: PPG203 also: consecutive optimizer steps skipped (AMP's GradScaler found inf/NaN). A few skips are
     #: normal while fp16's scale settles (each halves it); 25 in a row take 65536 below 1/256, so the
     #: gradients are non-finite at any scale.
@@ -61,8 +64,16 @@ class GuardConfig:
     entropy_at_max: float = 0.999
     #: ... and a normalised drift below this as "frozen".
     entropy_frozen_drift: float = 1e-4
-    #: PPG105: max |ratio - 1| on a rollout's first minibatch above this.
+    #: PPG105: max |ratio - 1| on a rollout's first minibatch above this (float32 log-probs) ...
     first_ratio_dev: float = 1e-3
+    #: ... or above this many machine epsilons of the lowest precision new_logp was computed in (bf16 autocast:
+    #: eps 7.8e-3, so 0.125: rounding alone moves a recomputed log-prob by a few eps).
+    first_ratio_eps: float = 16.0
+    #: "Annealed": the role's lr is at most this share of its peak ...
+    annealed_lr: float = 0.1
+    #: ... and this share of the planned fit is done. There the rules that say "too small" or "frozen" are quiet:
+    #: a schedule that decays to 0 is meant to stop the actor.
+    annealed_fraction: float = 0.9
     #: Rollout-level rules use pseudo-rollouts of this many observes when observe() gets no rollout id.
     window_observes: int = 16
 
@@ -74,7 +85,7 @@ class GuardConfig:
                     raise ValueError(f"GuardConfig.{f.name} must be an int >= 1, got {value!r}.")
             elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"GuardConfig.{f.name} must be a positive number, got {value!r}.")
-        for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev"):
+        for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev", "annealed_lr", "annealed_fraction"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"GuardConfig.{name} must be below 1, got {getattr(self, name)!r}.")
 

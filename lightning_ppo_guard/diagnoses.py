@@ -38,7 +38,7 @@ class Finding:
     role: str
     step: int
     evidence: dict[str, Any] = field(default_factory=dict)
-    rollout: int | None = None  # 0-based index of the role's rollout in which it was named (0: before/in the first)
+    rollout: int | None = None  # 0-based index of the role's rollout in which it was named (files and tables: 1-based)
 
     @property
     def diagnosis(self) -> Diagnosis:
@@ -61,12 +61,14 @@ class Finding:
 
     def __str__(self) -> str:
         numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items())
+        evidence = f"  evidence: {numbers}\n" if numbers else ""
         return (f"{self.code} {self.symbol} [{self.role}] at step {self.step}: {self.message}\n"
-                f"  evidence: {numbers}\n  fix: {self.diagnosis.fix}")
+                f"{evidence}  fix: {self.diagnosis.fix}")
 
     def as_dict(self) -> dict[str, Any]:
+        """The finding as written to ``ppo_guard_findings.json``: ``rollout`` counts from 1, as the summary does."""
         return {"code": self.code, "symbol": self.symbol, "role": self.role, "step": self.step,
-                "rollout": self.rollout,
+                "rollout": None if self.rollout is None else self.rollout + 1,
                 "severity": self.severity, "message": self.message, "evidence": dict(self.evidence),
                 "fix": self.diagnosis.fix}
 
@@ -102,9 +104,12 @@ _ALL = (
     ),
     Diagnosis(
         "PPG003", "actor-lr-zero", "error",
-        "the param groups holding {role} have learning rate {lr:g}",
+        "every param group holding {role} has learning rate {lr:g}, and {role} did not move for {steps} measured "
+        "steps",
         "With lr 0 the optimizer step leaves the actor unchanged (Adam still bumps its state). Often a "
-        "scheduler that decays to 0, a warm-up that starts at 0 and never rises, or a per-group lr left at 0.",
+        "scheduler that decays to 0 far too early, a warm-up that starts at 0 and never rises, or a per-group lr "
+        "left at 0. Named only once the actor has not moved over several steps in more than one rollout, so a "
+        "warm-up from 0, one layer frozen at lr 0 and a schedule that reaches 0 at the end of training are not.",
         "Give the actor's param group a positive lr (1e-4..3e-4 with Adam is typical for PPO); check the "
         "scheduler's lambda and warm-up.",
         checklist="step 1 (lr ~ 0) and step 2",
@@ -158,21 +163,29 @@ _ALL = (
     ),
     Diagnosis(
         "PPG104", "loss-broadcast", "error",
-        "{name} has shape {shape} but new_logp has shape {logp_shape}: their product broadcasts to {broadcast}",
-        "A (B,) tensor times a (B, 1) tensor broadcasts to (B, B): every advantage multiplies every ratio, the "
-        "surrogate averages over the wrong pairs and the policy gradient is mostly noise.",
+        "{name} has shape {shape} but {other} has shape {other_shape}: together they broadcast to {broadcast}",
+        "A (B,) tensor times a (B, 1) tensor broadcasts to (B, B): every advantage multiplies every ratio (or "
+        "every value meets every return), the loss averages over the wrong pairs and its gradient is mostly "
+        "noise. Checked for the pairs a PPO loss combines: new_logp with old_logp and with the advantages, and "
+        "values with returns.",
         "Give the terms the same shape: advantages.reshape(-1), values.squeeze(-1), or new_logp.view_as(...).",
         checklist="step 3",
     ),
     Diagnosis(
         "PPG105", "first-ratio-not-one", "warning",
         "on the first minibatch of rollout {rollout}, max |ratio - 1| = {ratio_dev:.3g} for {role} "
-        "(expected 0 before any update)",
+        "(expected 0 before any update; tolerance {tolerance:.2g})",
         "Before the first update of a rollout the update policy equals the rollout policy, so the ratio must "
-        "be exactly 1. A deviation means the log-probs were computed differently: dropout or batch-norm in "
-        "train mode, a stale observation normaliser, different action masks, or mismatched actions.",
-        "Compute old_logp and new_logp the same way: same mode (eval() or no dropout), same normalisation, "
-        "same mask, same action tensor.",
+        "be exactly 1 (up to the rounding of the precision the log-probs are computed in). A deviation means "
+        "old_logp and new_logp were computed from different inputs or a different network: dropout or "
+        "batch-norm in train mode in the update and eval mode in the rollout; an observation normaliser updated "
+        "during the rollout (the stored observations were normalised with older statistics); a recurrent "
+        "hidden state not carried into the update; the clipped (or otherwise post-processed) action stored "
+        "instead of the sampled one; different action masks; or a prefetching data loader that collected the "
+        "next rollout one optimizer step early.",
+        "Compute old_logp and new_logp the same way: same mode (eval() or no dropout), same normalisation "
+        "statistics (store the normalised observations), the stored hidden state, the sampled action (clip "
+        "only what the env gets), the same mask; collect the next rollout only after the last update.",
         checklist="step 3",
     ),
     Diagnosis(
@@ -245,10 +258,12 @@ _ALL = (
     # ---------------------------------------------------------------- 4xx learning signal
     Diagnosis(
         "PPG401", "advantages-degenerate", "error",
-        "{role}'s advantages are degenerate: std {adv_std:.3g}, mean {adv_mean:.3g}",
+        "{role}'s advantages are degenerate: std {adv_std:.3g}, mean {adv_mean:.3g} over {samples} samples",
         "Advantages with no spread (all equal, all zero) or NaN carry no information about which actions were "
-        "better; the policy gradient is zero or noise.",
-        "Check the GAE computation (dones, bootstrapping, value shapes), and that the rewards reach the buffer.",
+        "better; the policy gradient is zero or noise, and a NaN reaches every weight at the next step. A "
+        "common NaN: normalising a minibatch of one sample by its unbiased std (0/0).",
+        "Check the GAE computation (dones, bootstrapping, value shapes), that the rewards reach the buffer, and "
+        "normalise advantages only over minibatches of 2 or more samples (or with the biased std plus eps).",
         checklist="'if still stuck': advantage signal",
     ),
     Diagnosis(

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ppo_guard._inputs import PolicyTerm
@@ -28,7 +28,53 @@ from lightning_ppo_guard.summary import Style, findings_table
 __all__ = ["PPOGuard", "PPOGuardError"]
 
 _GRAPH_WALK_ROLLOUTS = 8
+_MAX_PENDING = 64  # records read in one transfer at the latest (bounds the delay of a finding and the memory)
 OnStall = Literal["warn", "raise", "stop"]
+
+
+@dataclass
+class _GradCheck:
+    """The gradient norms, at one step, of a role's tensors that new_logp's graph did not reach."""
+
+    role: str
+    step: int
+    params: list[nn.Parameter]
+    trainable: int
+    norms: Tensor
+
+    @classmethod
+    def of(cls, record: StepRecord, params: list[nn.Parameter], trainable: int) -> _GradCheck:
+        grads = [p.grad.coalesce().values() if p.grad is not None and p.grad.is_sparse else p.grad for p in params]
+        zero = record.values.new_zeros(())
+        with torch.no_grad():
+            norms = torch.stack([g.detach().float().norm() if g is not None else zero for g in grads])
+        return cls(record.role, record.step, params, trainable, norms)
+
+
+def _tensors(item: ObserveRecord | list[StepRecord] | _GradCheck) -> list[Tensor]:
+    if isinstance(item, ObserveRecord):
+        return [item.values]
+    if isinstance(item, _GradCheck):
+        return [item.norms]
+    return [record.values for record in item]
+
+
+def _broadcast(term: PolicyTerm) -> tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first pair of loss terms that a PPO loss combines and whose shapes broadcast into more elements:
+    new_logp with old_logp and with the advantages (the ratio times the advantages), values with returns."""
+    pairs = (("old_logp", term.old_logp, "new_logp", term.new_logp),
+             ("advantages", term.advantages, "new_logp", term.new_logp),
+             ("values", term.values, "returns", term.returns))
+    for name, a, other, b in pairs:
+        if a is None or b is None or a.shape == b.shape:
+            continue
+        try:
+            shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
+        except RuntimeError:
+            continue
+        if math.prod(shape) > max(a.numel(), b.numel()):
+            return name, tuple(a.shape), other, tuple(b.shape), shape
+    return None
 
 
 class PPOGuardError(RuntimeError):
@@ -99,8 +145,9 @@ class PPOGuard(PPOMonitor):
         self.config = config or GuardConfig()
         self.diagnoser = Diagnoser(self.config)
         self.verdict = _Verdict()
-        self._pending: list[ObserveRecord] = []  # observes whose rules wait for the next host read
+        self._pending: list[ObserveRecord | list[StepRecord] | _GradCheck] = []  # waiting for the next host read
         self._walks: dict[str, int] = {}  # graph walks per role in this fit
+        self._unreached: dict[str, list[nn.Parameter]] = {}  # role -> tensors new_logp's graph did not reach
 
     # ------------------------------------------------------------------ results
     @property
@@ -133,11 +180,12 @@ class PPOGuard(PPOMonitor):
     def _reset(self) -> None:
         super()._reset()
         self.diagnoser, self.verdict, self._pending, self._walks = Diagnoser(self.config), _Verdict(), [], {}
+        self._unreached = {}
 
     @override
     def _detach(self) -> None:
         super()._detach()
-        self._pending = []
+        self._pending, self._unreached = [], {}
 
     @override
     def refresh(self) -> None:
@@ -162,40 +210,27 @@ class PPOGuard(PPOMonitor):
         if record.first_in_rollout:
             self.verdict.rollouts_started[role.name] = self.verdict.rollouts_started.get(role.name, 0) + 1
         new_logp, old_logp = term.new_logp, term.old_logp
-        broadcast = None
-        for name, other in (("old_logp", old_logp), ("advantages", term.advantages), ("values", term.values),
-                            ("returns", term.returns)):
-            if other is None or other.shape == new_logp.shape:
-                continue
-            try:
-                shape = tuple(torch.broadcast_shapes(other.shape, new_logp.shape))
-            except RuntimeError:
-                continue
-            if math.prod(shape) != new_logp.numel():
-                broadcast = (name, tuple(other.shape), tuple(new_logp.shape), shape)
-                break
-        old_rg = bool(old_logp.requires_grad)
+        broadcast = _broadcast(term)
         # The graph walk runs at a role's first observe and again at the start of its first rollouts (a loop
-        # that changes path after warm-up); later, a cut graph still shows in the step rules (zero gradient).
+        # that changes path after warm-up); a new_logp without grad is seen at every observe the guard keeps.
         walks = self._walks.get(role.name)
         check_graph = walks is None or (record.first_in_rollout and walks < _GRAPH_WALK_ROLLOUTS)
-        if check_graph or old_rg or broadcast is not None:
-            reached = trainable = 0
+        if check_graph or old_logp.requires_grad or not new_logp.requires_grad or broadcast is not None:
             by_hand = ""
             if new_logp.requires_grad and check_graph:
-                trainable = len(role.params)
-                reached = len(reached_leaves(new_logp, role.ids))
+                reached = reached_leaves(new_logp, role.ids)
+                unreached = [p for p in role.params if id(p) not in reached]
+                if unreached:  # named only if they get no gradient at the step either (see _grad_check)
+                    self._unreached[role.name] = unreached
                 by_hand = logp_by_hand(new_logp)
-            facts = WiringFacts(
-                logp_requires_grad=bool(new_logp.requires_grad), old_requires_grad=old_rg, reached=reached,
-                trainable=trainable, by_hand=by_hand, broadcast=broadcast,
-            )
+            facts = WiringFacts(logp_requires_grad=bool(new_logp.requires_grad),
+                                old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand, broadcast=broadcast)
             self._report(self.diagnoser.check_wiring(role.name, record.step, facts))
             if check_graph:
                 self._walks[role.name] = (walks or 0) + 1
         self._pending.append(record)
-        if record.first_in_rollout and not self.measuring():
-            self._process([])  # a rollout ended: run its rules now, not at the next measured step
+        if record.first_in_rollout:
+            self._process()  # a rollout boundary: the previous rollout's rules run now
 
     @override
     def _step_skipped(self, roles: list[str]) -> None:
@@ -205,27 +240,51 @@ class PPOGuard(PPOMonitor):
 
     @override
     def _stepped(self, records: list[StepRecord]) -> None:
-        self._process(records)
+        for record in records:
+            unreached = self._unreached.pop(record.role, None)
+            if unreached:
+                self._pending.append(_GradCheck.of(record, unreached, len(self._role(record.role).params)))
+        self._pending.append(records)
+        if len(self._pending) >= _MAX_PENDING:
+            self._process()
 
-    def _process(self, records: list[StepRecord]) -> None:
-        """Read the pending observes and these step records to the host (one transfer) and run their rules."""
+    def _role(self, name: str) -> Role:
+        return next(r for r in self.roles if r.name == name)
+
+    def _process(self) -> None:
+        """Read every pending record to the host in one transfer and run their rules, in the order they came.
+
+        Called at rollout boundaries, batch ends in manual optimization, logged rows, the end of training and
+        every 64 pending records: never once per optimizer step, so a GPU is not stalled at each step.
+        """
         pending, self._pending = self._pending, []
-        if not pending and not records:
+        if not pending:
             return
-        flat = self._to_host([r.values for r in pending] + [r.values for r in records])
+        flat = self._to_host([t for item in pending for t in _tensors(item)])
         names = self.layout.observe_names if self.layout is not None else ()
         at = 0
-        for record in pending:
-            self._check_observe(record, dict(zip(names, flat[at:at + len(names)], strict=True)))
-            at += len(names)
-        steps: dict[str, dict[str, float]] = {}
-        for record in records:
-            steps[record.role] = dict(zip(COLUMNS, flat[at:at + len(COLUMNS)], strict=True))
-            at += len(COLUMNS)
+        for item in pending:
+            if isinstance(item, ObserveRecord):
+                self._check_observe(item, dict(zip(names, flat[at:at + len(names)], strict=True)))
+                at += len(names)
+            elif isinstance(item, _GradCheck):
+                norms = flat[at:at + len(item.params)]
+                at += len(item.params)
+                missing = sum(1 for n in norms if n == 0.0)
+                self._report(self.diagnoser.check_unreached(item.role, item.step, missing=missing,
+                                                            unreached=len(norms), trainable=item.trainable))
+            else:
+                steps = {}
+                for record in item:
+                    steps[record.role] = dict(zip(COLUMNS, flat[at:at + len(COLUMNS)], strict=True))
+                    at += len(COLUMNS)
+                self._check_steps(item, steps)
+
+    def _check_steps(self, records: list[StepRecord], steps: dict[str, dict[str, float]]) -> None:
         critic = next((r.name for r in self.roles if r.kind == "critic"), None)
         critic_vals = steps.get(critic) if critic else None
         for record in records:
-            role = next(r for r in self.roles if r.name == record.role)
+            role = self._role(record.role)
             if role.kind != "actor":
                 continue
             v, b = steps[record.role], self.bindings[record.role]
@@ -237,7 +296,8 @@ class PPOGuard(PPOMonitor):
                 grad_norm=v["grad_norm"], grad_norm_clipped=v["grad_norm_clipped"], clip_coef=v["clip_coef"],
                 nonzero_frac=v["grad_nonzero_frac"], grad_none=record.grad_none, trainable_tensors=len(role.params),
                 nonfinite=v["grad_nonfinite"], update_norm=v["update_norm"], update_ratio=v["update_ratio"],
-                binding=b.fraction, lr=b.lr, critic_grad_norm=critic_norm,
+                binding=b.fraction, lr=record.lr, critic_grad_norm=critic_norm, lr_max=record.lr_max,
+                segment=record.segment, fraction=record.fraction,
             )
             self._report(self.diagnoser.check_step(record.role, record.step, facts))
 
@@ -246,16 +306,26 @@ class PPOGuard(PPOMonitor):
             approx_kl=v["approx_kl"], ratio_dev=v["ratio_dev"], adv_mean=v["adv_mean"], adv_std=v["adv_std"],
             entropy_norm=v["entropy_norm"], entropy_drift=v["entropy_drift"],
             first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,
-            prev_updates=record.prev_updates,
+            prev_updates=record.prev_updates, samples=record.samples, adv_given=record.adv_given,
+            precision_eps=record.precision_eps,
         )
         self._report(self.diagnoser.check_observe(record.role, record.step, facts))
+
+    @override
+    def _write_row(self) -> None:
+        self._process()
+        super()._write_row()
 
     # ------------------------------------------------------------------ decisions, agreed across ranks
     @override
     def _batch_end(self) -> None:
         super()._batch_end()  # skipped steps, the row
         fit = self._fit
-        if self.on_stall == "warn" or fit is None:
+        if fit is None:
+            return
+        if not fit.module.automatic_optimization:
+            self._process()  # a manual-optimization batch is usually a whole PPO iteration
+        if self.on_stall == "warn":
             return
         # Every rank calls this collective at every batch end, so no rank waits on another.
         if not fit.trainer.strategy.reduce_boolean_decision(self.verdict.stall, all=False):
@@ -269,7 +339,7 @@ class PPOGuard(PPOMonitor):
 
     @override
     def _train_end(self) -> None:
-        self._process([])
+        self._process()
         fit = self._fit
         super()._train_end()
         if fit is None:

@@ -24,6 +24,7 @@ methods). A measured step is a fixed handful of fused multi-tensor ops for all r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_ppo_guard._binding import Binding, RoleCache
+from lightning_ppo_guard._binding import Binding, RoleCache, role_lr
+from lightning_ppo_guard._cadence import Cadence
 from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
@@ -84,6 +86,7 @@ class _InFlight:
 
     pre_clip: PreClip | None = None  # every role's gradient norms after the last backward
     param_sq: dict[int, Tensor] = field(default_factory=dict)  # id(optimizer) -> actors' squared norms before it
+    lrs: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # ... its roles' (min, max) lr then
     awaiting: set[int] = field(default_factory=set)  # optimizers past on_before_optimizer_step, step not run yet
 
 
@@ -97,7 +100,10 @@ class _Fit:
     rows: RowBuffer
     observe_slots: dict[str, Tensor]
     cache: RoleCache
+    cadence: Cadence
     hooks: list[RemovableHandle] = field(default_factory=list)
+    batches: int = 0  # training batches started
+    fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
     last_host: dict[str, float] = field(default_factory=dict)
     steps_since_row: int = 0
     batches_since_row: int = 0
@@ -105,12 +111,17 @@ class _Fit:
 
 @dataclass(slots=True)
 class StepRecord:
-    """One optimizer step of one role, still on the device (``values`` follows ``_plan.COLUMNS``)."""
+    """One measured optimizer step of one role: ``values`` (following ``_plan.COLUMNS``) still on the device,
+    and the host facts read at that very step."""
 
     role: str
     step: int
     values: Tensor
     grad_none: int
+    lr: float  # smallest and largest lr of the groups holding the role, at this step
+    lr_max: float
+    segment: int | None  # index of the rollout (or batch) this step belongs to; None when unknown
+    fraction: float | None  # share of the fit done (None when the Trainer cannot tell)
 
 
 @dataclass(slots=True)
@@ -124,6 +135,20 @@ class ObserveRecord:
     target_kl: float | None
     values: Tensor
     prev_updates: int | None  # actor steps of the rollout this one's first observe ends
+    samples: int = 0  # minibatch size
+    adv_given: bool = False
+    precision_eps: float = 1.2e-7  # of the lowest precision new_logp was computed in (first minibatches only)
+
+
+def _fit_fraction(trainer: TrainerLike, batch_idx: int) -> float | None:
+    """How much of the planned fit is done, from the Trainer's public limits (None when it cannot tell)."""
+    max_steps = getattr(trainer, "max_steps", -1)
+    if isinstance(max_steps, int) and max_steps > 0:
+        return trainer.global_step / max_steps
+    batches, epochs = getattr(trainer, "num_training_batches", math.inf), getattr(trainer, "max_epochs", None)
+    if not isinstance(epochs, int) or epochs <= 0 or not math.isfinite(batches) or batches <= 0:
+        return None
+    return (trainer.current_epoch * batches + batch_idx + 1) / (epochs * batches)
 
 
 class PPOMonitor(Callback):
@@ -225,13 +250,9 @@ class PPOMonitor(Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def measuring(self) -> bool:
-        """Whether the coming optimizer step is measured (dense at the start, then every n-th step)."""
-        n = self.progress.optimizer_steps
-        return n < self.dense_steps or n % self.measure_every_n_steps == 0
-
-    def counting_nonzero(self, n: int) -> bool:
-        """Whether measured step ``n`` counts nonzero gradients: each dense step, then 1 measured step in 8."""
-        return n < self.dense_steps or (n // self.measure_every_n_steps) % 8 == 0
+        """Whether the coming step of some optimizer is measured (see :mod:`lightning_ppo_guard._cadence`)."""
+        fit = self._fit
+        return fit is not None and any(fit.cadence.measuring(key) for key in fit.cache.plans)
 
     # ------------------------------------------------------------------ Lightning hooks (thin)
     @override
@@ -255,7 +276,7 @@ class PPOMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._batch_start()
+        self._batch_start(batch_idx)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -309,7 +330,8 @@ class PPOMonitor(Callback):
         device = module.device
         slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
                  for name, o in layout.observe_offset.items()}
-        fit = self._fit = _Fit(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device))
+        fit = self._fit = _Fit(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device),
+                               Cadence(self.dense_steps, self.measure_every_n_steps))
         for opt in trainer.optimizers:
             fit.hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
             fit.hooks.append(opt.register_step_post_hook(self._optimizer_post_step))
@@ -345,7 +367,14 @@ class PPOMonitor(Callback):
                 self._roles_changed(changed)
 
     # ------------------------------------------------------------------ the engine: steps
-    def _batch_start(self) -> None:
+    def _batch_start(self, batch_idx: int = 0) -> None:
+        fit = self._fit
+        if fit is None:
+            return
+        fit.batches += 1
+        fit.fraction = _fit_fraction(fit.trainer, batch_idx)
+        if not fit.module.automatic_optimization:  # a manual-optimization batch is usually one PPO iteration
+            fit.cadence.start_segment(("batch", fit.batches), rollout=False)
         if self.measuring():  # binding and lr are re-read on the cadence of the measurements
             self.refresh()
 
@@ -353,7 +382,8 @@ class PPOMonitor(Callback):
         # Manual optimization: the user clips between backward and step, so measure here (AMP-scaled: undone
         # with the scaler's current scale). With accumulation, the last backward before the step wins.
         fit = self._fit
-        if fit is not None and not fit.module.automatic_optimization and self.measuring() and fit.cache.all_plan:
+        if (fit is not None and not fit.module.automatic_optimization and fit.cache.all_plan is not None
+                and self.measuring()):
             scaler = fit.trainer.scaler
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self._flight.pre_clip = PreClip(fit.cache.all_plan, 1.0 / scale)
@@ -367,14 +397,21 @@ class PPOMonitor(Callback):
             self._skipped(id(optimizer))
         self._flight.awaiting.add(id(optimizer))
         # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
-        if fit.module.automatic_optimization and self.measuring() and fit.cache.all_plan:
+        if fit.module.automatic_optimization and fit.cache.all_plan is not None and fit.cadence.measuring(
+                id(optimizer)):
             self._flight.pre_clip = PreClip(fit.cache.all_plan, 1.0)
 
     def _optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._fit is not None and self.measuring():
-            plan = self._fit.cache.plans.get(id(optimizer))
-            if plan is not None:
-                self._flight.param_sq[id(optimizer)] = plan.before()
+        fit = self._fit
+        if fit is None or not fit.cadence.measuring(id(optimizer)):
+            return
+        if fit.cache.lazy:  # lazy parameters materialise at the first forward: measure them from now on
+            self.refresh()
+        plan = fit.cache.plans.get(id(optimizer))
+        if plan is not None:
+            self._flight.param_sq[id(optimizer)] = plan.before()
+            self._flight.lrs[id(optimizer)] = [role_lr(self.bindings[r.name], fit.trainer.optimizers)
+                                               for r in plan.roles]
 
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         fit = self._fit
@@ -390,17 +427,20 @@ class PPOMonitor(Callback):
         progress.optimizer_steps += 1
         fit.steps_since_row += 1
         param_sq = self._flight.param_sq.pop(id(optimizer), None)
+        counted = fit.cadence.counting_nonzero(id(optimizer))
+        fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
         if param_sq is not None:
             pre = self._flight.pre_clip
             post = plan.clip.post_norms(plan, pre)
             norms = pre.take(plan) if pre is not None else None
             if pre is not None and not pre.unused:
                 self._flight.pre_clip = None
-            counted = self.counting_nonzero(progress.optimizer_steps - 1)
             block, nones = plan.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, counted, post)
             fit.rows.queue(block, plan.mask if counted else plan.mask_without_nonzero, plan.slots)
-            step = self.current_step
-            self._stepped([StepRecord(name, step, block[i], nones[i]) for i, name in enumerate(plan.names)])
+            step, lrs = self.current_step, self._flight.lrs.pop(id(optimizer))
+            segment = fit.cadence.segments if fit.cadence.segment_id is not None else None
+            self._stepped([StepRecord(name, step, block[i], nones[i], *lrs[i], segment, fit.fraction)
+                           for i, name in enumerate(plan.names)])
         if self._log_every is not None and fit.steps_since_row >= self._log_every:
             self._write_row()
 
@@ -442,7 +482,9 @@ class PPOMonitor(Callback):
         role = self._actor(term.role)
         name, progress = role.name, self.progress
         first_in_rollout, prev_updates = progress.enter_rollout(name, term.rollout)
-        measured = self.measuring()
+        if first_in_rollout:
+            fit.cadence.start_segment(("rollout", term.rollout), rollout=True)
+        measured = fit.cadence.measuring(fit.cache.key(name))
         if not (first_in_rollout or measured):
             return  # between measured steps: only the rollout bookkeeping above
         if term.empty:
@@ -458,7 +500,8 @@ class PPOMonitor(Callback):
             fit.rows.queue(values, fit.rows.mask(present), fit.observe_slots[name])
         progress.observes += 1
         record = ObserveRecord(name, self.current_step, term.rollout, first_in_rollout, term.target_kl, values,
-                               prev_updates)
+                               prev_updates, term.new_logp.numel(), measured and term.advantages is not None,
+                               term.precision_eps() if first_in_rollout else 1.2e-7)
         self._observed(record, term, role)
 
     def _actor(self, name: str) -> Role:

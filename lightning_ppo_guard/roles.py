@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["ACTOR_NAMES", "CRITIC_NAMES", "Role", "RoleSpec", "resolve_roles"]
 
@@ -35,17 +36,26 @@ class Role:
     frozen: list[nn.Parameter] = field(default_factory=list)
     numel: int = 0
     ids: frozenset[int] = frozenset()
+    lazy: int = 0  # parameters of lazy modules not materialised yet (measured once their first forward ran)
+    exclude: tuple[str, ...] = ()  # paths of more specific roles nested inside this one: their tensors are theirs
 
     def refresh(self, root: nn.Module) -> bool:
         """Re-read the module at ``path``; return True when its trainable tensors changed."""
         module = root.get_submodule(self.path) if self.path else root
         params: list[nn.Parameter] = []
         frozen: list[nn.Parameter] = []
+        lazy = 0
+        theirs = {id(p) for path in self.exclude for p in root.get_submodule(path).parameters()}
         for p in module.parameters():
-            (params if p.requires_grad else frozen).append(p)
+            if id(p) in theirs:
+                continue
+            if is_lazy(p):
+                lazy += 1
+            else:
+                (params if p.requires_grad else frozen).append(p)
         ids = frozenset(id(p) for p in params)
-        changed = ids != self.ids
-        self.params, self.frozen, self.ids = params, frozen, ids
+        changed = ids != self.ids or lazy != self.lazy
+        self.params, self.frozen, self.ids, self.lazy = params, frozen, ids, lazy
         self.numel = sum(p.numel() for p in params)
         return changed
 
@@ -95,9 +105,33 @@ def _auto(root: nn.Module, names: Sequence[str]) -> str | None:
     return None if best is None else best[2]
 
 
+def _layers_not_agents(module: nn.ModuleList) -> bool:
+    """A ModuleList that holds one network's layers rather than one network per agent: some entry has no
+    parameters (an activation), or every entry is a single layer and they are not all alike (shapes chain)."""
+    children = list(module)
+    if any(not any(True for _ in c.parameters()) for c in children):
+        return True
+    if all(not any(True for _ in c.children()) for c in children):
+        shapes = {(type(c), tuple(tuple(p.shape) for p in c.parameters())) for c in children}
+        return len(shapes) > 1
+    return False
+
+
+def _inside(path: str, parent: str) -> bool:
+    """Whether the module at ``path`` is strictly inside the one at ``parent`` ("" is the root)."""
+    return path != parent and (parent == "" or path.startswith(parent + "."))
+
+
 def _expand_actor(path: str, module: nn.Module, name: str | None) -> list[tuple[str, str]]:
     """A ModuleList / ModuleDict of actors gives one role per agent."""
     if isinstance(module, nn.ModuleList):
+        if _layers_not_agents(module):
+            kinds = ", ".join(type(c).__name__ for c in module)
+            raise ValueError(
+                f"{path!r} is an nn.ModuleList of layers ({kinds}), not one actor per agent, so it cannot be read "
+                f"as MAPPO agents. Name it as one role: PPOGuard(actors={{'actor': {path!r}}}), or hold the layers "
+                f"in an nn.Sequential. (For one actor per agent, each entry is a whole network.)"
+            )
         return [(f"agent_{i}", f"{path}.{i}") for i in range(len(module))]
     if isinstance(module, nn.ModuleDict):
         return [(str(key), f"{path}.{key}") for key in module]
@@ -143,6 +177,9 @@ def resolve_roles(root: nn.Module, actors: RoleSpec = None, critic: str | nn.Mod
     roles = [Role(name=name, kind="actor", path=path) for name, path in pairs]
     if critic_path is not None:
         roles.append(Role(name="critic", kind="critic", path=critic_path))
+    for role in roles:  # a role never holds a tensor a more specific role holds (SB3: the value head in policy)
+        role.exclude = tuple(other.path for other in roles
+                             if other is not role and _inside(other.path, role.path))
 
     names = [r.name for r in roles]
     if len(set(names)) != len(names):
@@ -151,7 +188,7 @@ def resolve_roles(root: nn.Module, actors: RoleSpec = None, critic: str | nn.Mod
         raise ValueError("No actor role was given: pass at least one actor path or module.")
     for role in roles:
         role.refresh(root)
-        if not role.params and not role.frozen:
+        if not role.params and not role.frozen and not role.lazy:
             raise ValueError(
                 f"The {role.kind} role {role.name!r} at {role.path!r} has no parameters at all; "
                 f"point the role at the module that holds the {role.kind}'s weights."

@@ -40,8 +40,11 @@ class StepFacts:
     update_norm: float
     update_ratio: float
     binding: float
-    lr: float
+    lr: float  # smallest lr of the groups holding the role, read at this step
     critic_grad_norm: float = math.nan  # critic's pre-clip norm at the same step, when it shares the clip
+    lr_max: float = math.nan  # largest lr of those groups at this step (0: no part of the role can move)
+    segment: int | None = None  # index of the rollout (or batch) of this step; None when not known
+    fraction: float | None = None  # share of the planned fit done; None when not known
 
 
 @dataclass
@@ -56,29 +59,36 @@ class ObserveFacts:
     rollout: int | None = None
     target_kl: float | None = None
     prev_updates: int | None = None  # actor steps in the rollout that this observe's first_in_rollout ends
+    samples: int = 2  # minibatch size
+    adv_given: bool = True  # advantages were passed (so a NaN adv_std is data, not absence)
+    precision_eps: float = 1.2e-7  # machine eps of the lowest precision new_logp was computed in (autocast)
 
 
 @dataclass
 class WiringFacts:
     logp_requires_grad: bool
     old_requires_grad: bool
-    reached: int  # actor trainable tensors reached by new_logp's graph
-    trainable: int
     by_hand: str = ""  # graph pattern when log() of gathered probabilities was found
-    broadcast: tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+    #: (name, shape, other name, other shape, broadcast shape) of two loss terms that multiply into a bigger shape
+    broadcast: tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None = None
 
 
 @dataclass
 class RoleState:
     """Per-role counters the rules keep between calls (saved in the guard's checkpoint state)."""
 
-    # consecutive-step streaks
+    # consecutive-step streaks (over measured steps), and the segment (rollout) each one started in
     zero_grad: int = 0
     cleared: int = 0
     clipped_zero: int = 0
     unchanged: int = 0
+    lr_zero: int = 0
+    lr_zero_from: int | None = None
     tiny_update: int = 0
+    tiny_from: int | None = None
     skipped: int = 0
+    lr_peak: float = 0.0  # the largest lr seen for the role
+    annealed: bool = False  # an lr schedule has taken the lr far below its peak near the end of the fit
     # current rollout aggregates
     r_observes: int = 0
     r_kl_sum: float = 0.0
@@ -116,6 +126,18 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _streak(hit: bool, count: int, start: int | None, segment: int | None) -> tuple[int, int | None]:
+    """A streak of consecutive measured steps: its new length, and the segment (rollout) it began in."""
+    if not hit:
+        return 0, None
+    return count + 1, (start if count else segment)
+
+
+def _span(start: int | None, now: int | None) -> int:
+    """How many segments (rollouts) a streak begun in ``start`` covers at ``now`` (0 when not known)."""
+    return now - start + 1 if start is not None and now is not None else 0
+
+
 class Diagnoser:
     """Feeds evidence to the rules and keeps their per-role state. Pure Python: table-testable."""
 
@@ -144,33 +166,41 @@ class Diagnoser:
             return self._emit(role, "PPG005", step, frozen=frozen) if kind == "actor" else []
         if kind != "actor":
             return out
+        # An lr of 0 here is no finding: a warm-up starts at 0. PPG003 waits for a role that does not move
+        # (check_step).
         if binding < 1.0:
             if stale_tensors > 0:
                 out += self._emit(role, "PPG002", step, binding=binding, stale_tensors=stale_tensors)
             else:
                 out += self._emit(role, "PPG001", step, binding=binding)
-        elif _finite(lr) and lr == 0.0:
-            out += self._emit(role, "PPG003", step, lr=lr)
         return out
 
     # ------------------------------------------------------------------ wiring
     def check_wiring(self, role: str, step: int, facts: WiringFacts) -> list[Finding]:
         out: list[Finding] = []
         if facts.broadcast is not None:
-            name, shape, logp_shape, broadcast = facts.broadcast
-            out += self._emit(role, "PPG104", step, name=name, shape=shape, logp_shape=logp_shape,
+            name, shape, other, other_shape, broadcast = facts.broadcast
+            out += self._emit(role, "PPG104", step, name=name, shape=shape, other=other, other_shape=other_shape,
                               broadcast=broadcast)
         if facts.old_requires_grad:
-            out += self._emit(role, "PPG103", step)
+            out += self._emit(role, "PPG103", step, old_logp_requires_grad=True)
         if "PPG005" in self.state(role).raised:
             pass  # a frozen actor explains a log-prob without grad
         elif not facts.logp_requires_grad:
-            out += self._emit(role, "PPG101", step)
-        elif facts.trainable and facts.reached < facts.trainable:
-            out += self._emit(role, "PPG102", step, reached=facts.reached, trainable=facts.trainable)
+            out += self._emit(role, "PPG101", step, new_logp_requires_grad=False)
         if facts.by_hand:
             out += self._emit(role, "PPG106", step, pattern=facts.by_hand)
         return out
+
+    def check_unreached(self, role: str, step: int, *, missing: int, unreached: int, trainable: int) -> list[Finding]:
+        """PPG102: of ``trainable`` tensors, ``unreached`` are not in new_logp's graph, and ``missing`` of those got
+        no gradient at the step either (an auxiliary head, a value head or a checkpointed block gets one from
+        its own term or through an opaque node: not missing)."""
+        s = self.state(role)
+        if missing <= 0 or {"PPG005", "PPG101"} & set(s.raised):
+            return []
+        return self._emit(role, "PPG102", step, reached=trainable - missing, trainable=trainable,
+                          unreached=unreached)
 
     # ------------------------------------------------------------------ steps
     def check_step(self, role: str, step: int, f: StepFacts) -> list[Finding]:
@@ -186,9 +216,17 @@ class Diagnoser:
         s.clipped_zero = s.clipped_zero + 1 if f.grad_norm > 0 and not all_none and f.grad_norm_clipped == 0 else 0
         bound = f.binding >= 1.0
         moving_grad = f.grad_norm_clipped > 0 and bound
-        s.unchanged = s.unchanged + 1 if moving_grad and f.update_norm == 0.0 else 0
-        s.tiny_update = s.tiny_update + 1 if (
-            moving_grad and 0.0 < f.update_ratio < cfg.tiny_update_ratio) else 0
+        if _finite(f.lr_max):
+            s.lr_peak = max(s.lr_peak, f.lr_max)
+        # The end of a decaying schedule (cosine or linear to 0): the actor is meant to stop moving there.
+        s.annealed = (s.lr_peak > 0 and _finite(f.lr_max) and f.lr_max <= cfg.annealed_lr * s.lr_peak
+                      and f.fraction is not None and f.fraction >= cfg.annealed_fraction)
+        unchanged = moving_grad and f.update_norm == 0.0
+        s.unchanged = s.unchanged + 1 if unchanged else 0
+        lr_zero = unchanged and _finite(f.lr_max) and f.lr_max == 0.0
+        s.lr_zero, s.lr_zero_from = _streak(lr_zero, s.lr_zero, s.lr_zero_from, f.segment)
+        tiny = moving_grad and 0.0 < f.update_ratio < cfg.tiny_update_ratio
+        s.tiny_update, s.tiny_from = _streak(tiny, s.tiny_update, s.tiny_from, f.segment)
         if _finite(f.update_ratio):
             s.r_upd_sum += f.update_ratio
             s.r_upd_n += 1
@@ -206,15 +244,23 @@ class Diagnoser:
             out += self._emit(role, "PPG004", step, grad_norm=f.grad_norm, steps=s.clipped_zero)
         if s.zero_grad >= cfg.zero_grad_steps and not self._has_root(role):
             out += self._emit(role, "PPG201", step, steps=s.zero_grad, grad_none=f.grad_none)
-        if s.unchanged >= cfg.unchanged_steps and not self._has_root(role):
+        # lr 0 is a finding once the role has not moved over several steps, in more than one rollout (a warm-up
+        # from 0 rises within its first rollout or step), and not at the end of a schedule that decays to 0.
+        rollouts = _span(s.lr_zero_from, f.segment)
+        long_enough = rollouts >= 2 or (f.segment is None and s.lr_zero >= cfg.lr_zero_steps)
+        if s.lr_zero >= cfg.unchanged_steps and long_enough and not s.annealed and not self._has_root(role):
+            out += self._emit(role, "PPG003", step, lr=f.lr_max, steps=s.lr_zero, rollouts=rollouts)
+        if s.unchanged >= cfg.unchanged_steps and not lr_zero and not self._has_root(role):
             out += self._emit(role, "PPG203", step, grad_norm_clipped=f.grad_norm_clipped, steps=s.unchanged,
                               lr=f.lr)
-        if s.tiny_update >= cfg.tiny_update_steps and not self._has_root(role):
+        tiny_rollouts = _span(s.tiny_from, f.segment)
+        if ((s.tiny_update >= cfg.tiny_update_steps or (s.tiny_update >= 3 and tiny_rollouts >= cfg.frozen_rollouts))
+                and not s.annealed and not self._has_root(role)):
             if starved:
                 out += self._emit(role, "PPG403", step, clip_coef=f.clip_coef, update_ratio=f.update_ratio,
                                   critic_ratio=f.critic_grad_norm / max(f.grad_norm, 1e-30))
             else:
-                out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr,
+                out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr_max,
                                   steps=s.tiny_update)
         return out
 
@@ -240,19 +286,24 @@ class Diagnoser:
             out += self.end_rollout(role, step, f.prev_updates)
         if not (_finite(f.approx_kl) and _finite(f.ratio_dev)):
             return out + self._emit(role, "PPG902", step, approx_kl=f.approx_kl)
-        if f.first_in_rollout and f.ratio_dev > cfg.first_ratio_dev:
-            out += self._emit(role, "PPG105", step, rollout=f.rollout, ratio_dev=f.ratio_dev)
+        # Recomputing the log-probs in a lower precision (bf16 autocast) moves the first ratio by rounding alone.
+        tolerance = max(cfg.first_ratio_dev, cfg.first_ratio_eps * f.precision_eps)
+        if f.first_in_rollout and f.ratio_dev > tolerance:
+            out += self._emit(role, "PPG105", step, rollout=f.rollout, ratio_dev=f.ratio_dev, tolerance=tolerance)
         s.r_observes += 1
         if not f.first_in_rollout:
             s.r_kl_sum += f.approx_kl
             s.r_kl_n += 1
         s.r_ratio_dev = max(s.r_ratio_dev, f.ratio_dev)
-        if _finite(f.adv_std):
+        if f.adv_given and not (_finite(f.adv_std) and _finite(f.adv_mean)):
+            out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
+        elif _finite(f.adv_std):
             s.r_adv_std_sum += f.adv_std
             s.r_adv_mean_sum += abs(f.adv_mean) if _finite(f.adv_mean) else 0.0
             s.r_adv_n += 1
-            if f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)) or not _finite(f.adv_mean):
-                out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean)
+            # one sample has no spread to lose (a remainder minibatch of one)
+            if f.samples > 1 and f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)):
+                out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
         s.r_ent_norm, s.r_ent_drift = f.entropy_norm, f.entropy_drift
         s.r_last_kl, s.r_target_kl = f.approx_kl, f.target_kl
         return out
@@ -288,6 +339,8 @@ class Diagnoser:
         s.starved_rollouts = s.starved_rollouts + 1 if starved else 0
         clip = s.r_clip_sum / s.r_clip_n if s.r_clip_n else math.nan
         critic_ratio = s.r_critic_ratio_sum / s.r_clip_n if s.r_clip_n else math.nan
+        if s.annealed:  # the schedule is ending: a policy that stops moving is what it was built to do
+            s.starved_rollouts = s.frozen_rollouts = s.tiny_adv_rollouts = 0
         if not self._has_root(role):
             if s.starved_rollouts >= cfg.weak_rollouts:
                 out += self._emit(role, "PPG403", step, clip_coef=clip, critic_ratio=critic_ratio,

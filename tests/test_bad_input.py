@@ -50,8 +50,23 @@ def test_broadcasting_shapes_are_a_finding(monkeypatch):
     guard = _run(monkeypatch, lambda kw: {**kw, "advantages": kw["advantages"].unsqueeze(-1)})
     found = [f for f in guard.findings if f.code == "PPG104"]
     assert found, guard.findings
-    (b,) = found[0].evidence["logp_shape"]
-    assert found[0].evidence["broadcast"] == (b, b) and found[0].evidence["shape"] == (b, 1)
+    evidence = found[0].evidence
+    (b,) = evidence["other_shape"]
+    assert evidence["broadcast"] == (b, b) and evidence["shape"] == (b, 1)
+    assert (evidence["name"], evidence["other"]) == ("advantages", "new_logp")
+
+
+def test_value_shapes_that_never_meet_the_log_probs_are_no_finding(monkeypatch):
+    """values and returns both (B, 1) with log-probs (B,): the value loss pairs them with each other only."""
+    guard = _run(monkeypatch, lambda kw: {**kw, "values": kw["values"].unsqueeze(-1),
+                                          "returns": kw["returns"].unsqueeze(-1)})
+    assert guard.findings == [], guard.summary()
+
+
+def test_values_and_returns_that_broadcast_together_are_a_finding(monkeypatch):
+    guard = _run(monkeypatch, lambda kw: {**kw, "values": kw["values"].unsqueeze(-1)})
+    found = [f for f in guard.findings if f.code == "PPG104"]
+    assert found and (found[0].evidence["name"], found[0].evidence["other"]) == ("values", "returns")
 
 
 def test_empty_tensors_warn_and_are_skipped(monkeypatch):

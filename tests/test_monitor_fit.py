@@ -162,7 +162,7 @@ def test_automatic_optimization_and_accumulation_do_not_double_count(tmp_path, a
 def test_auto_detached_logits_and_unbound_actor_are_found():
     for fault, code in (("detached_logits", "PPG101"), ("actor_not_in_optimizer", "PPG001"), ("lr_zero", "PPG003")):
         guard = PPOGuard()
-        fit(CartPolePPOAuto(_cfg(1, fault=fault)), [guard])
+        fit(CartPolePPOAuto(_cfg(2, fault=fault)), [guard])  # lr 0 is named once it held for two rollouts
         assert code in guard.codes("actor"), (fault, guard.codes())
 
 
@@ -245,16 +245,34 @@ def test_unclipped_step_reuses_the_norms_taken_after_backward(monkeypatch, tmp_p
             assert post == pytest.approx(min(pre, clip), rel=1e-4)
 
 
-def test_a_row_is_written_only_when_something_new_was_measured(tmp_path):
-    """Sparse cadence (steps 0, 64, 128 of 160 measured; 40 steps per batch): the third batch measured nothing
-    and no host value changed, so it writes no row; the others write one each."""
+def test_a_row_is_written_only_when_something_new_was_measured(tmp_path, monkeypatch):
+    """Automatic optimization without rollout ids (one step per batch, a row per batch asked): after the dense
+    start one step in 64 is measured, so the batches between measured steps measure nothing and change no host
+    value, and write no row."""
+    import lightning_ppo_guard.reference.cartpole as cartpole
+    from lightning_ppo_guard import observe
+
+    monkeypatch.setattr(cartpole, "observe", lambda m, rollout=None, **kw: observe(m, **kw))
+    logger = CSVLogger(tmp_path, name="run")
+    guard = PPOGuard(dense_steps=8, measure_every_n_steps=64)
+    fit(CartPolePPOAuto(_cfg(5)), [guard], logger=logger, log_every_n_steps=1)
+    steps = [int(r["step"]) for r in read_csv(logger.log_dir) if any(k.startswith("ppo_guard/") for k in r)]
+    # a row after each of the 8 dense steps, then after the measured ones: n + n // 64 divisible by 64
+    measured = [n + 1 for n in range(8, 200) if (n + n // 64) % 64 == 0]
+    assert steps == list(range(1, 9)) + measured and measured == [128, 191]
+
+
+def test_sparse_cadence_measures_each_rollout_late_whatever_its_length(tmp_path):
+    """Manual optimization, 40 steps per rollout, nothing dense: every rollout gets one measured step, its last
+    (predicted from the one before), so every row holds a minibatch after the first and a moving policy logs a
+    KL above 0; the rollout counts stay exact."""
     logger = CSVLogger(tmp_path, name="run")
     guard = PPOGuard(dense_steps=0, measure_every_n_steps=64)
     fit(CartPolePPO(_cfg(4)), [guard], logger=logger, log_every_n_steps=1)
-    rows = [r for r in read_csv(logger.log_dir) if any(k.startswith("ppo_guard/") for k in r)]
-    assert [int(r["step"]) for r in rows] == [40, 80, 160]
-    assert [int(r["step"]) for r in guard_rows(rows)] == [40, 80, 160]
-    assert rows[1]["ppo_guard/actor/updates_per_rollout"] == 40
+    rows = guard_rows(read_csv(logger.log_dir), metric="approx_kl")
+    assert [int(r["step"]) for r in rows] == [40, 80, 120, 160]
+    assert all(r["ppo_guard/actor/approx_kl"] > 1e-6 for r in rows[1:]), rows
+    assert all(r["ppo_guard/actor/updates_per_rollout"] == 40 for r in rows[1:])
 
 
 def test_mappo_parameter_sharing_is_one_role_fed_by_every_agent(tmp_path):

@@ -55,3 +55,16 @@ def test_frozen_actor_is_a_role_without_trainable_params():
     net.actor.requires_grad_(False)
     actor = resolve_roles(net)[0]
     assert actor.params == [] and len(actor.frozen) == 2
+
+
+def test_a_role_never_holds_the_tensors_of_a_role_nested_in_it():
+    """SB3's layout: ``policy`` holds the value head; auto-detection takes ``policy`` as the actor and
+    ``policy.value_net`` as the critic, so the actor is ``policy`` minus the value head."""
+    outer = nn.Module()
+    outer.policy = nn.Module()
+    outer.policy.mlp_extractor = nn.Linear(4, 8)
+    outer.policy.action_net = nn.Linear(8, 2)
+    outer.policy.value_net = nn.Linear(8, 1)
+    actor, critic = resolve_roles(outer)
+    assert (actor.path, critic.path) == ("policy", "policy.value_net")
+    assert actor.ids.isdisjoint(critic.ids) and actor.numel == 4 * 8 + 8 + 8 * 2 + 2 and critic.numel == 9

@@ -12,7 +12,8 @@ from lightning_ppo_guard.rules import Diagnoser, ObserveFacts, StepFacts, Wiring
 
 def step(**kw):
     base = dict(grad_norm=0.2, grad_norm_clipped=0.2, clip_coef=1.0, nonzero_frac=1.0, grad_none=0,
-                trainable_tensors=6, nonfinite=0.0, update_norm=0.01, update_ratio=2e-3, binding=1.0, lr=3e-4)
+                trainable_tensors=6, nonfinite=0.0, update_norm=0.01, update_ratio=2e-3, binding=1.0, lr=3e-4,
+                lr_max=3e-4)
     base.update(kw)
     return StepFacts(**base)
 
@@ -24,7 +25,8 @@ def obs(first=False, rollout=0, **kw):
 
 
 def run(diag, rollouts, updates=16, step_kw=None, obs_kw=None, target_kl=None):
-    """Feed ``rollouts`` rollouts of ``updates`` minibatch updates; return all findings."""
+    """Feed ``rollouts`` rollouts of ``updates`` minibatch updates; return all findings. ``step_kw`` may be a
+    function of (rollout, update), like ``obs_kw``."""
     out, n = [], 0
     for r in range(rollouts):
         for u in range(updates):
@@ -36,7 +38,8 @@ def run(diag, rollouts, updates=16, step_kw=None, obs_kw=None, target_kl=None):
             o.target_kl = target_kl
             o.prev_updates = updates if first and r else None
             out += diag.check_observe("actor", n, o)
-            out += diag.check_step("actor", n, step(**(step_kw or {})))
+            skw = step_kw(r, u) if callable(step_kw) else (step_kw or {})
+            out += diag.check_step("actor", n, step(segment=r, **skw))
             n += 1
     return out
 
@@ -59,8 +62,8 @@ def test_setup_rules():
                                stale_tensors=0)) == ["PPG001"]
     assert codes(d.check_setup("a2", "actor", 0, binding=0.0, lr=math.nan, trainable=6, frozen=0,
                                stale_tensors=6)) == ["PPG002"]
-    assert codes(d.check_setup("a3", "actor", 0, binding=1.0, lr=0.0, trainable=6, frozen=0,
-                               stale_tensors=0)) == ["PPG003"]
+    # an lr of 0 at set-up is no finding by itself (a warm-up starts there): see test_lr_zero_waits_for_evidence
+    assert d.check_setup("a3", "actor", 0, binding=1.0, lr=0.0, trainable=6, frozen=0, stale_tensors=0) == []
     assert codes(d.check_setup("a4", "actor", 0, binding=1.0, lr=0.0, trainable=0, frozen=6,
                                stale_tensors=0)) == ["PPG005"]
     assert d.check_setup("critic", "critic", 0, binding=0.0, lr=1e-3, trainable=6, frozen=0, stale_tensors=0) == []
@@ -70,13 +73,60 @@ def test_setup_rules():
 
 def test_wiring_rules():
     d = Diagnoser()
-    f = d.check_wiring("actor", 0, WiringFacts(logp_requires_grad=False, old_requires_grad=False, reached=0,
-                                                trainable=6))
-    assert codes(f) == ["PPG101"]
-    f = d.check_wiring("b", 0, WiringFacts(logp_requires_grad=True, old_requires_grad=True, reached=4, trainable=6,
+    f = d.check_wiring("actor", 0, WiringFacts(logp_requires_grad=False, old_requires_grad=False))
+    assert codes(f) == ["PPG101"] and f[0].evidence
+    f = d.check_wiring("b", 0, WiringFacts(logp_requires_grad=True, old_requires_grad=True,
                                            by_hand="LogBackward0 <- GatherBackward0 <- SoftmaxBackward0",
-                                           broadcast=("advantages", (8, 1), (8,), (8, 8))))
-    assert codes(f) == ["PPG102", "PPG103", "PPG104", "PPG106"]
+                                           broadcast=("advantages", (8, 1), "new_logp", (8,), (8, 8))))
+    assert codes(f) == ["PPG103", "PPG104", "PPG106"]
+    assert "advantages has shape (8, 1) but new_logp has shape (8,)" in f[0].message
+
+
+def test_unreached_tensors_are_missing_only_when_they_get_no_gradient_either():
+    d = Diagnoser()
+    # an auxiliary head or a checkpointed block: not in new_logp's graph, but trained by its own term
+    assert d.check_unreached("actor", 0, missing=0, unreached=2, trainable=6) == []
+    f = d.check_unreached("actor", 0, missing=2, unreached=2, trainable=6)
+    assert codes(f) == ["PPG102"] and f[0].evidence["reached"] == 4
+    # a log-prob without grad already explains it
+    d.check_wiring("c", 0, WiringFacts(logp_requires_grad=False, old_requires_grad=False))
+    assert d.check_unreached("c", 1, missing=6, unreached=6, trainable=6) == []
+
+
+def test_lr_zero_waits_for_evidence():
+    """lr 0 is named once the role has not moved over several steps spanning two rollouts; a warm-up from 0 for
+    one rollout, one layer at lr 0 (the role moves) and a schedule that ends at 0 are not."""
+    frozen = dict(update_norm=0.0, update_ratio=0.0, lr=0.0, lr_max=0.0)
+    found = run(Diagnoser(), 3, step_kw=frozen)
+    assert codes(found) == ["PPG003"] and found[0].step == 16 and found[0].evidence["rollouts"] == 2
+    warmup = run(Diagnoser(), 4, step_kw=lambda r, u: frozen if r == 0 else {})
+    assert warmup == []
+    assert run(Diagnoser(), 4, step_kw=dict(lr=0.0)) == []  # one group at 0, the role moves
+    # a schedule that reaches 0 in the last tenth of the fit, after a positive peak
+    ending = run(Diagnoser(), 10, step_kw=lambda r, u: dict(frozen, fraction=0.95) if r >= 8 else dict(
+        fraction=r / 10))
+    assert ending == []
+    # the same zero lr halfway through training is named
+    assert codes(run(Diagnoser(), 10, step_kw=lambda r, u: dict(frozen, fraction=0.5) if r >= 4 else dict(
+        fraction=r / 10))) == ["PPG003"]
+    # without rollouts, 16 measured steps at lr 0 without a move
+    d, out = Diagnoser(), []
+    for n in range(16):
+        out += d.check_step("actor", n, step(segment=None, **frozen))
+    assert codes(out) == ["PPG003"] and out[0].step == 15
+
+
+def test_positive_lr_with_no_change_is_params_unchanged_with_the_lr_of_that_step():
+    found = run(Diagnoser(), 1, step_kw=dict(update_norm=0.0, update_ratio=0.0, lr=2e-4, lr_max=2e-4))
+    assert codes(found) == ["PPG203"] and found[0].evidence["lr"] == 2e-4
+
+
+def test_tiny_updates_are_named_over_rollouts_when_few_steps_are_measured():
+    """One measured step per rollout (the sparse cadence): three rollouts of tiny updates name PPG204."""
+    d, out = Diagnoser(), []
+    for r in range(5):
+        out += d.check_step("actor", r * 16 + 15, step(update_ratio=1e-9, lr=1e-9, lr_max=1e-9, segment=r))
+    assert codes(out) == ["PPG204"] and out[0].step == 2 * 16 + 15
 
 
 def test_step_rules():
@@ -87,6 +137,7 @@ def test_step_rules():
     assert codes(run(Diagnoser(), 1, step_kw=dict(grad_norm_clipped=0.0, clip_coef=0.0, update_norm=0.0,
                                                  update_ratio=0.0))) == ["PPG004"]
     assert codes(run(Diagnoser(), 1, step_kw=dict(update_norm=0.0, update_ratio=0.0))) == ["PPG203"]
+    assert codes(run(Diagnoser(), 2, step_kw=dict(update_norm=0.0, update_ratio=0.0, lr_max=0.0))) == ["PPG003"]
     assert codes(run(Diagnoser(), 1, step_kw=dict(update_ratio=1e-8))) == ["PPG204"]
     assert codes(run(Diagnoser(), 1, step_kw=dict(nonfinite=1.0, grad_norm=float("nan")))) == ["PPG901"]
     # the same tiny update with a critic that eats a shared clip is attributed to the clip
@@ -124,6 +175,18 @@ def test_nonfinite_logp_and_first_ratio():
     d = Diagnoser()
     assert codes(d.check_observe("actor", 0, obs(approx_kl=float("nan")))) == ["PPG902"]
     assert codes(d.check_observe("actor", 1, obs(first=True, ratio_dev=0.2))) == ["PPG105"]
+    # bf16 autocast: rounding alone moves a recomputed log-prob by a few eps (7.8e-3)
+    assert d.check_observe("b", 1, obs(first=True, ratio_dev=2.5e-3, precision_eps=7.8e-3)) == []
+    assert codes(d.check_observe("b", 2, obs(first=True, ratio_dev=0.4, precision_eps=7.8e-3))) == ["PPG105"]
+
+
+def test_advantages_nan_or_without_spread_but_not_one_sample():
+    d = Diagnoser()
+    assert d.check_observe("a", 0, obs(adv_std=0.0, adv_mean=0.3, samples=1)) == []  # a remainder of one
+    assert codes(d.check_observe("a", 1, obs(adv_std=0.0, adv_mean=0.3, samples=64))) == ["PPG401"]
+    assert codes(d.check_observe("b", 0, obs(adv_std=math.nan, adv_mean=math.nan, samples=1))) == ["PPG401"]
+    # absent advantages are NaN too, and are no finding
+    assert d.check_observe("c", 0, obs(adv_std=math.nan, adv_mean=math.nan, adv_given=False)) == []
 
 
 def test_config_is_validated():
@@ -174,8 +237,8 @@ def test_random_mixed_evidence_over_roles_never_raises_nor_repeats_a_code_per_ro
             seen += d.check_setup(role, "critic" if role == "critic" else "actor", i, binding=f[0], lr=f[1],
                                   trainable=f[2], frozen=f[3], stale_tensors=f[4])
         elif kind == "wiring":
-            seen += d.check_wiring(role, i, WiringFacts(logp_requires_grad=f[0], old_requires_grad=f[1], reached=f[2],
-                                                        trainable=f[3], by_hand=f[4]))
+            seen += d.check_wiring(role, i, WiringFacts(logp_requires_grad=f[0], old_requires_grad=f[1], by_hand=f[4]))
+            seen += d.check_unreached(role, i, missing=f[2], unreached=f[3], trainable=6)
         elif kind == "step":
             seen += d.check_step(role, i, step(grad_norm=f[0], grad_norm_clipped=f[1], update_ratio=f[2],
                                                update_norm=f[2], grad_none=f[3], clip_coef=f[4], critic_grad_norm=f[0]))

@@ -1,0 +1,99 @@
+"""Which optimizer steps are measured: dense at the start, then by rollouts, per optimizer. Pure Python.
+
+A cadence of "1 step in N" aliases with the steps per rollout (16, 32, 64 are common): it then sees only a
+rollout's first minibatch, where the ratio is exactly 1, and a healthy run logs ``approx_kl`` 0. So after the
+dense start each optimizer is measured **once per segment, at the step predicted to be the segment's last**
+(where the policy has moved most since the rollout began), plus one step in ``every`` within long segments.
+A segment is a rollout when ``observe(rollout=...)`` says where they start, else a training batch in manual
+optimization (a batch is usually one PPO iteration). Without either (automatic optimization, no rollout ids),
+one step in ``every`` is measured with a phase that shifts by one each period, so over the run the measured
+steps fall on every position of any periodic structure.
+
+Each optimizer has its own counters, so two optimizers stepped in turn (critic first, then actor) are both
+measured, whatever their order.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Cadence", "Clock"]
+
+
+class Clock:
+    """One optimizer's steps: in the fit, and in the current and the previous segment."""
+
+    __slots__ = ("late", "late_before", "measured", "previous", "segment", "steps")
+
+    def __init__(self) -> None:
+        self.steps = 0  # optimizer steps taken in this fit
+        self.measured = 0  # ... of which measured
+        self.segment = 0  # steps in the current segment (= the position of the coming step)
+        self.previous: int | None = None  # steps in the last segment this optimizer stepped in
+        self.late = False  # a step after the current segment's first was measured
+        self.late_before = True  # ... and in the previous segment
+
+
+class Cadence:
+    """Measurement decisions for every optimizer of a fit (see the module docstring).
+
+    Args:
+        dense_steps: every step of an optimizer is measured until it took this many.
+        every: in the sparse phase, one step per segment and one in ``every`` within longer segments; without
+            segments, one step in ``every``.
+    """
+
+    def __init__(self, dense_steps: int, every: int) -> None:
+        self.dense_steps, self.every = dense_steps, every
+        self.clocks: dict[int, Clock] = {}
+        self.segments = 0  # segments started so far
+        self.segment_id: object = None  # what identifies the current segment (a rollout id, a batch count)
+        self.by_rollout = False  # segments come from observe(rollout=...), not from batches
+
+    def clock(self, key: int) -> Clock:
+        clock = self.clocks.get(key)
+        if clock is None:
+            clock = self.clocks[key] = Clock()
+        return clock
+
+    def start_segment(self, segment_id: object, *, rollout: bool) -> bool:
+        """A rollout (``rollout=True``) or a training batch begins; returns whether it is a new segment.
+        Once rollouts are known, batches no longer start segments."""
+        if rollout:
+            self.by_rollout = True
+        elif self.by_rollout:
+            return False
+        if segment_id == self.segment_id:
+            return False
+        self.segment_id = segment_id
+        self.segments += 1
+        for clock in self.clocks.values():
+            if clock.segment:  # an optimizer that did not step in the segment keeps its last length
+                clock.previous, clock.late_before = clock.segment, clock.late
+            clock.segment, clock.late = 0, False
+        return True
+
+    def measuring(self, key: int) -> bool:
+        """Whether the coming step of optimizer ``key`` is measured."""
+        clock = self.clock(key)
+        if clock.steps < self.dense_steps or self.every == 1:
+            return True
+        if clock.previous is None:  # no segment known: one step in ``every``, the phase shifting each period
+            n = clock.steps
+            return (n + n // self.every) % self.every == 0
+        last, pos = max(clock.previous - 1, 1), clock.segment
+        if pos == last or (pos < last and pos % self.every == self.every - 1):
+            return True
+        return pos == 1 and not clock.late_before  # the last segment ended before its predicted last step
+
+    def stepped(self, key: int, measured: bool) -> None:
+        """Count a step of optimizer ``key`` (``measured``: whether it was)."""
+        clock = self.clock(key)
+        if measured:
+            clock.measured += 1
+            clock.late = clock.late or clock.segment > 0
+        clock.steps += 1
+        clock.segment += 1
+
+    def counting_nonzero(self, key: int) -> bool:
+        """Whether a measured step counts nonzero gradients (a full pass): each dense step, then 1 in 8."""
+        clock = self.clock(key)
+        return clock.steps < self.dense_steps or clock.measured % 8 == 0
