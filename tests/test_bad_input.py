@@ -200,3 +200,41 @@ def test_memory_stays_flat_no_batch_or_graph_is_retained():
     # of the second half is the peak of the first.
     assert max(module.live[6:]) <= max(module.live[1:6]) + 4, module.live
     assert max(module.queued) <= 256
+
+
+def test_numbers_of_any_numeric_type_are_taken(monkeypatch):
+    """clip_eps and target_kl as numpy scalars or 0-d tensors (what a config or a tensor op hands over)."""
+    import numpy as np
+
+    guard = _run(monkeypatch, lambda kw: {**kw, "clip_eps": np.float32(0.2), "target_kl": torch.tensor(0.5),
+                                          "rollout": torch.tensor(kw["rollout"])})
+    assert guard.findings == [] and guard.observes > 0
+    with pytest.raises(TypeError, match=r"clip_eps must be a number, got str"):
+        _run(monkeypatch, lambda kw: {**kw, "clip_eps": "0.2"})
+    with pytest.raises(TypeError, match=r"rollout must be an int"):
+        _run(monkeypatch, lambda kw: {**kw, "rollout": 1.5})
+
+
+def test_ignore_holds_codes_or_symbols_only():
+    with pytest.raises(TypeError, match=r"ignore must hold codes or symbols"):
+        PPOGuard(ignore=[None])  # type: ignore[list-item]
+    assert PPOGuard(ignore="logp-by-hand").ignore == {"PPG106"}
+
+
+def test_observe_outside_training_or_under_no_grad_is_ignored(monkeypatch):
+    """A loss helper reached from validation, or a no-grad evaluation pass: never trained on, so never read."""
+
+    calls = {"n": 0}
+
+    def patched(pl_module, **kwargs):
+        calls["n"] += 1
+        with torch.no_grad():
+            observe(pl_module, **kwargs)  # ignored: counted by no monitor
+        observe(pl_module, **kwargs)
+
+    monkeypatch.setattr(cartpole, "observe", patched)
+    cfg = PPOConfig(seed=0)
+    cfg.total_timesteps = cfg.batch_size
+    guard = PPOGuard()
+    fit(CartPolePPO(cfg), [guard])
+    assert calls["n"] == PER and guard.observes == PER and guard.findings == []
