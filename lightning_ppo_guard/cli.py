@@ -23,7 +23,19 @@ __all__ = ["main"]
 _SHOWN = ("grad_norm", "update_ratio", "approx_kl", "clip_fraction", "entropy")
 
 
-def _cmd_rules(_: argparse.Namespace) -> int:
+def catalog_markdown() -> str:
+    """The catalog as README's diagnoses table (``ppo-guard rules --markdown``; a test holds README to it)."""
+    lines = ["| code | symbol | severity | checklist step | what it means | fix |", "|---|---|---|---|---|---|"]
+    for d in CATALOG.values():
+        cells = (f"`{d.code}`", f"`{d.symbol}`", d.severity, d.checklist or "-", d.explanation, d.fix)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(catalog_markdown())
+        return 0
     print(f"{'code':<7} {'severity':<8} symbol")
     for d in CATALOG.values():
         print(f"{d.code:<7} {d.severity:<8} {d.symbol}{'  (retired)' if d.retired else ''}")
@@ -164,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small MLPs)")
     demo.set_defaults(func=_cmd_demo)
     rules = sub.add_parser("rules", help="list the diagnosis catalog")
+    rules.add_argument("--markdown", action="store_true", help="as README's table (code, symbol, severity, ...)")
     rules.set_defaults(func=_cmd_rules)
     explain = sub.add_parser("explain", help="explain one diagnosis code or symbol, with its fix")
     explain.add_argument("code")

@@ -30,6 +30,13 @@ def test_every_code_and_metric_is_documented_in_readme():
         assert f"`{spec.name}`" in README, f"metric {spec.name} missing from README"
 
 
+def test_readme_diagnoses_table_is_the_catalog():
+    """README's table is ``ppo-guard rules --markdown``: severities, explanations and fixes cannot drift."""
+    from lightning_ppo_guard.cli import catalog_markdown
+
+    assert catalog_markdown() in README
+
+
 def test_lookup_by_code_or_symbol():
     assert get("ppg001").symbol == "actor-not-in-optimizer"
     assert get("logp-no-grad").code == "PPG101"
