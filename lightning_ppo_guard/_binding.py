@@ -19,7 +19,7 @@ from lightning_ppo_guard._plan import StepPlan
 from lightning_ppo_guard.metrics import Layout
 from lightning_ppo_guard.roles import Role
 
-__all__ = ["Binding", "RoleCache", "bind", "group_lr", "role_lr"]
+__all__ = ["Binding", "RoleCache", "StepGroups", "bind", "group_lr", "role_lr", "step_groups"]
 
 #: Optimizer steps between two walks of the roles' modules when nothing else changed.
 SCAN_EVERY = 64
@@ -47,6 +47,25 @@ def role_lr(binding: Binding, optimizers: Sequence[Any]) -> tuple[float, float]:
     (schedulers write them); nan when unbound. A few dict reads: no parameter is visited."""
     lrs = [group_lr(optimizers[i].param_groups[j]) for i, j in binding.groups]
     return (min(lrs), max(lrs)) if lrs else (math.nan, math.nan)
+
+
+@dataclass(slots=True)
+class StepGroups:
+    """What the param groups holding a role said at one optimizer step (host numbers, read in the pre-hook)."""
+
+    lr: float  # smallest lr (nan when unbound)
+    lr_max: float  # largest lr (0: no part of the role can move)
+    eps: float  # largest ``eps`` (Adam, AdamW, RMSprop...: a gradient far below it barely moves the parameters);
+    # nan for optimizers without one (SGD)
+
+
+def step_groups(binding: Binding, optimizers: Sequence[Any]) -> StepGroups:
+    groups = [optimizers[i].param_groups[j] for i, j in binding.groups]
+    lrs = [group_lr(g) for g in groups]
+    eps = [float(g["eps"]) for g in groups if isinstance(g.get("eps"), (int, float))]
+    if not lrs:
+        return StepGroups(math.nan, math.nan, math.nan)
+    return StepGroups(min(lrs), max(lrs), max(eps) if eps else math.nan)
 
 
 def bind(roles: Iterable[Role], optimizers: Sequence[Any], model_params: Iterable[nn.Parameter]) -> dict[str, Binding]:

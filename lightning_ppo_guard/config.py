@@ -42,10 +42,9 @@ class GuardConfig:
     frozen_ratio_dev: float = 1e-3
     #: ... for this many consecutive rollouts.
     frozen_rollouts: int = 3
-    #: PPG302: an update phase that stops after at most this many actor steps because approx_kl > target_kl ...
-    early_stop_updates: int = 1
-    #: ... in this many consecutive rollouts.
-    early_stop_rollouts: int = 2
+    #: PPG302: an update phase that ends with approx_kl above target_kl after as few actor steps as any rollout had
+    #: (its first check: a minibatch in SB3, an epoch in CleanRL) in this many consecutive rollouts.
+    early_stop_rollouts: int = 3
     #: PPG401: advantages with std below this (relative to their mean magnitude + 1) are degenerate.
     degenerate_adv_std: float = 1e-8
     #: PPG402: unnormalised advantages whose std stays below this (normalised ones have std 1; healthy
@@ -57,6 +56,10 @@ class GuardConfig:
     starved_clip_coef: float = 0.05
     #: ... with the critic's pre-clip gradient this many times the actor's.
     critic_dominance: float = 20.0
+    #: ... and, with an optimizer that has an eps (Adam...), the clipped actor gradient's RMS per element below
+    #: this share of it (healthy CleanRL CartPole: clip coefficient ~0.02, RMS 2e-5..2e-3 against eps 1e-5, and
+    #: Adam's step is unharmed; the reference fault: RMS 6e-8). Without an eps, update_ratio below 1e-5.
+    below_eps: float = 0.1
     weak_kl: float = 1e-5
     #: PPG402/PPG403 need this many consecutive such rollouts.
     weak_rollouts: int = 2

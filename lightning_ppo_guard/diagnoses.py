@@ -144,11 +144,16 @@ _ALL = (
     ),
     Diagnosis(
         "PPG102", "logp-graph-misses-actor", "error",
-        "new_logp's autograd graph reaches only {reached}/{trainable} of {role}'s trainable tensors",
+        "new_logp's autograd graph reaches only {reached}/{trainable} of {role}'s trainable tensors, and the "
+        "others get no gradient at the step either",
         "The log-probs are computed through some other module (a copy of the actor, a target network, another "
-        "agent's actor) or part of the actor is bypassed, so those actor tensors get no policy gradient.",
-        "Build the Distribution from this role's own live logits: Categorical(logits=self.actor(obs)); for "
-        "MAPPO pass role=f'agent_{{i}}' with that agent's log-probs.",
+        "agent's actor), part of the actor is bypassed, or its output is detached while another tensor keeps "
+        "new_logp's graph alive (a Gaussian's mean detached next to a learnt log_std), so those actor tensors get "
+        "no policy gradient. Tensors outside the graph that are trained by another loss term (an auxiliary head) "
+        "or reached through an opaque node (reentrant checkpointing) get a gradient and are not counted.",
+        "Build the Distribution from this role's own live output, without .detach(): "
+        "Categorical(logits=self.actor(obs)) or Normal(self.actor_mean(obs), self.log_std.exp()); for MAPPO pass "
+        "role=f'agent_{{i}}' with that agent's log-probs.",
         checklist="step 1 and step 3",
     ),
     Diagnosis(
@@ -249,8 +254,9 @@ _ALL = (
         "PPG302", "target-kl-stops-early", "error",
         "the update phase stopped after {updates} update(s) in {rollouts} consecutive rollouts: approx_kl "
         "{approx_kl:.2g} > target_kl {target_kl:g}",
-        "An early-stop guard with a target_kl that small ends every update phase after its first minibatch, "
-        "so the actor takes one tiny step per rollout.",
+        "An early-stop guard with a target_kl that small ends every update phase at its first check (after the "
+        "first minibatch when it checks each minibatch, as SB3 does; after the first epoch when it checks each "
+        "epoch, as CleanRL does), so the actor takes a fraction of its planned steps per rollout.",
         "Raise target_kl to 0.01..0.05 (or set it to None), and compare it with approx_kl, not with the "
         "k1 estimate.",
         checklist="step 2 (target_kl)",

@@ -296,8 +296,9 @@ class PPOGuard(PPOMonitor):
                 grad_norm=v["grad_norm"], grad_norm_clipped=v["grad_norm_clipped"], clip_coef=v["clip_coef"],
                 nonzero_frac=v["grad_nonzero_frac"], grad_none=record.grad_none, trainable_tensors=len(role.params),
                 nonfinite=v["grad_nonfinite"], update_norm=v["update_norm"], update_ratio=v["update_ratio"],
-                binding=b.fraction, lr=record.lr, critic_grad_norm=critic_norm, lr_max=record.lr_max,
-                segment=record.segment, fraction=record.fraction,
+                binding=b.fraction, lr=record.groups.lr, critic_grad_norm=critic_norm, lr_max=record.groups.lr_max,
+                segment=record.segment, fraction=record.fraction, opt_eps=record.groups.eps,
+                trainable_numel=role.numel,
             )
             self._report(self.diagnoser.check_step(record.role, record.step, facts))
 

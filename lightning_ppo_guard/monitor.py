@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_ppo_guard._binding import Binding, RoleCache, role_lr
+from lightning_ppo_guard._binding import Binding, RoleCache, StepGroups, step_groups
 from lightning_ppo_guard._cadence import Cadence
 from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import PreClip, transfer
@@ -86,7 +86,7 @@ class _InFlight:
 
     pre_clip: PreClip | None = None  # every role's gradient norms after the last backward
     param_sq: dict[int, Tensor] = field(default_factory=dict)  # id(optimizer) -> actors' squared norms before it
-    lrs: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # ... its roles' (min, max) lr then
+    groups: dict[int, list[StepGroups]] = field(default_factory=dict)  # ... its roles' param groups then
     awaiting: set[int] = field(default_factory=set)  # optimizers past on_before_optimizer_step, step not run yet
 
 
@@ -118,8 +118,7 @@ class StepRecord:
     step: int
     values: Tensor
     grad_none: int
-    lr: float  # smallest and largest lr of the groups holding the role, at this step
-    lr_max: float
+    groups: StepGroups  # lr (smallest, largest) and optimizer eps of the groups holding the role, at this step
     segment: int | None  # index of the rollout (or batch) this step belongs to; None when unknown
     fraction: float | None  # share of the fit done (None when the Trainer cannot tell)
 
@@ -410,8 +409,8 @@ class PPOMonitor(Callback):
         plan = fit.cache.plans.get(id(optimizer))
         if plan is not None:
             self._flight.param_sq[id(optimizer)] = plan.before()
-            self._flight.lrs[id(optimizer)] = [role_lr(self.bindings[r.name], fit.trainer.optimizers)
-                                               for r in plan.roles]
+            self._flight.groups[id(optimizer)] = [step_groups(self.bindings[r.name], fit.trainer.optimizers)
+                                                  for r in plan.roles]
 
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         fit = self._fit
@@ -437,9 +436,9 @@ class PPOMonitor(Callback):
                 self._flight.pre_clip = None
             block, nones = plan.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, counted, post)
             fit.rows.queue(block, plan.mask if counted else plan.mask_without_nonzero, plan.slots)
-            step, lrs = self.current_step, self._flight.lrs.pop(id(optimizer))
+            step, groups = self.current_step, self._flight.groups.pop(id(optimizer))
             segment = fit.cadence.segments if fit.cadence.segment_id is not None else None
-            self._stepped([StepRecord(name, step, block[i], nones[i], *lrs[i], segment, fit.fraction)
+            self._stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction)
                            for i, name in enumerate(plan.names)])
         if self._log_every is not None and fit.steps_since_row >= self._log_every:
             self._write_row()

@@ -45,6 +45,8 @@ class StepFacts:
     lr_max: float = math.nan  # largest lr of those groups at this step (0: no part of the role can move)
     segment: int | None = None  # index of the rollout (or batch) of this step; None when not known
     fraction: float | None = None  # share of the planned fit done; None when not known
+    opt_eps: float = math.nan  # the optimizer's eps for the role (Adam...); nan for optimizers without one
+    trainable_numel: int = 0  # trainable elements of the role
 
 
 @dataclass
@@ -111,6 +113,8 @@ class RoleState:
     # consecutive-rollout streaks
     frozen_rollouts: int = 0
     early_stop_rollouts: int = 0
+    min_updates: int | None = None  # fewest actor steps any finished rollout had
+    max_updates: int = 0  # ... and most
     tiny_adv_rollouts: int = 0
     starved_rollouts: int = 0
     raised: list[str] = field(default_factory=list)
@@ -274,9 +278,17 @@ class Diagnoser:
         return []
 
     def _starved(self, f: StepFacts) -> bool:
+        """The critic ate a shared clip *and* that starved the actor's step. With Adam-like optimizers a small
+        clip coefficient alone does not (they rescale the step): only a clipped gradient far below the
+        optimizer's eps does, since eps then dominates the step's denominator. Without an eps (SGD) the clip
+        scales the step itself, which must then be tiny."""
         cfg = self.config
-        return (_finite(f.critic_grad_norm) and _finite(f.clip_coef) and f.clip_coef < cfg.starved_clip_coef
-                and f.critic_grad_norm > cfg.critic_dominance * f.grad_norm)
+        if not (_finite(f.critic_grad_norm) and _finite(f.clip_coef) and f.clip_coef < cfg.starved_clip_coef
+                and f.critic_grad_norm > cfg.critic_dominance * f.grad_norm):
+            return False
+        if _finite(f.opt_eps) and f.trainable_numel > 0:
+            return f.grad_norm_clipped / math.sqrt(f.trainable_numel) < cfg.below_eps * f.opt_eps
+        return 0.0 <= f.update_ratio < 10 * cfg.tiny_update_ratio
 
     # ------------------------------------------------------------------ observes and rollouts
     def check_observe(self, role: str, step: int, f: ObserveFacts) -> list[Finding]:
@@ -320,9 +332,16 @@ class Diagnoser:
         upd = s.r_upd_sum / s.r_upd_n if s.r_upd_n else math.nan
         adv_std = s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else math.nan
 
-        # PPG302: the update phase stopped early because approx_kl exceeded target_kl.
-        stopped = (updates is not None and updates <= cfg.early_stop_updates and s.r_target_kl is not None
-                   and _finite(s.r_last_kl) and s.r_last_kl > s.r_target_kl)
+        # PPG302: the update phase stopped at its first check, rollout after rollout: it ended with approx_kl above
+        # target_kl after as few updates as any rollout had (SB3 checks each minibatch, CleanRL each epoch), and
+        # either no rollout ever ran longer (so this is the first check), one update was all, or the KL overshot
+        # the target tenfold. A tight but sane target_kl stops some rollouts part-way and lets others finish.
+        if updates is not None:
+            s.min_updates = updates if s.min_updates is None else min(s.min_updates, updates)
+            s.max_updates = max(s.max_updates, updates)
+        over = s.r_target_kl is not None and _finite(s.r_last_kl) and s.r_last_kl > s.r_target_kl
+        stopped = over and updates is not None and updates <= (s.min_updates or 0) and (
+            s.max_updates == s.min_updates or updates <= 1 or s.r_last_kl > 10 * (s.r_target_kl or 0.0))
         s.early_stop_rollouts = s.early_stop_rollouts + 1 if stopped else 0
         if s.early_stop_rollouts >= cfg.early_stop_rollouts:
             out += self._emit(role, "PPG302", step, updates=updates, rollouts=s.early_stop_rollouts,

@@ -152,8 +152,16 @@ def test_rollout_rules():
     assert codes(run(Diagnoser(), 5, obs_kw=dict(adv_std=3e-2))) == ["PPG402"]
     assert run(Diagnoser(), 5, obs_kw=dict(adv_std=0.998)) == []  # normalised per minibatch (biased std)
     assert run(Diagnoser(), 5, obs_kw=dict(adv_std=4.0)) == []  # healthy unnormalised
-    assert codes(run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-6),
-                     step_kw=dict(clip_coef=1e-5, critic_grad_norm=1e4))) == ["PPG403"]
+    # the critic eats a shared clip and the clipped actor gradient falls far below Adam's eps: the actor stalls
+    starved = dict(clip_coef=1e-5, critic_grad_norm=1e4, grad_norm_clipped=2e-6, opt_eps=1e-5, trainable_numel=4000)
+    assert codes(run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-6), step_kw=starved)) == ["PPG403"]
+    # healthy CleanRL CartPole: clip 0.02 with a critic 100x the actor, but an RMS gradient above eps: Adam's step
+    # is unharmed, so a weak-KL rollout there is no clip starvation (a small lr is not either)
+    eaten = dict(clip_coef=0.02, critic_grad_norm=20.0, grad_norm=0.15, grad_norm_clipped=3e-3, opt_eps=1e-5,
+                 trainable_numel=4000, update_ratio=5e-5)
+    assert run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-6), step_kw=eaten) == []
+    assert codes(run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-9, ratio_dev=1e-6),
+                     step_kw=dict(eaten, update_ratio=1e-9, lr=1e-9, lr_max=1e-9))) == ["PPG204"]
     # target_kl: each rollout's first minibatch steps, the second is observed with KL > target_kl and stops
     d, found = Diagnoser(), []
     for r in range(4):
@@ -251,3 +259,24 @@ def test_random_mixed_evidence_over_roles_never_raises_nor_repeats_a_code_per_ro
     assert all(x.role in ("actor", "agent_1", "critic") and x.code.startswith("PPG") for x in seen)
     assert not any(x.role == "critic" and x.code in ("PPG001", "PPG002", "PPG003", "PPG005") for x in seen)
     d.load_state_dict(d.state_dict())  # the state round-trips whatever the stream left in it
+
+
+def _phases(diag, lengths, last_kl, target_kl):
+    """Rollouts of the given numbers of updates, each ending with an observe of ``last_kl``."""
+    out, n = [], 0
+    for r, length in enumerate(lengths):
+        for u in range(length):
+            o = obs(first=u == 0, rollout=r, approx_kl=0.0 if u == 0 else last_kl, ratio_dev=0.0 if u == 0 else 0.1)
+            o.target_kl, o.prev_updates = target_kl, (lengths[r - 1] if u == 0 and r else None)
+            out += diag.check_observe("actor", n, o)
+            out += diag.check_step("actor", n, step(segment=r))
+            n += 1
+    return out
+
+
+def test_target_kl_stopping_at_its_first_check_is_named_whatever_the_check_interval():
+    # CleanRL checks after each epoch: a 1e-7 target stops every phase after its first epoch of 4 minibatches
+    found = _phases(Diagnoser(), [4] * 6, last_kl=1e-4, target_kl=1e-7)
+    assert codes(found) == ["PPG302"] and found[0].evidence["updates"] == 4
+    # a tight but sane target stops some phases part-way (just over the target) and lets others finish
+    assert _phases(Diagnoser(), [16, 8, 8, 8, 16, 12, 8, 8, 8], last_kl=6e-4, target_kl=5e-4) == []
