@@ -1,10 +1,13 @@
 """What the guard costs: whole-fit wall time and per-update-step time, arms alternated, medians printed.
 
     python benchmarks/overhead.py [--fit-repeats 5] [--step-repeats 5] [--sizes 10k,1M,25M] [--skip-fit]
+                                  [--short-fit 10] [--short-dense 128,32]
 
 (a) Whole ``Trainer.fit`` of the reference CartPole PPO (default config, env included, a CSVLogger in both
     arms, as a user has), with and without ``PPOGuard()`` at default settings: wall time, and the time spent
     inside the guard's hooks (in a run of its own, so the timing wrappers stay out of the wall-time arms).
+    Then a short fit (``--short-fit`` iterations: 400 optimizer steps by default, where the dense start weighs
+    most), once per ``dense_steps`` value given.
 (b) Per PPO update step (manual optimization: loss, observe, backward, clip, step) on actor-critic MLPs of
     about 10k, 1M and 25M parameters, for these arms:
 
@@ -279,13 +282,16 @@ def bench_steps(sizes: list[str], repeats: int) -> None:
         print(f"{size:>5} {n / 1e6:7.2f}M " + " ".join(f"{c:>22}" for c in cells) + f" {extra / 2**20:8.1f}MB")
 
 
-def bench_fit(repeats: int) -> None:
+def bench_fit(repeats: int, iterations: int | None = None, **guard_kwargs: Any) -> None:
     from lightning_ppo_guard.reference import CartPolePPO, PPOConfig, cartpole, trainer_kwargs
 
     def run(with_guard: bool, timed_hooks: bool = False) -> tuple[float, int, float]:
         L.seed_everything(0, verbose=False)
-        module = CartPolePPO(PPOConfig(seed=0))
-        guard = PPOGuard(verbose=False)
+        cfg = PPOConfig(seed=0)
+        if iterations is not None:
+            cfg.total_timesteps = iterations * cfg.batch_size
+        module = CartPolePPO(cfg)
+        guard = PPOGuard(verbose=False, **guard_kwargs)
         clock = _HookClock()
         restore = lambda: None  # noqa: E731
         if timed_hooks:  # a run of its own: the wrappers' own cost stays out of the wall-time arms
@@ -311,7 +317,7 @@ def bench_fit(repeats: int) -> None:
         in_hooks.append(run(True, timed_hooks=True)[2])
     base, guarded = statistics.median(samples[False]), statistics.median(samples[True])
     print(f"(a) whole Trainer.fit of the reference CartPole PPO ({steps} optimizer steps, env included, CSVLogger), "
-          f"median of {repeats} alternated runs:")
+          f"PPOGuard({', '.join(f'{k}={v}' for k, v in guard_kwargs.items())}), median of {repeats} alternated runs:")
     print(f"    without guard {base:7.2f} s   with PPOGuard() {guarded:7.2f} s   overhead "
           f"{100 * (guarded / base - 1):+.2f}%   (runs: {[round(x, 2) for x in samples[False]]} vs "
           f"{[round(x, 2) for x in samples[True]]})")
@@ -325,12 +331,17 @@ def main() -> None:
     parser.add_argument("--step-repeats", type=int, default=5)
     parser.add_argument("--sizes", default="10k,1M,25M")
     parser.add_argument("--skip-fit", action="store_true")
+    parser.add_argument("--short-fit", type=int, default=10, help="PPO iterations of the short fit (40 optimizer "
+                        "steps each; 0 skips it)")
+    parser.add_argument("--short-dense", default="128", help="dense_steps values to time the short fit with")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
     if not args.skip_fit:
         bench_fit(args.fit_repeats)
+        for dense in (int(d) for d in args.short_dense.split(",") if args.short_fit):
+            bench_fit(2 * args.fit_repeats + 1, iterations=args.short_fit, dense_steps=dense)
     bench_steps([s for s in args.sizes.split(",") if s], args.step_repeats)
 
 

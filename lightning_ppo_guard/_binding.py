@@ -113,6 +113,7 @@ class RoleCache:
         self.plans: dict[int, StepPlan] = {}  # id(optimizer) -> the fused measurement of its roles
         self.all_plan: StepPlan | None = None  # every role: the pre-clip norms after backward
         self.snapshots: dict[str, list[Tensor]] = {}  # actor role -> preallocated buffers, one per tensor
+        self.keys: dict[str, int] = {}  # role -> id of the first optimizer holding it (its cadence)
         self.lazy = False  # some role has lazy parameters not materialised yet: walk the roles at every refresh
         self._groups: tuple[int, ...] = ()
         self._modules: tuple[int, ...] = ()
@@ -146,6 +147,9 @@ class RoleCache:
         self.plans = {id(opt): StepPlan([r for r in roles if i in self.bindings[r.name].optimizers] + unbound,
                                         self.snapshots, self.layout, self.device)
                       for i, opt in enumerate(optimizers)}
+        ids = list(self.plans)
+        self.keys = {name: ids[b.optimizers[0]] if b.optimizers else ids[0] for name, b in self.bindings.items()
+                     if ids}
         # Every role's pre-clip norms: the one optimizer's own plan when it steps every role (the usual case).
         every = sorted(r.name for r in roles)
         self.all_plan = next((p for p in self.plans.values() if sorted(p.names) == every), None) or StepPlan(
@@ -154,10 +158,7 @@ class RoleCache:
 
     def key(self, role: str) -> int:
         """The optimizer (``id``) whose cadence an actor role's observes follow: the first holding it."""
-        binding, plans = self.bindings.get(role), list(self.plans)
-        if not plans:
-            return 0
-        return plans[binding.optimizers[0]] if binding is not None and binding.optimizers else plans[0]
+        return self.keys.get(role, 0)
 
     def every_plan(self) -> list[StepPlan]:
         return [p for p in {*self.plans.values(), self.all_plan} if p is not None]

@@ -196,6 +196,13 @@ class StepPlan:
             self._param_age += 1
         return self._param_sq
 
+    def measure(self, param_sq: Tensor, pre: PreClip | None, count_nonzero: bool) -> tuple[Tensor, list[int]]:
+        """At the step post-hook of a measured step: :meth:`after`, with the pre-clip norms taken from ``pre``
+        (once) and the post-clip norms reused, inferred or measured by :attr:`clip`."""
+        post = self.clip.post_norms(self, pre)
+        norms = pre.take(self) if pre is not None else None
+        return self.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, count_nonzero, post)
+
     @torch.no_grad()
     def after(self, param_sq: Tensor, pre: Tensor | None, inv_scale: float, count_nonzero: bool = True,
               norms: Tensor | None = None) -> tuple[Tensor, list[int]]:

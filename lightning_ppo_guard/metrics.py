@@ -8,7 +8,7 @@ README's metric table is checked against this table by the tests.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,7 +65,8 @@ OBSERVE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("ratio_max", "max", "largest ratio in the interval", "1..2", roles="actor"),
     MetricSpec("ratio_dev", "max", "largest |r - 1| in the interval", "< 1; exactly 0 on every minibatch "
                "of a rollout means the policy never moved", roles="actor"),
-    MetricSpec("entropy", "mean", "mean policy entropy (needs dist or entropy)", "below log(num_actions), "
+    MetricSpec("entropy", "mean", "mean per-sample policy entropy, of the whole action (summed over a Gaussian's "
+               "dimensions or a multi-categorical's heads; needs dist or entropy)", "below log(num_actions), "
                "decreasing slowly", roles="actor"),
     MetricSpec("entropy_norm", "mean", "entropy / log(num_actions) (needs dist or num_actions)", "0.1..1, "
                "falling over training", roles="actor"),
@@ -256,6 +257,7 @@ class RowBuffer:
         self.stats = VectorStats(layout.size).to(device)
         self.max_queued = max_queued
         self.queued: list[tuple[Tensor, Tensor, Tensor]] = []  # (values, mask, slots) not yet in ``stats``
+        self.last_host: dict[str, float] = {}
         self._masks: dict[tuple[bool, ...], Tensor] = {}
 
     def mask(self, pattern: tuple[bool, ...]) -> Tensor:
@@ -284,6 +286,19 @@ class RowBuffer:
         """The interval's reduction, flat (synced across ranks: every rank must call it at the same row)."""
         self.fold()
         return self.stats.compute().float().reshape(-1)
+
+    def row(self, host: dict[str, float], to_host: Callable[[list[Tensor]], list[float]]) -> dict[str, float] | None:
+        """The row to log: the interval's reduction (read with ``to_host``, one transfer) and the ``host`` values;
+        None when nothing was measured and no host value changed since the last row (nothing is lost then).
+
+        Every rank queues the same slots at the same steps, so the syncing ``compute`` is collective.
+        """
+        if self.empty and host == self.last_host:
+            return None
+        self.last_host = host
+        metrics = {} if self.empty else self.read(to_host([self.compute()]))
+        metrics.update(host)
+        return metrics
 
     def read(self, flat: Sequence[float]) -> dict[str, float]:
         """The logged values of a computed row (host numbers), by key; resets the interval."""

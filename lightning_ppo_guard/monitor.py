@@ -43,7 +43,7 @@ from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import Layout, RowBuffer, host_values, stack
-from lightning_ppo_guard.roles import Role, RoleSpec, resolve_roles
+from lightning_ppo_guard.roles import Role, RoleSpec, actor_role, resolve_roles
 
 __all__ = ["Binding", "ObserveRecord", "PPOMonitor", "Progress", "StepRecord"]
 
@@ -59,6 +59,15 @@ class Progress:
     rollout_steps: dict[str, int] = field(default_factory=dict)  # its optimizer steps in that rollout so far
     updates_per_rollout: dict[str, int] = field(default_factory=dict)  # ... in its last finished rollout
     steps_skipped: dict[str, int] = field(default_factory=dict)
+
+    def count_step(self, actors: list[Role]) -> None:
+        self.optimizer_steps += 1
+        for role in actors:
+            self.rollout_steps[role.name] = self.rollout_steps.get(role.name, 0) + 1
+
+    def count_skipped(self, roles: list[str]) -> None:
+        for name in roles:
+            self.steps_skipped[name] = self.steps_skipped.get(name, 0) + 1
 
     def enter_rollout(self, role: str, rollout: int | None) -> tuple[bool, int | None]:
         """Note ``role``'s rollout id: whether this starts a new rollout, and the steps of the one it ends."""
@@ -104,7 +113,14 @@ class _Fit:
     hooks: list[RemovableHandle] = field(default_factory=list)
     batches: int = 0  # training batches started
     fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
-    last_host: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, trainer: TrainerLike, module: ModuleLike, prefix: str, roles: list[Role], cadence: Cadence) -> _Fit:
+        layout = Layout.build(prefix, [(r.name, r.kind == "actor") for r in roles])
+        device = module.device
+        slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
+                 for name, o in layout.observe_offset.items()}
+        return cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
     steps_since_row: int = 0
     batches_since_row: int = 0
 
@@ -139,6 +155,13 @@ class ObserveRecord:
     precision_eps: float = 1.2e-7  # of the lowest precision new_logp was computed in (first minibatches only)
 
 
+def _warn_shared_prefix(callbacks: list[Any], monitor: PPOMonitor) -> None:
+    ours = [cb for cb in callbacks if isinstance(cb, PPOMonitor) and cb.prefix == monitor.prefix]
+    if len(ours) > 1 and ours[-1] is monitor:
+        rank_zero_warn(f"{len(ours)} PPOMonitor/PPOGuard callbacks log under the same prefix {monitor.prefix!r}, so "
+                       "their rows mix; give each its own, e.g. PPOGuard(prefix='guard2').", category=PPOGuardWarning)
+
+
 def _fit_fraction(trainer: TrainerLike, batch_idx: int) -> float | None:
     """How much of the planned fit is done, from the Trainer's public limits (None when it cannot tell)."""
     max_steps = getattr(trainer, "max_steps", -1)
@@ -166,10 +189,9 @@ class PPOMonitor(Callback):
         log_every_n_steps: optimizer steps per logged row; ``None`` logs when Lightning logs: every
             ``Trainer(log_every_n_steps=...)`` training batches (a manual-optimization PPO batch may hold many
             optimizer steps; the row then holds their reduction).
-        dense_steps: measure every optimizer step for this many steps from the start of fit (where stalls are
-            found), ...
-        measure_every_n_steps: ... then every n-th step. ``1`` measures every step for the whole run. The
-            first minibatch of each rollout is always observed, so rollout counts stay exact.
+        dense_steps: measure every step of each optimizer for this many steps from the start of fit, ...
+        measure_every_n_steps: ... then each rollout's (predicted) last step, and one step in n inside longer
+            rollouts (see ``lightning_ppo_guard._cadence``). ``1`` measures every step for the whole run.
         prefix: first component of every logged key; give each monitor of one Trainer its own.
 
     Example::
@@ -218,21 +240,12 @@ class PPOMonitor(Callback):
     def actor_roles(self) -> list[Role]:
         return [r for r in self.roles if r.kind == "actor"]
 
-    @property
-    def optimizer_steps(self) -> int:
-        return self.progress.optimizer_steps
-
-    @property
-    def observes(self) -> int:
-        return self.progress.observes
-
-    @property
-    def updates_per_rollout(self) -> dict[str, int]:
-        return self.progress.updates_per_rollout
-
-    @property
-    def steps_skipped(self) -> dict[str, int]:
-        return self.progress.steps_skipped
+    optimizer_steps = property(lambda self: self.progress.optimizer_steps, doc="Optimizer steps counted so far.")
+    observes = property(lambda self: self.progress.observes, doc="observe() calls kept so far.")
+    updates_per_rollout = property(lambda self: self.progress.updates_per_rollout,
+                                   doc="Per actor role, the optimizer steps of its last finished rollout.")
+    steps_skipped = property(lambda self: self.progress.steps_skipped,
+                             doc="Per role, the optimizer steps announced but skipped (AMP's GradScaler).")
 
     @property
     def layout(self) -> Layout | None:
@@ -262,11 +275,7 @@ class PPOMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(pl_module)
-        ours = [cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor) and cb.prefix == self.prefix]
-        if len(ours) > 1 and ours[-1] is self:
-            rank_zero_warn(f"{len(ours)} PPOMonitor/PPOGuard callbacks log under the same prefix {self.prefix!r}, so "
-                           "their rows mix; give each its own, e.g. PPOGuard(prefix='guard2').",
-                           category=PPOGuardWarning)
+        _warn_shared_prefix(trainer.callbacks, self)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -324,13 +333,8 @@ class PPOMonitor(Callback):
     def _attach(self, trainer: TrainerLike, module: ModuleLike) -> None:
         """Bind to a fit that is starting to train: the logging layout, the optimizers' step hooks, the roles."""
         self._detach()
-        self._flight = _InFlight()
-        layout = Layout.build(self.prefix, [(r.name, r.kind == "actor") for r in self.roles])
-        device = module.device
-        slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
-                 for name, o in layout.observe_offset.items()}
-        fit = self._fit = _Fit(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device),
-                               Cadence(self.dense_steps, self.measure_every_n_steps))
+        fit = self._fit = _Fit.start(trainer, module, self.prefix, self.roles,
+                                     Cadence(self.dense_steps, self.measure_every_n_steps))
         for opt in trainer.optimizers:
             fit.hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
             fit.hooks.append(opt.register_step_post_hook(self._optimizer_post_step))
@@ -420,21 +424,16 @@ class PPOMonitor(Callback):
         plan = fit.cache.plans.get(id(optimizer))
         if plan is None:
             return
-        progress = self.progress
-        for role in plan.actors:
-            progress.rollout_steps[role.name] = progress.rollout_steps.get(role.name, 0) + 1
-        progress.optimizer_steps += 1
+        self.progress.count_step(plan.actors)
         fit.steps_since_row += 1
         param_sq = self._flight.param_sq.pop(id(optimizer), None)
         counted = fit.cadence.counting_nonzero(id(optimizer))
         fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
         if param_sq is not None:
             pre = self._flight.pre_clip
-            post = plan.clip.post_norms(plan, pre)
-            norms = pre.take(plan) if pre is not None else None
+            block, nones = plan.measure(param_sq, pre, counted)
             if pre is not None and not pre.unused:
                 self._flight.pre_clip = None
-            block, nones = plan.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, counted, post)
             fit.rows.queue(block, plan.mask if counted else plan.mask_without_nonzero, plan.slots)
             step, groups = self.current_step, self._flight.groups.pop(id(optimizer))
             segment = fit.cadence.segments if fit.cadence.segment_id is not None else None
@@ -449,8 +448,7 @@ class PPOMonitor(Callback):
         plan = self._fit.cache.plans.get(opt_id) if self._fit is not None else None
         if plan is None:
             return
-        for name in plan.names:
-            self.progress.steps_skipped[name] = self.progress.steps_skipped.get(name, 0) + 1
+        self.progress.count_skipped(plan.names)
         self._step_skipped(plan.names)
 
     def _batch_end(self) -> None:
@@ -478,7 +476,7 @@ class PPOMonitor(Callback):
         fit = self._fit
         if fit is None:
             return
-        role = self._actor(term.role)
+        role = actor_role(self._actors, term.role)
         name, progress = role.name, self.progress
         first_in_rollout, prev_updates = progress.enter_rollout(name, term.rollout)
         if first_in_rollout:
@@ -503,17 +501,6 @@ class PPOMonitor(Callback):
                                term.precision_eps() if first_in_rollout else 1.2e-7)
         self._observed(record, term, role)
 
-    def _actor(self, name: str) -> Role:
-        role = self._actors.get(name)
-        if role is not None:
-            return role
-        if name == "actor" and len(self._actors) == 1:
-            return next(iter(self._actors.values()))
-        raise ValueError(
-            f"observe(role={name!r}): no actor role has that name; the actor roles are "
-            f"{list(self._actors)}. Pass role= one of them (MAPPO: one observe per agent)."
-        )
-
     # ------------------------------------------------------------------ the engine: rows and host reads
     def _to_host(self, parts: list[Tensor]) -> list[float]:
         """One device-to-host transfer for ``parts``, settling the pending clip-inference checks with it."""
@@ -526,14 +513,9 @@ class PPOMonitor(Callback):
             return
         fit.steps_since_row = fit.batches_since_row = 0
         host = host_values(self.prefix, self.bindings, self.progress.steps_skipped, self.progress.updates_per_rollout)
-        # Every rank queues the same slots at the same steps, so the syncing compute() is collective.
-        if fit.rows.empty and host == fit.last_host:
-            return  # nothing measured in the interval and no host value changed: no row (nothing is lost)
-        fit.last_host = host
-        measured = not fit.rows.empty
-        flat = self._to_host([fit.rows.compute()] if measured else [])
-        metrics = fit.rows.read(flat) if measured else {}
-        metrics.update(host)
+        metrics = fit.rows.row(host, self._to_host)
+        if metrics is None:
+            return
         self.last_logged = metrics
         if metrics and fit.trainer.is_global_zero:
             for logger in fit.trainer.loggers:

@@ -15,7 +15,7 @@ from typing import Literal
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["ACTOR_NAMES", "CRITIC_NAMES", "Role", "RoleSpec", "resolve_roles"]
+__all__ = ["ACTOR_NAMES", "CRITIC_NAMES", "Role", "RoleSpec", "actor_role", "resolve_roles"]
 
 RoleSpec = str | nn.Module | Sequence[str | nn.Module] | Mapping[str, str | nn.Module] | None
 
@@ -136,6 +136,19 @@ def _expand_actor(path: str, module: nn.Module, name: str | None) -> list[tuple[
     if isinstance(module, nn.ModuleDict):
         return [(str(key), f"{path}.{key}") for key in module]
     return [(name or "actor", path)]
+
+
+def actor_role(actors: Mapping[str, Role], name: str) -> Role:
+    """The actor role ``observe(role=name)`` means ("actor" also names the only actor, whatever it is called)."""
+    role = actors.get(name)
+    if role is not None:
+        return role
+    if name == "actor" and len(actors) == 1:
+        return next(iter(actors.values()))
+    raise ValueError(
+        f"observe(role={name!r}): no actor role has that name; the actor roles are {list(actors)}. Pass role= one "
+        "of them (MAPPO: one observe per agent)."
+    )
 
 
 def resolve_roles(root: nn.Module, actors: RoleSpec = None, critic: str | nn.Module | None = None) -> list[Role]:

@@ -101,9 +101,20 @@ def test_healthy_unnormalised_advantages_raise_nothing():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("cls", "seed"), [(CartPolePPO, 0), (CartPolePPO, 1), (CartPolePPO, 2),
-                                           (CartPolePPOAuto, 0), (CartPolePPOAuto, 1)])
+                                           (CartPolePPOAuto, 0), (CartPolePPOAuto, 1), (CartPolePPOAuto, 2)])
 def test_healthy_full_training_raises_no_finding(cls, seed):
     guard, mean_return = _healthy(cls, seed)
     assert guard.findings == [], guard.summary()
     assert mean_return >= 400, mean_return
     assert guard.optimizer_steps > 500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_mappo_full_training_raises_no_finding(seed):
+    guard = PPOGuard()
+    module = MultiCartPoleMAPPO(MAPPOConfig(seed=seed))
+    fit(module, [guard])
+    assert guard.findings == [], guard.summary()
+    means = [sum(r[-20:]) / len(r[-20:]) for r in module.recent_returns]
+    assert min(means) >= 150, means  # every agent learns (from ~20; seed 1 ends at 189, 434, 498)
