@@ -24,13 +24,16 @@ __all__ = ["PolicyTerm", "as_number"]
 
 def as_number(name: str, value: Any, *, positive: bool = True, where: str = "observe()") -> float:
     """``value`` as a float: any real number type (int, float, numpy scalar, 0-d or one-element tensor)."""
-    if isinstance(value, Tensor):
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check below
+        number = float(value)
+    elif isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex():
             raise TypeError(f"{where}: {name} must be a number, got a tensor of shape {tuple(value.shape)}.")
-        value = value.item()
+        number = float(value.item())
     elif not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__} ({value!r}).")
-    number = float(value)
+    else:
+        number = float(value)
     if positive and not (math.isfinite(number) and number > 0):
         raise ValueError(f"{where}: {name} must be a positive number, got {value!r}.")
     return number
@@ -142,13 +145,6 @@ class PolicyTerm:
             num_actions = _valid_actions(action_mask, new_logp)
         elif num_actions is not None and not isinstance(num_actions, Tensor):
             num_actions = int(as_number("num_actions", num_actions))
-        if rollout is not None:
-            if isinstance(rollout, Tensor) and rollout.numel() == 1 and not rollout.is_floating_point():
-                rollout = int(rollout.item())
-            elif isinstance(rollout, numbers.Integral) and not isinstance(rollout, bool):
-                rollout = int(rollout)
-            else:
-                raise TypeError(f"observe(): rollout must be an int (the PPO iteration number), got {rollout!r}.")
         return cls(
             new_logp=new_logp,
             old_logp=old_logp,
@@ -159,10 +155,21 @@ class PolicyTerm:
             num_actions=num_actions,
             values=_per_sample("values", values, new_logp),
             returns=_per_sample("returns", returns, new_logp),
-            rollout=rollout,
+            rollout=cls.rollout_id(rollout),
             target_kl=None if target_kl is None else as_number("target_kl", target_kl),
             role=role,
         )
+
+    @staticmethod
+    def rollout_id(rollout: Any) -> int | None:
+        """``rollout`` as an int (a 0-d integer tensor or numpy integer too); checked on every observe."""
+        if rollout is None or type(rollout) is int:
+            return rollout
+        if isinstance(rollout, Tensor) and rollout.numel() == 1 and not rollout.is_floating_point():
+            return int(rollout.item())
+        if isinstance(rollout, numbers.Integral) and not isinstance(rollout, bool):
+            return int(rollout)
+        raise TypeError(f"observe(): rollout must be an int (the PPO iteration number), got {rollout!r}.")
 
     @property
     def empty(self) -> bool:

@@ -50,9 +50,8 @@ class GuardConfig:
     #: PPG402: unnormalised advantages whose std stays below this (normalised ones have std 1; healthy
     #: unnormalised CartPole has > 1) on ``weak_rollouts`` consecutive rollouts.
     tiny_adv_std: float = 0.1
-    #: PPG403: a rollout whose mean approx_kl is below this barely moved the policy (10x below the healthy
-    #: floor of ~1e-4), and is attributed to the critic eating the shared clip when at least half of its
-    #: steps are "starved": shared clip coefficient below this ...
+    #: PPG403: the critic ate the shared clip on at least half of a rollout's measured steps ("starved"): a shared
+    #: clip coefficient below this ...
     starved_clip_coef: float = 0.05
     #: ... with the critic's pre-clip gradient this many times the actor's.
     critic_dominance: float = 20.0
@@ -60,7 +59,6 @@ class GuardConfig:
     #: this share of it (healthy CleanRL CartPole: clip coefficient ~0.02, RMS 2e-5..2e-3 against eps 1e-5, and
     #: Adam's step is unharmed; the reference fault: RMS 6e-8). Without an eps, update_ratio below 1e-5.
     below_eps: float = 0.1
-    weak_kl: float = 1e-5
     #: PPG402/PPG403 need this many consecutive such rollouts.
     weak_rollouts: int = 2
     #: PPG501: normalised entropy above this counts as "at its maximum" ...

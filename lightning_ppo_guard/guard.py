@@ -124,7 +124,7 @@ class PPOGuard(PPOMonitor):
         config: GuardConfig | None = None,
         verbose: bool = True,
         log_every_n_steps: int | None = None,
-        dense_steps: int = 128,
+        dense_steps: int = 16,
         measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:

@@ -112,6 +112,7 @@ class _Fit:
     cadence: Cadence
     hooks: list[RemovableHandle] = field(default_factory=list)
     batches: int = 0  # training batches started
+    training: bool = True  # False while a validation loop runs inside the fit
     fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
 
     @classmethod
@@ -123,6 +124,16 @@ class _Fit:
         return cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
     steps_since_row: int = 0
     batches_since_row: int = 0
+
+
+@dataclass(slots=True)
+class _Kept:
+    """Why an ``observe`` is kept, decided before its inputs are checked and read."""
+
+    role: Role
+    first: bool  # the first minibatch of a rollout
+    prev_updates: int | None  # optimizer steps of the rollout it ends
+    measured: bool  # its optimizer step is measured (else only the first-minibatch ratio is read)
 
 
 @dataclass(slots=True)
@@ -207,7 +218,7 @@ class PPOMonitor(Callback):
         critic: str | nn.Module | None = None,
         *,
         log_every_n_steps: int | None = None,
-        dense_steps: int = 128,
+        dense_steps: int = 16,
         measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:
@@ -293,6 +304,16 @@ class PPOMonitor(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._before_optimizer_step(optimizer)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit is not None:
+            self._fit.training = False  # a loss helper reached from validation_step is not trained on
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit is not None:
+            self._fit.training = True
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -465,25 +486,29 @@ class PPOMonitor(Callback):
     # ------------------------------------------------------------------ the engine: observe
     def observe(self, **inputs: Any) -> None:
         """Record one minibatch of the policy term; the arguments are those of :func:`lightning_ppo_guard.observe`."""
-        if self._accepts_observe():
-            self._observe(PolicyTerm.build(**inputs))
+        kept = self._keep(inputs.get("role", "actor"), PolicyTerm.rollout_id(inputs.get("rollout")))
+        if kept is not None:
+            self._observe(PolicyTerm.build(**inputs), kept)
 
-    def _accepts_observe(self) -> bool:
-        """Whether an ``observe`` now is part of training (not validation, not a no-grad evaluation)."""
-        return self._fit is not None and self._fit.trainer.training and torch.is_grad_enabled()
+    def _keep(self, role: str, rollout: int | None) -> _Kept | None:
+        """The bookkeeping every ``observe`` gets (its rollout), and whether this one is kept: measured, or a
+        rollout's first minibatch. None outside training (validation) or under ``torch.no_grad()``."""
+        fit = self._fit
+        if fit is None or not fit.training or not torch.is_grad_enabled():
+            return None
+        actor = actor_role(self._actors, role)
+        first_in_rollout, prev_updates = self.progress.enter_rollout(actor.name, rollout)
+        if first_in_rollout:
+            fit.cadence.start_segment(("rollout", rollout), rollout=True)
+        measured = fit.cadence.measuring(fit.cache.key(actor.name))
+        return _Kept(actor, first_in_rollout, prev_updates, measured) if first_in_rollout or measured else None
 
-    def _observe(self, term: PolicyTerm) -> None:
+    def _observe(self, term: PolicyTerm, kept: _Kept) -> None:
         fit = self._fit
         if fit is None:
             return
-        role = actor_role(self._actors, term.role)
+        role, first_in_rollout, prev_updates, measured = kept.role, kept.first, kept.prev_updates, kept.measured
         name, progress = role.name, self.progress
-        first_in_rollout, prev_updates = progress.enter_rollout(name, term.rollout)
-        if first_in_rollout:
-            fit.cadence.start_segment(("rollout", term.rollout), rollout=True)
-        measured = fit.cadence.measuring(fit.cache.key(name))
-        if not (first_in_rollout or measured):
-            return  # between measured steps: only the rollout bookkeeping above
         if term.empty:
             rank_zero_warn("observe() got an empty new_logp/old_logp and skipped it; pass the minibatch's "
                            "log-probs.", category=PPOGuardWarning)

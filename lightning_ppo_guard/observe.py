@@ -105,13 +105,19 @@ def observe(
     (``validation_step``, sanity checks) and under ``torch.no_grad()``: such a loss is never trained on.
     Only detached numbers are kept; the graph and the batch are never held.
     """
-    monitors = [m for m in _find_monitors(pl_module) if m._accepts_observe()]
+    monitors = _find_monitors(pl_module)
     if not monitors:
-        return  # no monitor, or not training (validation, sanity check) or under torch.no_grad(): ignored
+        return
+    # Every observe counts for the rollout bookkeeping; only kept ones (measured, or a rollout's first minibatch)
+    # are checked and read. None is kept outside training (validation, sanity check) or under torch.no_grad().
+    rollout_id = PolicyTerm.rollout_id(rollout)
+    kept = [(monitor, note) for monitor in monitors if (note := monitor._keep(role, rollout_id)) is not None]
+    if not kept:
+        return
     term = PolicyTerm.build(
         new_logp=new_logp, old_logp=old_logp, advantages=advantages, clip_eps=clip_eps, dist=dist, entropy=entropy,
-        num_actions=num_actions, values=values, returns=returns, rollout=rollout, target_kl=target_kl, role=role,
+        num_actions=num_actions, values=values, returns=returns, rollout=rollout_id, target_kl=target_kl, role=role,
         action_mask=action_mask,
     )
-    for monitor in monitors:
-        monitor._observe(term)
+    for monitor, note in kept:
+        monitor._observe(term, note)

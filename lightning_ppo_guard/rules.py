@@ -309,12 +309,11 @@ class Diagnoser:
         s.r_ratio_dev = max(s.r_ratio_dev, f.ratio_dev)
         if f.adv_given and not (_finite(f.adv_std) and _finite(f.adv_mean)):
             out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
-        elif _finite(f.adv_std):
+        elif _finite(f.adv_std) and f.samples > 1:  # one sample has no spread (a remainder minibatch of one)
             s.r_adv_std_sum += f.adv_std
             s.r_adv_mean_sum += abs(f.adv_mean) if _finite(f.adv_mean) else 0.0
             s.r_adv_n += 1
-            # one sample has no spread to lose (a remainder minibatch of one)
-            if f.samples > 1 and f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)):
+            if f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)):
                 out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
         s.r_ent_norm, s.r_ent_drift = f.entropy_norm, f.entropy_drift
         s.r_last_kl, s.r_target_kl = f.approx_kl, f.target_kl
@@ -348,13 +347,14 @@ class Diagnoser:
                               approx_kl=s.r_last_kl, target_kl=s.r_target_kl)
 
         frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
-        weak = _finite(kl) and kl < cfg.weak_kl
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
         # PPG402: tiny advantages that are not normalised (normalised ones have std 1 per minibatch).
         tiny = _finite(adv_std) and adv_std < cfg.tiny_adv_std and abs(adv_std - 1.0) > 0.05
         s.tiny_adv_rollouts = s.tiny_adv_rollouts + 1 if tiny else 0
         # PPG403: the policy barely moves and on most steps the critic's gradient ate the shared clip.
-        starved = weak and s.r_steps > 0 and s.r_starved_n >= 0.5 * s.r_steps
+        # PPG403: on most measured steps of the rollout the shared clip starved the actor's step (see _starved:
+        # the evidence is the step itself, not the KL, which the sparse cadence reads at a rollout's last minibatch)
+        starved = s.r_steps > 0 and s.r_starved_n >= 0.5 * s.r_steps
         s.starved_rollouts = s.starved_rollouts + 1 if starved else 0
         clip = s.r_clip_sum / s.r_clip_n if s.r_clip_n else math.nan
         critic_ratio = s.r_critic_ratio_sum / s.r_clip_n if s.r_clip_n else math.nan

@@ -134,7 +134,8 @@ def test_empty_or_parameterless_roles_fail_at_fit_start():
 
 
 def test_half_precision_logp_is_measured_in_float32(monkeypatch):
-    guard = _run(monkeypatch, lambda kw: {**kw, "new_logp": kw["new_logp"].half(), "old_logp": kw["old_logp"].half()})
+    guard = _run(monkeypatch, lambda kw: {**kw, "new_logp": kw["new_logp"].half(), "old_logp": kw["old_logp"].half()},
+                 guard=PPOGuard(dense_steps=PER))
     assert guard.findings == [] and guard.observes == PER
 
 
@@ -235,6 +236,6 @@ def test_observe_outside_training_or_under_no_grad_is_ignored(monkeypatch):
     monkeypatch.setattr(cartpole, "observe", patched)
     cfg = PPOConfig(seed=0)
     cfg.total_timesteps = cfg.batch_size
-    guard = PPOGuard()
+    guard = PPOGuard(dense_steps=PER)  # every observe kept, to count them
     fit(CartPolePPO(cfg), [guard])
     assert calls["n"] == PER and guard.observes == PER and guard.findings == []

@@ -42,7 +42,7 @@ def test_rich_table_has_every_column_and_fits_the_width(guard):
     header = next(line for line in lines if "code" in line)
     for name in ("code", "severity", "role", "step", "rollout", "symbol: message / fix"):
         assert name in header
-    assert "┃" in header and "│ PPG003 │ error    │ actor    │    40 │       2 │ actor-lr-zero:" in text
+    assert "┃" in header and "│ PPG003 │ error    │ actor    │    79 │       2 │ actor-lr-zero:" in text
     assert "│ PPG001 │ error    │ agent_12 │ 12345 │       - │" in text
     # markup-like brackets in the fix are printed as they are, not eaten by rich
     assert "check with [len(g['params']) for g in optimizer.param_groups]." in guard.summary("rich", width=400)

@@ -76,7 +76,7 @@ def test_multi_categorical_entropy_is_the_entropy_of_the_whole_action(tmp_path):
         return module, kwargs
 
     _, trainer, _ = run_variant(dataclasses.replace(variant, make=make), seed=0,
-                                logger=CSVLogger(tmp_path, name="multi"))
+                                logger=CSVLogger(tmp_path, name="multi"), dense_steps=10**6)  # every minibatch
     rows = [r for r in read_csv(trainer.logger.log_dir) if "ppo_guard/actor/entropy" in r]
     assert rows and trace
     start = 0

@@ -877,5 +877,7 @@ VARIANTS: list[Variant] = [
     Variant("styles-actor-not-in-optimizer", "fault", fault_not_in_optimizer,
             expect=frozenset({("PPG001", _ACTOR)}), deadline=_ROLLOUT, note="only the value function is optimised"),
     Variant("styles-lr-zero", "fault", fault_lr_zero,
-            expect=frozenset({("PPG003", _ACTOR)}), deadline=_ROLLOUT, note="policy lr 0 for the whole run"),
+            expect=frozenset({("PPG003", _ACTOR)}), deadline=2 * _ROLLOUT,
+            note="policy lr 0 for the whole run: named once the policy has not moved in two rollouts (a warm-up "
+                 "from 0 rises within its first)"),
 ]
