@@ -21,7 +21,7 @@ __all__ = ["Cadence", "Clock"]
 class Clock:
     """One optimizer's steps: in the fit, and in the current and the previous segment."""
 
-    __slots__ = ("late", "late_before", "measured", "previous", "segment", "steps")
+    __slots__ = ("decision", "late", "late_before", "measured", "previous", "segment", "steps")
 
     def __init__(self) -> None:
         self.steps = 0  # optimizer steps taken in this fit
@@ -30,6 +30,7 @@ class Clock:
         self.previous: int | None = None  # steps in the last segment this optimizer stepped in
         self.late = False  # a step after the current segment's first was measured
         self.late_before = True  # ... and in the previous segment
+        self.decision: bool | None = None  # whether the coming step is measured (None: not decided yet)
 
 
 class Cadence:
@@ -68,12 +69,25 @@ class Cadence:
         for clock in self.clocks.values():
             if clock.segment:  # an optimizer that did not step in the segment keeps its last length
                 clock.previous, clock.late_before = clock.segment, clock.late
-            clock.segment, clock.late = 0, False
+            clock.segment, clock.late, clock.decision = 0, False, None
         return True
 
+    def any_measuring(self) -> bool:
+        """Whether the coming step of some optimizer is measured."""
+        for key, clock in self.clocks.items():
+            if clock.decision if clock.decision is not None else self.measuring(key):
+                return True
+        return False
+
     def measuring(self, key: int) -> bool:
-        """Whether the coming step of optimizer ``key`` is measured."""
-        clock = self.clock(key)
+        """Whether the coming step of optimizer ``key`` is measured (decided once per step: every hook of the
+        step asks, and the answer must not change between them)."""
+        clock = self.clocks.get(key) or self.clock(key)
+        if clock.decision is None:
+            clock.decision = self._decide(clock)
+        return clock.decision
+
+    def _decide(self, clock: Clock) -> bool:
         if clock.steps < self.dense_steps or self.every == 1:
             return True
         if clock.previous is None:  # no segment known: one step in ``every``, the phase shifting each period
@@ -86,12 +100,13 @@ class Cadence:
 
     def stepped(self, key: int, measured: bool) -> None:
         """Count a step of optimizer ``key`` (``measured``: whether it was)."""
-        clock = self.clock(key)
+        clock = self.clocks.get(key) or self.clock(key)
         if measured:
             clock.measured += 1
             clock.late = clock.late or clock.segment > 0
         clock.steps += 1
         clock.segment += 1
+        clock.decision = None
 
     def counting_nonzero(self, key: int) -> bool:
         """Whether a measured step counts nonzero gradients (a full pass): each dense step, then 1 in 8."""

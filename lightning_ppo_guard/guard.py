@@ -53,7 +53,7 @@ class _GradCheck:
 
 def _tensors(item: ObserveRecord | list[StepRecord] | _GradCheck) -> list[Tensor]:
     if isinstance(item, ObserveRecord):
-        return [item.values]
+        return [item.values] if item.values is not None else []
     if isinstance(item, _GradCheck):
         return [item.norms]
     return [record.values for record in item]
@@ -206,9 +206,14 @@ class PPOGuard(PPOMonitor):
             self._walks.pop(role.name, None)  # check the wiring again at its next observe
 
     @override
-    def _observed(self, record: ObserveRecord, term: PolicyTerm, role: Role) -> None:
+    def _observed(self, record: ObserveRecord, term: PolicyTerm | None, role: Role) -> None:
         if record.first_in_rollout:
             self.verdict.rollouts_started[role.name] = self.verdict.rollouts_started.get(role.name, 0) + 1
+        if term is None:  # a rollout boundary only
+            self._pending.append(record)
+            if len(self._pending) > 1:
+                self._process()
+            return
         new_logp, old_logp = term.new_logp, term.old_logp
         broadcast = _broadcast(term)
         # The graph walk runs at a role's first observe and again at the start of its first rollouts (a loop
@@ -229,7 +234,7 @@ class PPOGuard(PPOMonitor):
             if check_graph:
                 self._walks[role.name] = (walks or 0) + 1
         self._pending.append(record)
-        if record.first_in_rollout:
+        if record.first_in_rollout and len(self._pending) > 1:
             self._process()  # a rollout boundary: the previous rollout's rules run now
 
     @override
@@ -251,20 +256,26 @@ class PPOGuard(PPOMonitor):
     def _role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
 
-    def _process(self) -> None:
-        """Read every pending record to the host in one transfer and run their rules, in the order they came.
+    def _process(self, extra: list[Tensor] | None = None) -> list[float]:
+        """Read every pending record to the host in one transfer (with ``extra``, whose values it returns) and
+        run their rules, in the order they came.
 
-        Called at rollout boundaries, batch ends in manual optimization, logged rows, the end of training and
-        every 64 pending records: never once per optimizer step, so a GPU is not stalled at each step.
+        Called at rollout boundaries, batch ends in manual optimization, logged rows (riding on the row's own
+        transfer), the end of training and every 64 pending records: never once per optimizer step, so a GPU is
+        not stalled at each step.
         """
         pending, self._pending = self._pending, []
         if not pending:
-            return
-        flat = self._to_host([t for item in pending for t in _tensors(item)])
+            return super()._to_host(extra) if extra else []
+        parts = [t for item in pending for t in _tensors(item)]
+        flat = super()._to_host(parts + (extra or []))
+        extra_values = flat[sum(t.numel() for t in parts):]
         names = self.layout.observe_names if self.layout is not None else ()
         at = 0
         for item in pending:
-            if isinstance(item, ObserveRecord):
+            if isinstance(item, ObserveRecord) and item.values is None:
+                self._check_observe(item, {}, boundary_only=True)
+            elif isinstance(item, ObserveRecord):
                 self._check_observe(item, dict(zip(names, flat[at:at + len(names)], strict=True)))
                 at += len(names)
             elif isinstance(item, _GradCheck):
@@ -279,6 +290,7 @@ class PPOGuard(PPOMonitor):
                     steps[record.role] = dict(zip(COLUMNS, flat[at:at + len(COLUMNS)], strict=True))
                     at += len(COLUMNS)
                 self._check_steps(item, steps)
+        return extra_values
 
     def _check_steps(self, records: list[StepRecord], steps: dict[str, dict[str, float]]) -> None:
         critic = next((r.name for r in self.roles if r.kind == "critic"), None)
@@ -302,10 +314,12 @@ class PPOGuard(PPOMonitor):
             )
             self._report(self.diagnoser.check_step(record.role, record.step, facts))
 
-    def _check_observe(self, record: ObserveRecord, v: dict[str, float]) -> None:
+    def _check_observe(self, record: ObserveRecord, v: dict[str, float], boundary_only: bool = False) -> None:
+        nan = math.nan
         facts = ObserveFacts(
-            approx_kl=v["approx_kl"], ratio_dev=v["ratio_dev"], adv_mean=v["adv_mean"], adv_std=v["adv_std"],
-            entropy_norm=v["entropy_norm"], entropy_drift=v["entropy_drift"],
+            approx_kl=v.get("approx_kl", nan), ratio_dev=v.get("ratio_dev", nan), adv_mean=v.get("adv_mean", nan),
+            adv_std=v.get("adv_std", nan), entropy_norm=v.get("entropy_norm", nan),
+            entropy_drift=v.get("entropy_drift", nan), boundary_only=boundary_only,
             first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,
             prev_updates=record.prev_updates, samples=record.samples, adv_given=record.adv_given,
             precision_eps=record.precision_eps,
@@ -313,9 +327,14 @@ class PPOGuard(PPOMonitor):
         self._report(self.diagnoser.check_observe(record.role, record.step, facts))
 
     @override
+    def _to_host(self, parts: list[Tensor]) -> list[float]:
+        """A logged row's transfer carries the pending records too (one read for both)."""
+        return self._process(parts)
+
+    @override
     def _write_row(self) -> None:
-        self._process()
         super()._write_row()
+        self._process()  # a row with nothing measured made no transfer: a read point all the same
 
     # ------------------------------------------------------------------ decisions, agreed across ranks
     @override
@@ -324,7 +343,7 @@ class PPOGuard(PPOMonitor):
         fit = self._fit
         if fit is None:
             return
-        if not fit.module.automatic_optimization:
+        if fit.manual:
             self._process()  # a manual-optimization batch is usually a whole PPO iteration
         if self.on_stall == "warn":
             return

@@ -113,6 +113,7 @@ class _Fit:
     hooks: list[RemovableHandle] = field(default_factory=list)
     batches: int = 0  # training batches started
     training: bool = True  # False while a validation loop runs inside the fit
+    manual: bool = False  # manual optimization (read once: a LightningModule property)
     fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
 
     @classmethod
@@ -121,7 +122,9 @@ class _Fit:
         device = module.device
         slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
                  for name, o in layout.observe_offset.items()}
-        return cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
+        fit = cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
+        fit.manual = not module.automatic_optimization
+        return fit
     steps_since_row: int = 0
     batches_since_row: int = 0
 
@@ -133,7 +136,8 @@ class _Kept:
     role: Role
     first: bool  # the first minibatch of a rollout
     prev_updates: int | None  # optimizer steps of the rollout it ends
-    measured: bool  # its optimizer step is measured (else only the first-minibatch ratio is read)
+    measured: bool  # its optimizer step is measured (else only the first-minibatch ratio is read ...)
+    light: bool  # ... if this is a rollout whose first ratio is checked; else it only marks the rollout boundary
 
 
 @dataclass(slots=True)
@@ -159,7 +163,7 @@ class ObserveRecord:
     rollout: int | None
     first_in_rollout: bool
     target_kl: float | None
-    values: Tensor
+    values: Tensor | None  # None: a rollout boundary whose minibatch was not read
     prev_updates: int | None  # actor steps of the rollout this one's first observe ends
     samples: int = 0  # minibatch size
     adv_given: bool = False
@@ -274,8 +278,7 @@ class PPOMonitor(Callback):
 
     def measuring(self) -> bool:
         """Whether the coming step of some optimizer is measured (see :mod:`lightning_ppo_guard._cadence`)."""
-        fit = self._fit
-        return fit is not None and any(fit.cadence.measuring(key) for key in fit.cache.plans)
+        return self._fit is not None and self._fit.cadence.any_measuring()
 
     # ------------------------------------------------------------------ Lightning hooks (thin)
     @override
@@ -357,6 +360,7 @@ class PPOMonitor(Callback):
         fit = self._fit = _Fit.start(trainer, module, self.prefix, self.roles,
                                      Cadence(self.dense_steps, self.measure_every_n_steps))
         for opt in trainer.optimizers:
+            fit.cadence.clock(id(opt))
             fit.hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
             fit.hooks.append(opt.register_step_post_hook(self._optimizer_post_step))
         self.refresh()
@@ -397,7 +401,7 @@ class PPOMonitor(Callback):
             return
         fit.batches += 1
         fit.fraction = _fit_fraction(fit.trainer, batch_idx)
-        if not fit.module.automatic_optimization:  # a manual-optimization batch is usually one PPO iteration
+        if fit.manual:  # a manual-optimization batch is usually one PPO iteration
             fit.cadence.start_segment(("batch", fit.batches), rollout=False)
         if self.measuring():  # binding and lr are re-read on the cadence of the measurements
             self.refresh()
@@ -406,8 +410,7 @@ class PPOMonitor(Callback):
         # Manual optimization: the user clips between backward and step, so measure here (AMP-scaled: undone
         # with the scaler's current scale). With accumulation, the last backward before the step wins.
         fit = self._fit
-        if (fit is not None and not fit.module.automatic_optimization and fit.cache.all_plan is not None
-                and self.measuring()):
+        if fit is not None and fit.manual and fit.cache.all_plan is not None and fit.cadence.any_measuring():
             scaler = fit.trainer.scaler
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self._flight.pre_clip = PreClip(fit.cache.all_plan, 1.0 / scale)
@@ -421,8 +424,7 @@ class PPOMonitor(Callback):
             self._skipped(id(optimizer))
         self._flight.awaiting.add(id(optimizer))
         # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
-        if fit.module.automatic_optimization and fit.cache.all_plan is not None and fit.cadence.measuring(
-                id(optimizer)):
+        if not fit.manual and fit.cache.all_plan is not None and fit.cadence.measuring(id(optimizer)):
             self._flight.pre_clip = PreClip(fit.cache.all_plan, 1.0)
 
     def _optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -447,8 +449,8 @@ class PPOMonitor(Callback):
             return
         self.progress.count_step(plan.actors)
         fit.steps_since_row += 1
-        param_sq = self._flight.param_sq.pop(id(optimizer), None)
-        counted = fit.cadence.counting_nonzero(id(optimizer))
+        param_sq = self._flight.param_sq.pop(id(optimizer), None) if self._flight.param_sq else None
+        counted = param_sq is not None and fit.cadence.counting_nonzero(id(optimizer))
         fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
         if param_sq is not None:
             pre = self._flight.pre_clip
@@ -493,15 +495,30 @@ class PPOMonitor(Callback):
     def _keep(self, role: str, rollout: int | None) -> _Kept | None:
         """The bookkeeping every ``observe`` gets (its rollout), and whether this one is kept: measured, or a
         rollout's first minibatch. None outside training (validation) or under ``torch.no_grad()``."""
+        # The hot path (every minibatch, most not kept) is written flat: few calls, no allocation.
         fit = self._fit
         if fit is None or not fit.training or not torch.is_grad_enabled():
             return None
-        actor = actor_role(self._actors, role)
-        first_in_rollout, prev_updates = self.progress.enter_rollout(actor.name, rollout)
-        if first_in_rollout:
+        actor = self._actors.get(role) or actor_role(self._actors, role)
+        first_in_rollout, prev_updates = False, None
+        if rollout is not None and self.progress.rollout.get(actor.name) != rollout:
+            first_in_rollout, prev_updates = self.progress.enter_rollout(actor.name, rollout)
             fit.cadence.start_segment(("rollout", rollout), rollout=True)
-        measured = fit.cadence.measuring(fit.cache.key(actor.name))
-        return _Kept(actor, first_in_rollout, prev_updates, measured) if first_in_rollout or measured else None
+        key = fit.cache.keys.get(actor.name, 0)
+        clock = fit.cadence.clocks.get(key)
+        decided = clock.decision if clock is not None else None
+        measured = decided if decided is not None else fit.cadence.measuring(key)
+        if not (first_in_rollout or measured):
+            return None
+        # the first minibatch's ratio (PPG105) is read at the first 16 rollouts, then at 1 in 4
+        light = first_in_rollout and (fit.cadence.segments <= 16 or fit.cadence.segments % 4 == 0)
+        return _Kept(actor, first_in_rollout, prev_updates, measured, light)
+
+    def _boundary(self, kept: _Kept) -> None:
+        """A rollout's first minibatch whose ratio is not read: it only ends the previous rollout."""
+        rollout = self.progress.rollout.get(kept.role.name)
+        self._observed(ObserveRecord(kept.role.name, self.current_step, rollout, True, None, None, kept.prev_updates),
+                       None, kept.role)
 
     def _observe(self, term: PolicyTerm, kept: _Kept) -> None:
         fit = self._fit
@@ -512,6 +529,9 @@ class PPOMonitor(Callback):
         if term.empty:
             rank_zero_warn("observe() got an empty new_logp/old_logp and skipped it; pass the minibatch's "
                            "log-probs.", category=PPOGuardWarning)
+            return
+        if not (measured or kept.light):
+            self._boundary(kept)
             return
         # an off-cadence first minibatch feeds the first-minibatch rules only (its ratio), and is not logged
         stats = term.statistics(full=measured)
@@ -550,8 +570,9 @@ class PPOMonitor(Callback):
     def _roles_changed(self, roles: list[Role]) -> None:
         """A refresh found other tensors in these roles."""
 
-    def _observed(self, record: ObserveRecord, term: PolicyTerm, role: Role) -> None:
-        """After each kept ``observe``, with the live inputs (which must not be kept)."""
+    def _observed(self, record: ObserveRecord, term: PolicyTerm | None, role: Role) -> None:
+        """After each kept ``observe``, with the live inputs (which must not be kept; None at a rollout boundary
+        whose minibatch was not read)."""
 
     def _stepped(self, records: list[StepRecord]) -> None:
         """After each measured optimizer step, with its device-side records (one per role of the optimizer)."""

@@ -7,6 +7,7 @@ so the call can stay in the code for good.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["attach_monitor", "detach_monitor", "observe"]
 
-# module -> (weak ref to its Trainer, the monitors found in that Trainer's callbacks)
-_CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+# id(module) -> (weak refs to the module and its Trainer, the monitors found in that Trainer's callbacks): a plain
+# dict, as observe() runs once per minibatch; an entry whose module or Trainer is gone is simply not matched
+_CACHE: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}
 # module -> monitor, for loops without a Trainer (Lightning Fabric): see lightning_ppo_guard.fabric.FabricGuard
 _ATTACHED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
@@ -38,10 +40,6 @@ def detach_monitor(module: Any) -> None:
 def _find_monitors(pl_module: Any) -> tuple[Any, ...]:
     """Every monitor ``observe(pl_module, ...)`` reaches: those in its Trainer's callbacks, else an attached one."""
     trainer = getattr(pl_module, "_trainer", None)
-    if trainer is not None:
-        cached = _CACHE.get(pl_module)
-        if cached is not None and cached[0]() is trainer:
-            return cached[1]  # observe() runs once per minibatch: skip the import and the callback scan
     from lightning_ppo_guard.monitor import PPOMonitor
 
     if isinstance(pl_module, PPOMonitor):
@@ -53,7 +51,10 @@ def _find_monitors(pl_module: Any) -> tuple[Any, ...]:
             return ()
         return (found,) if found is not None else ()
     monitors = tuple(cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor))
-    _CACHE[pl_module] = (weakref.ref(trainer), monitors)
+    key = id(pl_module)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: no cache
+        # the entry goes with the module, so the monitors it holds are not kept alive by it
+        _CACHE[key] = (weakref.ref(pl_module, lambda _: _CACHE.pop(key, None)), weakref.ref(trainer), monitors)
     return monitors
 
 
@@ -105,14 +106,27 @@ def observe(
     (``validation_step``, sanity checks) and under ``torch.no_grad()``: such a loss is never trained on.
     Only detached numbers are kept; the graph and the batch are never held.
     """
-    monitors = _find_monitors(pl_module)
+    cached = _CACHE.get(id(pl_module))
+    if (cached is not None and cached[0]() is pl_module
+            and cached[1]() is getattr(pl_module, "_trainer", None)):  # the hot path: once per minibatch
+        monitors = cached[2]
+    else:
+        monitors = _find_monitors(pl_module)
     if not monitors:
         return
     # Every observe counts for the rollout bookkeeping; only kept ones (measured, or a rollout's first minibatch)
     # are checked and read. None is kept outside training (validation, sanity check) or under torch.no_grad().
-    rollout_id = PolicyTerm.rollout_id(rollout)
-    kept = [(monitor, note) for monitor in monitors if (note := monitor._keep(role, rollout_id)) is not None]
+    rollout_id = rollout if rollout is None or type(rollout) is int else PolicyTerm.rollout_id(rollout)
+    kept = None
+    for monitor in monitors:
+        note = monitor._keep(role, rollout_id)
+        if note is not None:
+            kept = [*(kept or []), (monitor, note)]
     if not kept:
+        return
+    if not any(note.measured or note.light for _, note in kept):  # rollout boundaries only: nothing to read
+        for monitor, note in kept:
+            monitor._boundary(note)
         return
     term = PolicyTerm.build(
         new_logp=new_logp, old_logp=old_logp, advantages=advantages, clip_eps=clip_eps, dist=dist, entropy=entropy,

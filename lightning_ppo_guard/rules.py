@@ -64,6 +64,7 @@ class ObserveFacts:
     samples: int = 2  # minibatch size
     adv_given: bool = True  # advantages were passed (so a NaN adv_std is data, not absence)
     precision_eps: float = 1.2e-7  # machine eps of the lowest precision new_logp was computed in (autocast)
+    boundary_only: bool = False  # a rollout's first minibatch whose ratio was not read: it only ends the last one
 
 
 @dataclass
@@ -120,10 +121,12 @@ class RoleState:
     raised: list[str] = field(default_factory=list)
 
     def reset_rollout(self) -> None:
-        fresh = RoleState()
-        for f in dataclasses.fields(self):
-            if f.name.startswith("r_"):
-                setattr(self, f.name, getattr(fresh, f.name))
+        for name, value in _ROLLOUT_DEFAULTS:
+            setattr(self, name, value)
+
+
+#: The per-rollout aggregates of :class:`RoleState` and their starting values.
+_ROLLOUT_DEFAULTS = tuple((f.name, f.default) for f in dataclasses.fields(RoleState) if f.name.startswith("r_"))
 
 
 def _finite(x: float) -> bool:
@@ -296,6 +299,8 @@ class Diagnoser:
         out: list[Finding] = []
         if (f.first_in_rollout and s.r_observes) or (f.rollout is None and s.r_observes >= cfg.window_observes):
             out += self.end_rollout(role, step, f.prev_updates)
+        if f.boundary_only:
+            return out
         if not (_finite(f.approx_kl) and _finite(f.ratio_dev)):
             return out + self._emit(role, "PPG902", step, approx_kl=f.approx_kl)
         # Recomputing the log-probs in a lower precision (bf16 autocast) moves the first ratio by rounding alone.
