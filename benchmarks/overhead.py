@@ -282,16 +282,38 @@ def bench_steps(sizes: list[str], repeats: int) -> None:
         print(f"{size:>5} {n / 1e6:7.2f}M " + " ".join(f"{c:>22}" for c in cells) + f" {extra / 2**20:8.1f}MB")
 
 
+class _NoopHooks(Callback):
+    """The guard's hooks doing nothing: timed with the same wrappers, it gives the timing floor (the wrappers'
+    own cost, Lightning's dispatch of one more callback, and ``observe()`` with nothing to reach)."""
+
+    def on_train_start(self, trainer: Any, *args: Any) -> None:
+        for opt in trainer.optimizers:
+            opt.register_step_pre_hook(lambda *a: self._optimizer_pre_step(*a))
+            opt.register_step_post_hook(lambda *a: self._optimizer_post_step(*a))
+
+    def on_train_batch_start(self, *args: Any) -> None: ...
+
+    def on_train_batch_end(self, *args: Any) -> None: ...
+
+    def on_after_backward(self, *args: Any) -> None: ...
+
+    def on_before_optimizer_step(self, *args: Any) -> None: ...
+
+    def _optimizer_pre_step(self, *args: Any) -> None: ...
+
+    def _optimizer_post_step(self, *args: Any) -> None: ...
+
+
 def bench_fit(repeats: int, iterations: int | None = None, **guard_kwargs: Any) -> None:
     from lightning_ppo_guard.reference import CartPolePPO, PPOConfig, cartpole, trainer_kwargs
 
-    def run(with_guard: bool, timed_hooks: bool = False) -> tuple[float, int, float]:
+    def run(with_guard: bool, timed_hooks: bool = False, noop: bool = False) -> tuple[float, int, float]:
         L.seed_everything(0, verbose=False)
         cfg = PPOConfig(seed=0)
         if iterations is not None:
             cfg.total_timesteps = iterations * cfg.batch_size
         module = CartPolePPO(cfg)
-        guard = PPOGuard(verbose=False, **guard_kwargs)
+        guard: Callback = _NoopHooks() if noop else PPOGuard(verbose=False, **guard_kwargs)
         clock = _HookClock()
         restore = lambda: None  # noqa: E731
         if timed_hooks:  # a run of its own: the wrappers' own cost stays out of the wall-time arms
@@ -309,20 +331,24 @@ def bench_fit(repeats: int, iterations: int | None = None, **guard_kwargs: Any) 
 
     samples: dict[bool, list[float]] = {False: [], True: []}
     in_hooks: list[float] = []
+    floor: list[float] = []
     steps = 0
     for _ in range(repeats):
         for arm in (False, True):
             t, steps, _ = run(arm)
             samples[arm].append(t)
         in_hooks.append(run(True, timed_hooks=True)[2])
+        floor.append(run(True, timed_hooks=True, noop=True)[2])
     base, guarded = statistics.median(samples[False]), statistics.median(samples[True])
     print(f"(a) whole Trainer.fit of the reference CartPole PPO ({steps} optimizer steps, env included, CSVLogger), "
           f"PPOGuard({', '.join(f'{k}={v}' for k, v in guard_kwargs.items())}), median of {repeats} alternated runs:")
     print(f"    without guard {base:7.2f} s   with PPOGuard() {guarded:7.2f} s   overhead "
           f"{100 * (guarded / base - 1):+.2f}%   (runs: {[round(x, 2) for x in samples[False]]} vs "
           f"{[round(x, 2) for x in samples[True]]})")
-    hooks = statistics.median(in_hooks)
-    print(f"    time inside the guard's hooks: {hooks:.3f} s per fit, {100 * hooks / base:.2f}% of the fit without it")
+    hooks, zero = statistics.median(in_hooks), statistics.median(floor)
+    print(f"    time inside the guard's hooks: {hooks:.3f} s per fit, {100 * hooks / base:.2f}% of the fit without it; "
+          f"the same wrappers around no-op hooks: {zero:.3f} s; net of that floor {hooks - zero:.3f} s, "
+          f"{100 * (hooks - zero) / base:.2f}%")
 
 
 def main() -> None:

@@ -214,6 +214,8 @@ class PPOGuard(PPOMonitor):
             if len(self._pending) > 1:
                 self._process()
             return
+        if len(self._pending) >= _MAX_PENDING:
+            self._process()  # bounded: before this minibatch's backward, not inside an optimizer step
         new_logp, old_logp = term.new_logp, term.old_logp
         broadcast = _broadcast(term)
         # The graph walk runs at a role's first observe and again at the start of its first rollouts (a loop
@@ -249,9 +251,7 @@ class PPOGuard(PPOMonitor):
             unreached = self._unreached.pop(record.role, None)
             if unreached:
                 self._pending.append(_GradCheck.of(record, unreached, len(self._role(record.role).params)))
-        self._pending.append(records)
-        if len(self._pending) >= _MAX_PENDING:
-            self._process()
+        self._pending.append(records)  # read later, never inside the optimizer step (see _observed)
 
     def _role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)

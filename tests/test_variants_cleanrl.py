@@ -88,15 +88,16 @@ def test_gaussian_entropy_is_logged_for_the_whole_action(tmp_path) -> None:
 
 
 def test_approx_kl_rows_after_the_dense_phase_are_not_all_zero_with_16_steps_per_rollout(tmp_path) -> None:
-    """CleanRL 4x4 (16 steps per rollout, healthy): past the dense phase (step 128) the logged approx_kl must still
-    show the policy moving. Rows that measured only each rollout's first minibatch (ratio exactly 1) read 0."""
+    """CleanRL 4x4 (16 steps per rollout, healthy): past the dense phase (the first 16 steps) every logged approx_kl
+    must still show the policy moving. A row that measured only a rollout's first minibatch (ratio exactly 1) would
+    read 0, which a cadence of "1 step in 16 or 64" does on every row."""
     variant = BY_NAME["cleanrl-4x4"]
     logger = CSVLogger(tmp_path, name="run")
     run_variant(variant, 0, logger=logger)
     key = "ppo_guard/actor/approx_kl"
-    late = [(int(r["step"]), r[key]) for r in _read_csv(logger.log_dir) if key in r and r["step"] > 128]
-    assert late, "no approx_kl row after step 128"
-    assert any(kl > 1e-6 for _, kl in late), f"approx_kl rows after step 128 are all ~0: {late}"
+    late = [(int(r["step"]), r[key]) for r in _read_csv(logger.log_dir) if key in r and r["step"] > 16]
+    assert len(late) >= 3, f"too few approx_kl rows after step 16: {late}"
+    assert all(kl > 1e-7 for _, kl in late), f"approx_kl rows after step 16 read ~0: {late}"
 
 
 def test_target_kl_breaks_after_an_epoch_as_in_cleanrl() -> None:

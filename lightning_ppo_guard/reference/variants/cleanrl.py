@@ -643,7 +643,7 @@ def _variants() -> list[Variant]:
                 make=_maker(CleanRLPPO, args, deadline + spr), expect=frozenset({(code, "actor")}),
                 deadline=deadline, guard_kwargs=ACTOR,
                 note=f"{fault} from optimizer step {args.stall_step} on, {spr} steps per rollout: {code} within 5 "
-                     "rollouts of the stall, past the guard's dense phase (128 steps)"))
+                     "rollouts of the stall, long past the guard's dense phase (its first 16 steps)"))
 
     args = replace(base, observe="minimal", fault="detached")
     out.append(Variant(
