@@ -1,7 +1,7 @@
 """What the guard costs: whole-fit wall time and per-update-step time, arms alternated, medians printed.
 
     python benchmarks/overhead.py [--fit-repeats 5] [--step-repeats 5] [--sizes 10k,1M,25M] [--skip-fit]
-                                  [--short-fit 10] [--short-dense 128,32]
+                                  [--short-fit 10] [--short-dense 16,128]
 
 (a) Whole ``Trainer.fit`` of the reference CartPole PPO (default config, env included, a CSVLogger in both
     arms, as a user has), with and without ``PPOGuard()`` at default settings: wall time, and the time spent
@@ -18,7 +18,7 @@
     floor       the memory traffic any exact measurement needs: read the gradients once, copy the actor
                 before the step and diff it after (fused foreach ops, no host sync)
     exact       ``PPOGuard(dense_steps=0, measure_every_n_steps=1)``: every step measured and checked
-    default     ``PPOGuard()`` after its dense start: one step in 64 measured (the cheap tier)
+    default     ``PPOGuard()`` after its dense start: without rollout ids, one step in 64 measured (the cheap tier)
 
 Each arm is reported twice: the difference of whole-step medians against ``none`` (what a user feels, but as
 noisy as the machine), and the time spent inside the arm's own hooks per step (median over steps, the same
@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--short-fit", type=int, default=10, help="PPO iterations of the short fit (40 optimizer "
                         "steps each; 0 skips it)")
-    parser.add_argument("--short-dense", default="128", help="dense_steps values to time the short fit with")
+    parser.add_argument("--short-dense", default="16,128", help="dense_steps values to time the short fit with")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ decides when the roles' tensors must be read again (a walk of their modules cost
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ppo_guard._plan import StepPlan
+from lightning_ppo_guard._trunk import POLICY, VALUE, TrunkProbe
 from lightning_ppo_guard.metrics import Layout
 from lightning_ppo_guard.roles import Role
 
@@ -118,6 +119,23 @@ class RoleCache:
         self._groups: tuple[int, ...] = ()
         self._modules: tuple[int, ...] = ()
         self._next_scan = 0
+        self.armed: Callable[[], bool] = lambda: False  # the coming step is measured (set by the monitor)
+        self.trunk: TrunkProbe | None = None  # the heads' gradients into a shared trunk
+
+    def close(self) -> None:
+        """Remove the trunk probe's module hooks (the fit ends)."""
+        if self.trunk is not None:
+            self.trunk.close()
+            self.trunk = None
+
+    def _probe(self, roles: Sequence[Role], module: Any) -> None:
+        """Hook the shared trunk's modules and the heads' (every module part of the actors and the critic)."""
+        self.close()
+        trunk = [m for r in roles if r.kind == "shared" for m in r.modules(module)]
+        heads = [(POLICY if r.kind == "actor" else VALUE, m) for r in roles if r.kind != "shared"
+                 for m in r.modules(module)]
+        if trunk and any(k == POLICY for k, _ in heads) and any(k == VALUE for k, _ in heads):
+            self.trunk = TrunkProbe(trunk, heads, self.armed, self.device)
 
     @property
     def snapshot_bytes(self) -> int:
@@ -127,10 +145,12 @@ class RoleCache:
         """Re-read; returns the roles whose tensors changed ([] when only the param groups did), or None when
         nothing was rebuilt."""
         groups = tuple(id(p) for opt in optimizers for g in opt.param_groups for p in g["params"])
-        modules = tuple(id(module.get_submodule(r.path)) if r.path else id(module) for r in roles)
+        modules = tuple(i for r in roles for i in r.targets(module))
         changed: list[Role] = []
         if groups != self._groups or modules != self._modules or step >= self._next_scan or self.lazy:
             changed = [r for r in roles if r.refresh(module) or r.name not in self.snapshots]
+            if modules != self._modules:
+                self._probe(roles, module)
             self._modules, self._next_scan = modules, step + SCAN_EVERY
             self.lazy = any(r.lazy for r in roles)
         if not changed and groups == self._groups:
@@ -141,7 +161,7 @@ class RoleCache:
         self.bindings = bind(roles, optimizers, module.parameters())
         for role in changed:  # preallocated once per set of tensors: the step hooks never allocate snapshots
             self.snapshots[role.name] = ([torch.empty_like(p, memory_format=torch.preserve_format)
-                                          for p in role.params] if role.kind == "actor" else [])
+                                          for p in role.params] if role.moves else [])
         # A role no optimizer holds is measured across every optimizer step: its update must be 0.
         unbound = [r for r in roles if not self.bindings[r.name].optimizers]
         self.plans = {id(opt): StepPlan([r for r in roles if i in self.bindings[r.name].optimizers] + unbound,
@@ -154,6 +174,8 @@ class RoleCache:
         every = sorted(r.name for r in roles)
         self.all_plan = next((p for p in self.plans.values() if sorted(p.names) == every), None) or StepPlan(
             roles, self.snapshots, self.layout, self.device)
+        for plan in self.plans.values():  # the plan that steps the trunk reads the heads' gradients
+            plan.trunk = self.trunk
         return changed
 
     def key(self, role: str) -> int:

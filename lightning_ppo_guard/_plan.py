@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_ppo_guard._trunk import TrunkProbe
 from lightning_ppo_guard.metrics import STEP_METRICS, Layout
 from lightning_ppo_guard.roles import Role
 
@@ -25,12 +26,17 @@ __all__ = ["COLUMNS", "ClipInference", "PreClip", "StepPlan", "transfer"]
 
 #: The columns of :meth:`StepPlan.after`'s block, by name (the block's one order; readers map by these names).
 COLUMNS = ("grad_norm", "grad_norm_clipped", "clip_coef", "grad_none", "grad_nonfinite",
-           "grad_nonzero_frac", "update_norm", "update_ratio", "param_norm")
-#: Columns measured for actors only (the snapshot and the nonzero count): the block's last ones.
-ACTOR_COLUMNS = COLUMNS[5:]
+           "grad_nonzero_frac", "update_norm", "update_ratio", "param_norm",
+           "head_grad_policy", "head_grad_value", "value_grad_share")
+#: Columns measured for the roles that move (actors, a shared trunk: the snapshot and the nonzero count), then
+#: for the shared trunk alone (the heads' gradients): the block's last ones, in that order.
+ACTOR_COLUMNS = COLUMNS[5:9]
+SHARED_COLUMNS = COLUMNS[9:]
 if sorted(COLUMNS) != sorted(s.name for s in STEP_METRICS) or set(ACTOR_COLUMNS) != {
-        s.name for s in STEP_METRICS if s.roles == "actor"}:
-    raise RuntimeError("StepPlan.COLUMNS must name every STEP_METRICS entry, the actor-only ones last.")
+        s.name for s in STEP_METRICS if s.roles == "actor"} or set(SHARED_COLUMNS) != {
+        s.name for s in STEP_METRICS if s.roles == "shared"}:
+    raise RuntimeError("StepPlan.COLUMNS must name every STEP_METRICS entry, the moving roles' ones then the "
+                       "shared trunk's last.")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Above this many actor elements ``count_nonzero`` per tensor (one memory pass, ~2x faster per element on
 # CPU) beats the single fused ``_foreach_norm(ord=0)`` call (one op: cheaper for small tensors).
@@ -65,8 +71,8 @@ class StepPlan:
 
     def __init__(self, roles: Sequence[Role], snapshots: dict[str, list[Tensor]], layout: Layout,
                  device: torch.device) -> None:
-        self.roles = sorted(roles, key=lambda r: r.kind != "actor")  # stable: actors first, then the critic
-        self.actors = [r for r in self.roles if r.kind == "actor"]
+        self.roles = sorted(roles, key=lambda r: not r.moves)  # stable: actors and a shared trunk, then the critic
+        self.actors = [r for r in self.roles if r.moves]  # the roles whose update is measured
         self.params = [p for r in self.roles for p in r.params]
         self._owner = [i for i, r in enumerate(self.roles) for _ in r.params]
         n_roles, n_actors = len(self.roles), len(self.actors)
@@ -82,16 +88,27 @@ class StepPlan:
         self._ones = torch.ones(n_roles, device=device)
         self._nan_actors = torch.full((n_actors,), math.nan, device=device)
         self._pad = torch.full((n_roles - n_actors, len(ACTOR_COLUMNS)), math.nan, device=device)
+        self._nan_shared = torch.full((n_roles, len(SHARED_COLUMNS)), math.nan, device=device)
+        shared = [i for i, r in enumerate(self.roles) if r.kind == "shared" and r.params]
+        self.shared_row = shared[0] if shared else None
+        self.trunk: TrunkProbe | None = None  # set by the roles' cache when the trunk's heads are hooked
         self._none: dict[tuple[int, ...], Tensor] = {}
         # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
         self.slots = torch.tensor([layout.step_slot(r.name, c) for r in self.roles for c in COLUMNS],
                                   dtype=torch.long, device=device)
-        mask = torch.tensor([[c not in ACTOR_COLUMNS or (r.kind == "actor" and bool(r.params)) for c in COLUMNS]
-                             for r in self.roles], dtype=torch.bool, device=device)
-        self.mask = mask.reshape(-1)
-        mask = mask.clone()
-        mask[:, COLUMNS.index("grad_nonzero_frac")] = False
-        self.mask_without_nonzero = mask.reshape(-1)  # a step whose nonzero count was skipped
+        mask = torch.tensor([[(c not in ACTOR_COLUMNS or (r.moves and bool(r.params))) and c not in SHARED_COLUMNS
+                              for c in COLUMNS] for r in self.roles], dtype=torch.bool, device=device)
+        # (nonzero counted, heads' shares measured) -> which entries of the flattened block hold a measurement
+        self.masks: dict[tuple[bool, bool], Tensor] = {}
+        for counted in (True, False):
+            for heads in (False, True):
+                m = mask.clone()
+                m[:, COLUMNS.index("grad_nonzero_frac")] &= counted
+                if heads and self.shared_row is not None:
+                    m[self.shared_row, len(COLUMNS) - len(SHARED_COLUMNS):] = True
+                self.masks[counted, heads] = m.reshape(-1)
+        self.mask = self.masks[True, False]
+        self._heads = False  # whether the last block holds the shared trunk's heads' gradients
         self.names = [r.name for r in self.roles]
         # Probes: each role's small tensors (at most 1/256 of its elements; at least its smallest one). Their
         # norms after the clip give each role's clip coefficient, from which the other tensors' norms follow
@@ -196,12 +213,26 @@ class StepPlan:
             self._param_age += 1
         return self._param_sq
 
-    def measure(self, param_sq: Tensor, pre: PreClip | None, count_nonzero: bool) -> tuple[Tensor, list[int]]:
+    def measure(self, param_sq: Tensor, pre: PreClip | None, count_nonzero: bool
+                ) -> tuple[Tensor, list[int], Tensor]:
         """At the step post-hook of a measured step: :meth:`after`, with the pre-clip norms taken from ``pre``
-        (once) and the post-clip norms reused, inferred or measured by :attr:`clip`."""
+        (once) and the post-clip norms reused, inferred or measured by :attr:`clip`; and the block's mask."""
         post = self.clip.post_norms(self, pre)
         norms = pre.take(self) if pre is not None else None
-        return self.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, count_nonzero, post)
+        block, nones = self.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, count_nonzero, post)
+        return block, nones, self.masks[count_nonzero, self._heads]
+
+    def _shared_columns(self) -> Tensor:
+        """The shared trunk's row of heads' gradients (policy, value, value share), NaN elsewhere."""
+        self._heads = False
+        if self.trunk is None or self.shared_row is None:
+            return self._nan_shared
+        norms, both = self.trunk.read()
+        if not both:
+            return self._nan_shared
+        self._heads = True
+        row = torch.cat([norms, (norms[1] / norms.sum().clamp_min(1e-30)).reshape(1)])
+        return self._nan_shared.index_put((torch.tensor(self.shared_row, device=self.device),), row)
 
     @torch.no_grad()
     def after(self, param_sq: Tensor, pre: Tensor | None, inv_scale: float, count_nonzero: bool = True,
@@ -232,7 +263,7 @@ class StepPlan:
             none = self._none[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
         block = torch.stack([grad_norm, post, clip_coef, none, per[:, 1]], dim=1)
         if not self.actors:
-            return torch.cat([block, self._pad], dim=1), nones
+            return torch.cat([block, self._pad, self._nan_shared], dim=1), nones
         nonzero = self._nan_actors
         if not self.actor_params:  # parameterless actors: nothing moved
             update = self._nan_actors.new_zeros(n_actors)
@@ -248,7 +279,8 @@ class StepPlan:
             update = _by_role(_norms(self.snap, 2, self.low_precision).square(), self.actor_seg, n_actors).sqrt()
         param_norm = param_sq.sqrt()
         actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm], dim=1)
-        return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor], dim=1), nones
+        return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor, self._shared_columns()],
+                         dim=1), nones
 
 
 class PreClip:

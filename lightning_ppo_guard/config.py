@@ -61,6 +61,12 @@ class GuardConfig:
     below_eps: float = 0.1
     #: PPG402/PPG403 need this many consecutive such rollouts.
     weak_rollouts: int = 2
+    #: PPG404: the gradient the critic head sends into a shared trunk at least this many times the actor head's
+    #: (healthy shared-trunk CartPole, returns up to ~50 and no value normalisation: at most ~110 in the first
+    #: rollout, when the policy head starts at std 0.01, then 0.3..10; rewards x100: 2e3..2e4 throughout) ...
+    trunk_value_dominance: float = 1000.0
+    #: ... on most measured steps of this many consecutive rollouts (without rollout ids: measured steps x 2).
+    trunk_rollouts: int = 5
     #: PPG501: normalised entropy above this counts as "at its maximum" ...
     entropy_at_max: float = 0.999
     #: ... and a normalised drift below this as "frozen".

@@ -131,6 +131,17 @@ _ALL = (
         "Call actor.requires_grad_(True) (or unfreeze the layers meant to learn) before the optimizer is built.",
         checklist="step 1",
     ),
+    Diagnosis(
+        "PPG006", "part-frozen", "warning",
+        "{part} ({role}) has no trainable tensor: all of it is requires_grad=False, so it never learns",
+        "A named part of a role (a Gaussian's log_std, one of a role's modules) or a whole shared trunk or critic "
+        "is frozen. The rest of the role still learns, so this is no stall, and it may be deliberate (a pretrained "
+        "encoder, a fixed exploration std); left over from a freeze() or a checkpoint load, it caps what the policy "
+        "or value function can learn (a frozen log_std keeps exploration at its initial std forever).",
+        "If it should learn, call requires_grad_(True) on it before the optimizer is built (and pass it to the "
+        "optimizer); if it is frozen on purpose, PPOGuard(ignore=['PPG006']).",
+        checklist="step 1",
+    ),
     # ---------------------------------------------------------------- 1xx wiring of the policy term
     Diagnosis(
         "PPG101", "logp-no-grad", "error",
@@ -291,6 +302,20 @@ _ALL = (
         checklist="step 2 (max_grad_norm) and the 'value_loss 700+' signal",
     ),
     # ---------------------------------------------------------------- 5xx entropy
+    Diagnosis(
+        "PPG404", "value-owns-trunk", "warning",
+        "the critic head sends {value_to_policy:.3g}x the actor head's gradient into the shared trunk ({role}), "
+        "rollout after rollout ({rollouts} rollouts)",
+        "In a network whose trunk feeds both heads, the trunk follows the sum of the two heads' gradients. With "
+        "unscaled returns the value loss (700+ is typical) sends back thousands of times the policy term's gradient, "
+        "so the trunk learns value features alone and keeps moving them under the policy head: the actor barely "
+        "improves while the value loss stays large. The shares are measured at the heads' inputs "
+        "(ppo_guard/shared/head_grad_policy, head_grad_value).",
+        "Scale the value target: normalise returns (or rewards, e.g. gymnasium's NormalizeReward) or the value "
+        "head's output; lower vf_coef; or give the actor and critic separate trunks (or clip each head's gradient "
+        "separately).",
+        checklist="value loss large, actor not moving",
+    ),
     Diagnosis(
         "PPG501", "entropy-frozen-at-max", "error",
         "{role}'s entropy stays at {entropy_norm:.4f} of its maximum (drift {entropy_drift:.2g}) for "

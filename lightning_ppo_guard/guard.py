@@ -21,7 +21,7 @@ from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import Finding, get
 from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
 from lightning_ppo_guard.monitor import ObserveRecord, PPOMonitor, StepRecord
-from lightning_ppo_guard.roles import Role, RoleSpec
+from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec
 from lightning_ppo_guard.rules import Diagnoser, ObserveFacts, StepFacts, WiringFacts
 from lightning_ppo_guard.summary import Style, findings_table
 
@@ -77,6 +77,14 @@ def _broadcast(term: PolicyTerm) -> tuple[str, tuple[int, ...], str, tuple[int, 
     return None
 
 
+def _head_ratio(v: dict[str, float]) -> float:
+    """The critic head's gradient into a shared trunk over the actor head's (nan when not measured)."""
+    policy, value = v.get("head_grad_policy", math.nan), v.get("head_grad_value", math.nan)
+    if not (math.isfinite(policy) and math.isfinite(value)):
+        return math.nan
+    return value / policy if policy > 0 else (math.inf if value > 0 else math.nan)
+
+
 class PPOGuardError(RuntimeError):
     """Raised by ``PPOGuard(on_stall="raise")`` when a run stalls; carries the findings."""
 
@@ -105,6 +113,8 @@ class PPOGuard(PPOMonitor):
     Args:
         actors: the actor role(s), see :class:`PPOMonitor`.
         critic: the critic role, see :class:`PPOMonitor`.
+        shared: a trunk both heads use, see :class:`PPOMonitor`; diagnosed with the actor's codes under role
+            ``shared``, plus PPG404 when the value term's gradient swamps it.
         on_stall: what an error-severity finding does besides the warning: ``"warn"`` (nothing more),
             ``"stop"`` (the Trainer stops at the end of the batch; all ranks agree) or ``"raise"``
             (:class:`PPOGuardError` at the end of the batch, on every rank).
@@ -117,8 +127,9 @@ class PPOGuard(PPOMonitor):
     def __init__(
         self,
         actors: RoleSpec = None,
-        critic: str | nn.Module | None = None,
+        critic: PartsSpec = None,
         *,
+        shared: PartsSpec = None,
         on_stall: OnStall = "warn",
         ignore: Iterable[str] = (),
         config: GuardConfig | None = None,
@@ -128,7 +139,7 @@ class PPOGuard(PPOMonitor):
         measure_every_n_steps: int = 64,
         prefix: str = "ppo_guard",
     ) -> None:
-        super().__init__(actors, critic, log_every_n_steps=log_every_n_steps, dense_steps=dense_steps,
+        super().__init__(actors, critic, shared=shared, log_every_n_steps=log_every_n_steps, dense_steps=dense_steps,
                          measure_every_n_steps=measure_every_n_steps, prefix=prefix)
         if on_stall not in ("warn", "raise", "stop"):
             raise ValueError(f"on_stall must be 'warn', 'raise' or 'stop', got {on_stall!r}.")
@@ -198,7 +209,7 @@ class PPOGuard(PPOMonitor):
             if b is not None:
                 self._report(self.diagnoser.check_setup(
                     role.name, role.kind, step, binding=b.fraction, lr=b.lr, trainable=len(role.params),
-                    frozen=len(role.frozen), stale_tensors=b.stale_tensors))
+                    frozen=len(role.frozen), stale_tensors=b.stale_tensors, frozen_parts=role.frozen_parts))
 
     @override
     def _roles_changed(self, roles: list[Role]) -> None:
@@ -225,10 +236,13 @@ class PPOGuard(PPOMonitor):
         if check_graph or old_logp.requires_grad or not new_logp.requires_grad or broadcast is not None:
             by_hand = ""
             if new_logp.requires_grad and check_graph:
-                reached = reached_leaves(new_logp, role.ids)
-                unreached = [p for p in role.params if id(p) not in reached]
-                if unreached:  # named only if they get no gradient at the step either (see _grad_check)
-                    self._unreached[role.name] = unreached
+                # the actor's tensors, and a shared trunk's: the policy term should reach both
+                trunk = [r for r in self.roles if r.kind == "shared"]
+                reached = reached_leaves(new_logp, role.ids.union(*(r.ids for r in trunk)))
+                for r in (role, *trunk):
+                    unreached = [p for p in r.params if id(p) not in reached]
+                    if unreached:  # named only if they get no gradient at the step either (see _GradCheck)
+                        self._unreached[r.name] = unreached
                 by_hand = logp_by_hand(new_logp)
             facts = WiringFacts(logp_requires_grad=bool(new_logp.requires_grad),
                                 old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand, broadcast=broadcast)
@@ -297,7 +311,7 @@ class PPOGuard(PPOMonitor):
         critic_vals = steps.get(critic) if critic else None
         for record in records:
             role = self._role(record.role)
-            if role.kind != "actor":
+            if not role.moves:
                 continue
             v, b = steps[record.role], self.bindings[record.role]
             critic_norm = math.nan  # the critic's norm, when it shares the clip (same coefficient)
@@ -310,7 +324,7 @@ class PPOGuard(PPOMonitor):
                 nonfinite=v["grad_nonfinite"], update_norm=v["update_norm"], update_ratio=v["update_ratio"],
                 binding=b.fraction, lr=record.groups.lr, critic_grad_norm=critic_norm, lr_max=record.groups.lr_max,
                 segment=record.segment, fraction=record.fraction, opt_eps=record.groups.eps,
-                trainable_numel=role.numel,
+                trainable_numel=role.numel, policy=role.kind == "actor", head_ratio=_head_ratio(v),
             )
             self._report(self.diagnoser.check_step(record.role, record.step, facts))
 

@@ -27,7 +27,8 @@ class MetricSpec:
     reduce: Reduce
     meaning: str
     healthy: str
-    roles: Literal["all", "actor"] = "all"
+    roles: Literal["all", "actor", "shared"] = "all"  # "actor": roles whose update is measured (actors, a
+    # shared trunk); "shared": the shared trunk alone
 
 
 #: Measured at every measured optimizer step, for each role the optimizer holds (or every role not held).
@@ -49,6 +50,13 @@ STEP_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("param_norm", "mean",
                "||theta|| of the role's trainable parameters before the step (large models: re-read every 8th "
                "measured step)", "finite", roles="actor"),
+    MetricSpec("head_grad_policy", "mean", "shared trunk: L2 norm of the gradient the actor head(s) send into the "
+               "trunk's output (the policy term's share; hooked at the heads' inputs)", "same order as "
+               "head_grad_value", roles="shared"),
+    MetricSpec("head_grad_value", "mean", "shared trunk: L2 norm of the gradient the critic head sends into the "
+               "trunk's output (the value term's share)", "same order as head_grad_policy", roles="shared"),
+    MetricSpec("value_grad_share", "mean", "head_grad_value / (head_grad_policy + head_grad_value)",
+               "0.2..0.8; > 0.99 means the value term owns the trunk", roles="shared"),
 )
 
 #: Measured at each ``observe`` call (one per minibatch update of an actor role).
@@ -148,7 +156,7 @@ class Layout:
     """
 
     prefix: str
-    roles: tuple[tuple[str, bool], ...]  # (name, is_actor), in role order
+    roles: tuple[tuple[str, str], ...]  # (name, kind), in role order
     step_names: tuple[str, ...]
     observe_names: tuple[str, ...]
     step_offset: Mapping[str, int]
@@ -157,22 +165,25 @@ class Layout:
     keys: tuple[tuple[str, Reduce, int], ...]  # (logged key, reduction, slot), in the order rows are written
 
     @classmethod
-    def build(cls, prefix: str, roles: Sequence[tuple[str, bool]]) -> Layout:
+    def build(cls, prefix: str, roles: Sequence[tuple[str, str]]) -> Layout:
+        """``roles``: (name, kind) with kind ``actor`` (step and observe metrics), ``shared`` (step metrics with
+        the update) or ``critic`` (the gradient's)."""
         step_offset: dict[str, int] = {}
         observe_offset: dict[str, int] = {}
         offset = 0
         for name, _ in roles:
             step_offset[name] = offset
             offset += len(STEP_METRICS)
-        for name, actor in roles:
-            if actor:
+        for name, kind in roles:
+            if kind == "actor":
                 observe_offset[name] = offset
                 offset += len(OBSERVE_METRICS)
         keys = []
-        for name, actor in roles:
+        for name, kind in roles:
             keys += [(metric_key(prefix, name, spec.name), spec.reduce, step_offset[name] + j)
-                     for j, spec in enumerate(STEP_METRICS) if spec.roles == "all" or actor]
-            if actor:
+                     for j, spec in enumerate(STEP_METRICS)
+                     if spec.roles == "all" or (spec.roles == "actor" and kind != "critic") or spec.roles == kind]
+            if kind == "actor":
                 keys += [(metric_key(prefix, name, spec.name), spec.reduce, observe_offset[name] + j)
                          for j, spec in enumerate(OBSERVE_METRICS)]
         return cls(prefix, tuple(roles), tuple(spec.name for spec in STEP_METRICS),

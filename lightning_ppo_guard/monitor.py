@@ -31,7 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -43,7 +43,7 @@ from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import Layout, RowBuffer, host_values, stack
-from lightning_ppo_guard.roles import Role, RoleSpec, actor_role, resolve_roles
+from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec, actor_role, describe, resolve_roles, unassigned
 
 __all__ = ["Binding", "ObserveRecord", "PPOMonitor", "Progress", "StepRecord"]
 
@@ -118,7 +118,7 @@ class _Fit:
 
     @classmethod
     def start(cls, trainer: TrainerLike, module: ModuleLike, prefix: str, roles: list[Role], cadence: Cadence) -> _Fit:
-        layout = Layout.build(prefix, [(r.name, r.kind == "actor") for r in roles])
+        layout = Layout.build(prefix, [(r.name, r.kind) for r in roles])
         device = module.device
         slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
                  for name, o in layout.observe_offset.items()}
@@ -197,10 +197,15 @@ class PPOMonitor(Callback):
 
     Args:
         actors: the actor role(s): an attribute path (``"actor"``, ``"model.policy"``), a module, a
-            ``ModuleList``/``ModuleDict`` path (one role per agent: ``agent_0``, ...), or a list/dict of
-            paths or modules. ``None`` auto-detects ``actors``, ``actor``, ``policies``, ``policy``, ``pi``.
-        critic: the critic's path or module; ``None`` auto-detects ``critic``, ``value``, ``vf``; a module
-            without one has no critic role.
+            ``ModuleList``/``ModuleDict`` path (one role per agent: ``agent_0``, ...), a list of paths or
+            modules (one per agent), or a dict ``{name: part or list of parts}`` (a part is a submodule or a
+            parameter: ``{"actor": ["agent.actor_mean", "agent.actor_logstd"]}``). ``None`` auto-detects
+            every role from the layouts people write (see :func:`lightning_ppo_guard.roles.detect`: actor and
+            critic with an optional trunk, CleanRL's ``Agent``, SB3's ``ActorCriticPolicy``, MAPPO lists, one or
+            two levels down) and logs what it chose.
+        critic: the critic's part or list of parts; ``None`` detects it; ``[]`` means no critic role.
+        shared: a trunk both heads use (``"agent.network"``), measured like an actor under
+            ``<prefix>/shared/...``; ``None`` detects it when ``actors`` is ``None`` too; ``[]`` means none.
         log_every_n_steps: optimizer steps per logged row; ``None`` logs when Lightning logs: every
             ``Trainer(log_every_n_steps=...)`` training batches (a manual-optimization PPO batch may hold many
             optimizer steps; the row then holds their reduction).
@@ -219,8 +224,9 @@ class PPOMonitor(Callback):
     def __init__(
         self,
         actors: RoleSpec = None,
-        critic: str | nn.Module | None = None,
+        critic: PartsSpec = None,
         *,
+        shared: PartsSpec = None,
         log_every_n_steps: int | None = None,
         dense_steps: int = 16,
         measure_every_n_steps: int = 64,
@@ -238,8 +244,11 @@ class PPOMonitor(Callback):
         self.dense_steps = dense_steps
         self.measure_every_n_steps = measure_every_n_steps
         self.prefix = prefix
+        self._state_key: tuple[str | None, str] = (None, "")
         self._actors_spec = actors
         self._critic_spec = critic
+        self._shared_spec = shared
+        self._announced = False  # the auto-detected roles are logged once
         self._log_every = log_every_n_steps
         self.roles: list[Role] = []
         self.bindings: dict[str, Binding] = {}
@@ -274,7 +283,10 @@ class PPOMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        # Lightning formats it at every hook of every callback (its profiler's label): built once per prefix
+        if self._state_key[0] != self.prefix:
+            self._state_key = (self.prefix, self._generate_state_key(prefix=self.prefix))
+        return self._state_key[1]
 
     def measuring(self) -> bool:
         """Whether the coming step of some optimizer is measured (see :mod:`lightning_ppo_guard._cadence`)."""
@@ -351,14 +363,24 @@ class PPOMonitor(Callback):
 
     def _resolve(self, module: ModuleLike) -> None:
         # Resolve early so that a wrong path fails before any training; tensors are re-read at train start.
-        self.roles = resolve_roles(module, self._actors_spec, self._critic_spec)
+        self.roles = resolve_roles(module, self._actors_spec, self._critic_spec, self._shared_spec)
         self._actors = {r.name: r for r in self.roles if r.kind == "actor"}
+        if self._actors_spec is None and not self._announced and isinstance(module, nn.Module):
+            self._announced = True
+            count, where = unassigned(module, self.roles)
+            rest = (f"; {count:,} trainable elements belong to no role ({', '.join(where)}"
+                    f"{', ...' if count and len(where) == 4 else ''}): name them (shared=...) to measure them"
+                    if count else "")
+            name = type(self).__name__
+            rank_zero_info(f"{name} roles, auto-detected: {describe(self.roles, name)}{rest}")
 
     def _attach(self, trainer: TrainerLike, module: ModuleLike) -> None:
         """Bind to a fit that is starting to train: the logging layout, the optimizers' step hooks, the roles."""
         self._detach()
         fit = self._fit = _Fit.start(trainer, module, self.prefix, self.roles,
                                      Cadence(self.dense_steps, self.measure_every_n_steps))
+        # the trunk probe hooks the heads' inputs only in training forwards of measured steps
+        fit.cache.armed = lambda: fit.training and fit.cadence.measuring(fit.cache.keys.get("shared", 0))
         for opt in trainer.optimizers:
             fit.cadence.clock(id(opt))
             fit.hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
@@ -371,6 +393,7 @@ class PPOMonitor(Callback):
         if fit is not None:
             for handle in fit.hooks:
                 handle.remove()
+            fit.cache.close()
         self._flight = _InFlight()
 
     def _train_end(self) -> None:
@@ -454,10 +477,10 @@ class PPOMonitor(Callback):
         fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
         if param_sq is not None:
             pre = self._flight.pre_clip
-            block, nones = plan.measure(param_sq, pre, counted)
+            block, nones, mask = plan.measure(param_sq, pre, counted)
             if pre is not None and not pre.unused:
                 self._flight.pre_clip = None
-            fit.rows.queue(block, plan.mask if counted else plan.mask_without_nonzero, plan.slots)
+            fit.rows.queue(block, mask, plan.slots)
             step, groups = self.current_step, self._flight.groups.pop(id(optimizer))
             segment = fit.cadence.segments if fit.cadence.segment_id is not None else None
             self._stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction)

@@ -47,6 +47,8 @@ class StepFacts:
     fraction: float | None = None  # share of the planned fit done; None when not known
     opt_eps: float = math.nan  # the optimizer's eps for the role (Adam...); nan for optimizers without one
     trainable_numel: int = 0  # trainable elements of the role
+    policy: bool = True  # an actor (False: a shared trunk, whose step size the policy rules do not judge)
+    head_ratio: float = math.nan  # shared trunk: the critic head's gradient into it / the actor head's (nan: unknown)
 
 
 @dataclass
@@ -118,6 +120,12 @@ class RoleState:
     max_updates: int = 0  # ... and most
     tiny_adv_rollouts: int = 0
     starved_rollouts: int = 0
+    # a shared trunk: measured steps of the current segment, how many the value term dominated, the streak
+    trunk_segment: int | None = None
+    trunk_n: int = 0
+    trunk_dominated: int = 0
+    trunk_streak: int = 0
+    trunk_ratio: float = math.nan  # the last measured value/policy ratio
     raised: list[str] = field(default_factory=list)
 
     def reset_rollout(self) -> None:
@@ -167,12 +175,18 @@ class Diagnoser:
 
     # ------------------------------------------------------------------ set-up
     def check_setup(self, role: str, kind: str, step: int, *, binding: float, lr: float, trainable: int,
-                    frozen: int, stale_tensors: int) -> list[Finding]:
+                    frozen: int, stale_tensors: int, frozen_parts: tuple[str, ...] = ()) -> list[Finding]:
+        """Set-up facts of a role of ``kind`` (actor, critic or shared). A frozen actor cannot learn (PPG005);
+        a frozen trunk, critic or named part of a role (a Gaussian's ``log_std``) may be frozen on purpose, so it
+        is a warning (PPG006). A role left out of the optimizer is an error whatever its kind."""
         out: list[Finding] = []
         if trainable == 0:
-            return self._emit(role, "PPG005", step, frozen=frozen) if kind == "actor" else []
-        if kind != "actor":
-            return out
+            if kind == "actor":
+                return self._emit(role, "PPG005", step, frozen=frozen)
+            return self._emit(role, "PPG006", step, part=role, frozen=frozen)
+        for part in frozen_parts:
+            out += self._emit(role, "PPG006", step, part=part, frozen=frozen)
+            break  # one finding per role: the first frozen part (the evidence counts every frozen tensor)
         # An lr of 0 here is no finding: a warm-up starts at 0. PPG003 waits for a role that does not move
         # (check_step).
         if binding < 1.0:
@@ -232,12 +246,12 @@ class Diagnoser:
         s.unchanged = s.unchanged + 1 if unchanged else 0
         lr_zero = unchanged and _finite(f.lr_max) and f.lr_max == 0.0
         s.lr_zero, s.lr_zero_from = _streak(lr_zero, s.lr_zero, s.lr_zero_from, f.segment)
-        tiny = moving_grad and 0.0 < f.update_ratio < cfg.tiny_update_ratio
+        tiny = f.policy and moving_grad and 0.0 < f.update_ratio < cfg.tiny_update_ratio
         s.tiny_update, s.tiny_from = _streak(tiny, s.tiny_update, s.tiny_from, f.segment)
         if _finite(f.update_ratio):
             s.r_upd_sum += f.update_ratio
             s.r_upd_n += 1
-        starved = self._starved(f)
+        starved = f.policy and self._starved(f)
         s.r_steps += 1
         s.r_starved_n += starved
         if _finite(f.critic_grad_norm) and _finite(f.clip_coef):
@@ -245,6 +259,8 @@ class Diagnoser:
             s.r_critic_ratio_sum += f.critic_grad_norm / max(f.grad_norm, 1e-30)
             s.r_clip_n += 1
 
+        if _finite(f.head_ratio) or f.head_ratio == math.inf:
+            out += self._trunk(role, step, f)
         if s.cleared >= cfg.cleared_steps:
             out += self._emit(role, "PPG202", step, grad_norm=f.grad_norm, steps=s.cleared)
         if s.clipped_zero >= cfg.cleared_steps:
@@ -270,6 +286,29 @@ class Diagnoser:
                 out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr_max,
                                   steps=s.tiny_update)
         return out
+
+    def _trunk(self, role: str, step: int, f: StepFacts) -> list[Finding]:
+        """PPG404: the value term's gradient owns a shared trunk, rollout after rollout (each rollout judged by most
+        of its measured steps; without rollout ids, each measured step counts half a rollout)."""
+        cfg, s = self.config, self.state(role)
+        dominated = f.head_ratio >= cfg.trunk_value_dominance
+        s.trunk_ratio = f.head_ratio
+        if f.segment is None:
+            s.trunk_streak = s.trunk_streak + 1 if dominated else 0
+            enough = s.trunk_streak >= 2 * cfg.trunk_rollouts
+        else:
+            if s.trunk_segment is not None and f.segment != s.trunk_segment and s.trunk_n:
+                s.trunk_streak = s.trunk_streak + 1 if 2 * s.trunk_dominated > s.trunk_n else 0
+                s.trunk_n = s.trunk_dominated = 0
+            s.trunk_segment = f.segment
+            s.trunk_n += 1
+            s.trunk_dominated += dominated
+            # the rollout in progress counts once most of its measured steps so far are dominated
+            enough = s.trunk_streak + (2 * s.trunk_dominated > s.trunk_n) >= cfg.trunk_rollouts and dominated
+        if not enough:
+            return []
+        return self._emit(role, "PPG404", step, value_to_policy=f.head_ratio,
+                          rollouts=s.trunk_streak + (f.segment is not None), threshold=cfg.trunk_value_dominance)
 
     def check_skipped(self, role: str, step: int) -> list[Finding]:
         """An optimizer step of ``role`` that was skipped (``on_before_optimizer_step`` ran, ``step`` did not)."""

@@ -184,7 +184,7 @@ def test_monitor_arguments_are_validated():
 
 
 def test_wrong_role_path_fails_at_fit_start_listing_children():
-    with pytest.raises(ValueError, match=r"(?s)no submodule 'policy_net'.*actor: Actor.*critic: Critic"):
+    with pytest.raises(ValueError, match=r"(?s)no submodule or parameter 'policy_net'.*actor: Actor.*critic: Critic"):
         fit(CartPolePPO(_cfg(1)), [PPOMonitor(actors="policy_net")])
 
 

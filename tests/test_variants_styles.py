@@ -18,13 +18,21 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_ppo_guard import PPOGuard
 from lightning_ppo_guard.reference.variants import run_variant
-from lightning_ppo_guard.reference.variants.styles import VARIANTS, LayerListPPO, StyleConfig, trainer_kwargs
+from lightning_ppo_guard.reference.variants.styles import (
+    RETURN_TO_REACH,
+    VARIANTS,
+    LayerListPPO,
+    StyleConfig,
+    trainer_kwargs,
+)
 
 from .conftest import read_csv
 
 
 def _params():
-    return [pytest.param(v, id=v.name, marks=[pytest.mark.slow] if v.slow else []) for v in VARIANTS]
+    return [pytest.param(v, seed, id=f"{v.name}-seed{seed}" if v.slow else v.name,
+                         marks=[pytest.mark.slow] if v.slow else [])
+            for v in VARIANTS for seed in ((0, 1, 2) if v.slow else (0,))]
 
 
 def _named(guard):
@@ -36,11 +44,14 @@ def test_variant_names_are_unique():
     assert len(names) == len(set(names)), names
 
 
-@pytest.mark.parametrize("variant", _params())
-def test_variant(variant):
-    guard, trainer, _ = run_variant(variant, seed=0)
+@pytest.mark.parametrize(("variant", "seed"), _params())
+def test_variant(variant, seed):
+    guard, trainer, module = run_variant(variant, seed=seed)
     if variant.healthy:
         assert guard.findings == [], f"{variant.name} is healthy ({variant.note}):\n{guard.summary('plain')}"
+        if variant.name in RETURN_TO_REACH:  # trained, not merely run
+            recent = module.episode_returns[-20:]
+            assert sum(recent) / len(recent) >= RETURN_TO_REACH[variant.name], (variant.name, seed, recent)
         return
     deadline = variant.deadline if variant.deadline is not None else trainer.global_step
     assert trainer.global_step >= deadline, "the fit must run past the deadline for the check to mean anything"

@@ -32,6 +32,12 @@ Faults (``CleanRLArgs.fault``), each a single ``if`` in the place a user would w
   ``no_grad``, so ``ratio == 1`` identically and the clipped surrogate has no gradient.
 * ``"target_kl_tiny"``: ``target_kl=1e-7``; CleanRL's per-epoch break then ends every update phase after its
   first epoch (``num_minibatches`` steps, not 1).
+* ``"trunk_unbound"`` / ``"trunk_frozen"`` (shared trunk): ``agent.network`` is left out of the optimizer /
+  frozen with ``requires_grad_(False)``.
+* ``"logstd_unbound"`` / ``"logstd_frozen"`` (Gaussian): the bare ``agent.actor_logstd`` is left out of the
+  optimizer / frozen.
+* ``reward_scale``: rewards multiplied before they are stored (``100``: unscaled rewards, a value loss of ~1e5 whose
+  gradient swamps a shared trunk).
 
 :data:`VARIANTS` lists the fits and what the guard must say about each.
 """
@@ -72,7 +78,10 @@ __all__ = [
 RECENT_RETURNS = 100
 #: The lr a late "lr_*" fault writes into the param group.
 STALL_LR = {"lr_zero": 0.0, "lr_tiny": 1e-9}
-FAULTS = ("lr_zero", "lr_tiny", "detached", "old_logp_not_detached", "target_kl_tiny")
+#: Fault -> the agent's parameters (by name prefix) it freezes, or leaves out of the optimizer.
+FROZEN = {"trunk_frozen": "network.", "logstd_frozen": "actor_logstd"}
+UNBOUND = {"trunk_unbound": "network.", "logstd_unbound": "actor_logstd"}
+FAULTS = ("lr_zero", "lr_tiny", "detached", "old_logp_not_detached", "target_kl_tiny", *FROZEN, *UNBOUND)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,8 @@ class CleanRLArgs:
     observe: str = "full"
     """``"minimal"``: ``observe(new_logp, old_logp, advantages)``; ``"full"``: also clip_eps, entropy, values,
     returns, rollout and target_kl; ``"dist"``: like full, with ``dist=`` (the agent's distribution) for entropy."""
+    reward_scale: float = 1.0
+    """Rewards are multiplied by this before they are stored (and enter GAE); the logged returns are the env's."""
     fault: str | None = None
     stall_step: int = 200
     """First optimizer step (0-based) of the ``lr_zero``, ``lr_tiny`` and ``detached`` faults."""
@@ -337,6 +348,10 @@ class CleanRLPPO(L.LightningModule):
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             self.agent = self.agent_cls(self.envs, args.hidden)
+        if args.fault in FROZEN:  # planted: a part of the agent frozen
+            for name, p in self.agent.named_parameters():
+                if name.startswith(FROZEN[args.fault]):
+                    p.requires_grad_(False)
         self.recent_returns: list[float] = []
         self.entropy_log: list[tuple[int, float]] = []
         self.epochs_run: list[int] = []
@@ -349,7 +364,10 @@ class CleanRLPPO(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         args = self.args
-        optimizer = torch.optim.Adam(self.agent.parameters(), lr=args.learning_rate, eps=1e-5)
+        params = self.agent.parameters()
+        if args.fault in UNBOUND:  # planted: a part of the agent left out of the optimizer
+            params = [p for name, p in self.agent.named_parameters() if not name.startswith(UNBOUND[args.fault])]
+        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
         if args.anneal_lr != "to_zero":
             return optimizer
         last = max(1, args.num_iterations - 1)
@@ -393,7 +411,8 @@ class CleanRLPPO(L.LightningModule):
             # execute the game and log data.
             next_obs, reward, terminations, truncations, infos = self.envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
-            self.rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
+            reward = args.reward_scale * torch.as_tensor(reward, dtype=torch.float32, device=device)
+            self.rewards[step] = reward.view(-1)
             self.next_obs = torch.tensor(next_obs, dtype=torch.float32, device=device)
             self.next_done = torch.tensor(next_done, dtype=torch.float32, device=device)
 
@@ -675,38 +694,61 @@ def _variants() -> list[Variant]:
     out.append(Variant(
         name="cleanrl-continuous", family="cleanrl-continuous",
         make=_maker(CleanRLContinuousPPO, PENDULUM, 2 * pend_spr), guard_kwargs=gauss,
-        note=f"healthy ppo_continuous_action.py on Pendulum-v1 (2 rollouts of {pend_spr} steps), Normal with a bare "
-             "actor_logstd outside the actor role, observe(dist=Normal)"))
+        note=f"healthy ppo_continuous_action.py on Pendulum-v1 (2 rollouts of {pend_spr} steps), roles named with "
+             "the bare actor_logstd left outside the actor role, observe(dist=Normal)"))
     out.append(Variant(
         name="cleanrl-continuous-3d", family="cleanrl-continuous",
-        make=_maker(CleanRLContinuousPPO, replace(PENDULUM, num_pendulums=3), 2 * pend_spr), guard_kwargs=gauss,
-        note="healthy ppo_continuous_action.py on 3 pendulums at once (3 torques): per-sample entropy is the sum "
-             "over the 3 action dims"))
+        make=_maker(CleanRLContinuousPPO, replace(PENDULUM, num_pendulums=3), 2 * pend_spr),
+        note="healthy ppo_continuous_action.py on 3 pendulums at once (3 torques), auto-detected roles (actor = "
+             "actor_mean + actor_logstd): per-sample entropy is the sum over the 3 action dims"))
     out.append(Variant(
         name="cleanrl-continuous-long", family="cleanrl-continuous", make=_maker(CleanRLContinuousPPO, PENDULUM),
-        guard_kwargs=gauss, slow=True,
-        note=f"healthy ppo_continuous_action.py trained on Pendulum-v1 for {PENDULUM.total_timesteps // 1000}k steps"))
+        slow=True, note=f"healthy ppo_continuous_action.py trained on Pendulum-v1 for "
+                        f"{PENDULUM.total_timesteps // 1000}k steps, auto-detected roles"))
     out.append(Variant(
         name="cleanrl-continuous-detached-mean", family="cleanrl-continuous",
         make=_maker(CleanRLContinuousPPO, replace(PENDULUM, fault="detached", stall_step=0), 2 * pend_spr),
-        expect=frozenset({("PPG102", "actor")}), deadline=pend_spr, guard_kwargs=gauss,
-        note="the Gaussian mean is detached (actor_logstd, outside the role, still learns and keeps new_logp's "
-             "graph alive): new_logp requires grad but reaches none of actor_mean's tensors, PPG102 in the first "
-             "rollout"))
+        expect=frozenset({("PPG102", "actor")}), deadline=pend_spr,
+        note="the Gaussian mean is detached (actor_logstd still learns and keeps new_logp's graph alive): new_logp "
+             "requires grad but reaches none of actor_mean's tensors, PPG102 in the first rollout"))
+    for fault, code, what in (("logstd_frozen", "PPG006", "actor_logstd.requires_grad_(False): a frozen part"),
+                              ("logstd_unbound", "PPG001", "actor_logstd left out of the optimizer")):
+        out.append(Variant(
+            name=f"cleanrl-continuous-{fault.replace('_', '-')}", family="cleanrl-roles",
+            make=_maker(CleanRLContinuousPPO, replace(PENDULUM, fault=fault), pend_spr),
+            expect=frozenset({(code, "actor")}), deadline=pend_spr,
+            note=f"{what}, auto-detected roles: {code} for the actor in the first rollout"))
 
-    # --- shared trunk (ppo_atari.py layout)
-    trunk = {"actors": "agent.actor", "critic": "agent.critic"}
+    # --- shared trunk (ppo_atari.py layout), auto-detected: agent.network is the shared role
     out.append(Variant(
-        name="cleanrl-trunk", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, TRUNK, 296), guard_kwargs=trunk,
-        note="healthy ppo_atari.py layout: a shared agent.network trunk (in no role) feeding actor and critic heads"))
+        name="cleanrl-trunk", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, TRUNK, 296),
+        note="healthy ppo_atari.py layout: a shared agent.network trunk feeding actor and critic heads, "
+             "auto-detected as actor, critic and shared"))
     out.append(Variant(
-        name="cleanrl-trunk-long", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, TRUNK), guard_kwargs=trunk,
+        name="cleanrl-trunk-long", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, TRUNK),
         slow=True, note=f"healthy shared-trunk PPO trained on CartPole for {TRUNK.total_timesteps // 1000}k steps"))
+    out.append(Variant(
+        name="cleanrl-trunk-named", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, TRUNK, 96),
+        guard_kwargs={"actors": "agent.actor", "critic": "agent.critic"},
+        note="healthy shared trunk with the heads named and the trunk in no role (as a user may write it)"))
     out.append(Variant(
         name="cleanrl-trunk-detached", family="cleanrl-trunk",
         make=_maker(CleanRLTrunkPPO, replace(TRUNK, fault="detached", stall_step=0), 6 * 16),
-        expect=frozenset({("PPG101", "actor")}), deadline=5 * 16, guard_kwargs=trunk,
+        expect=frozenset({("PPG101", "actor")}), deadline=5 * 16,
         note="the actor head's logits are detached; the trunk still learns through the critic: PPG101"))
+    for fault, code, what in (("trunk_unbound", "PPG001", "agent.network left out of the optimizer"),
+                              ("trunk_frozen", "PPG006", "agent.network.requires_grad_(False)")):
+        out.append(Variant(
+            name=f"cleanrl-{fault.replace('_', '-')}", family="cleanrl-roles",
+            make=_maker(CleanRLTrunkPPO, replace(TRUNK, fault=fault), 2 * 16),
+            expect=frozenset({(code, "shared")}), deadline=16,
+            note=f"{what}: {code} for the shared role in the first rollout"))
+    out.append(Variant(
+        name="cleanrl-trunk-unscaled-rewards", family="cleanrl-roles",
+        make=_maker(CleanRLTrunkPPO, replace(TRUNK, reward_scale=100.0, clip_vloss=False), 11 * 16),
+        expect=frozenset({("PPG404", "shared")}), deadline=10 * 16,
+        note="rewards x100 and no value clipping (value loss ~1e5, return flat at ~20): the critic head sends "
+             "~1e3-1e4x the actor head's gradient into the trunk, PPG404 within 10 rollouts"))
     return out
 
 
