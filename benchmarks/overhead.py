@@ -1,13 +1,15 @@
 """What the guard costs: whole-fit wall time and per-update-step time, arms alternated, medians printed.
 
     python benchmarks/overhead.py [--fit-repeats 5] [--step-repeats 5] [--sizes 10k,1M,25M] [--skip-fit]
-                                  [--short-fit 10] [--short-dense 16,128]
+                                  [--short-fit 10] [--short-dense 16,128] [--shared 1]
 
 (a) Whole ``Trainer.fit`` of the reference CartPole PPO (default config, env included, a CSVLogger in both
     arms, as a user has), with and without ``PPOGuard()`` at default settings: wall time, and the time spent
     inside the guard's hooks (in a run of its own, so the timing wrappers stay out of the wall-time arms).
     Then a short fit (``--short-fit`` iterations: 400 optimizer steps by default, where the dense start weighs
-    most), once per ``dense_steps`` value given.
+    most), once per ``dense_steps`` value given. Then (``--shared 1``) CleanRL's shared-trunk PPO with its roles
+    auto-detected (actor, critic and the shared trunk, whose heads' gradients are hooked; the probe's module and
+    tensor hooks are timed with the guard's).
 (b) Per PPO update step (manual optimization: loss, observe, backward, clip, step) on actor-critic MLPs of
     about 10k, 1M and 25M parameters, for these arms:
 
@@ -36,6 +38,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -304,29 +308,58 @@ class _NoopHooks(Callback):
     def _optimizer_post_step(self, *args: Any) -> None: ...
 
 
-def bench_fit(repeats: int, iterations: int | None = None, **guard_kwargs: Any) -> None:
+def _reference(iterations: int | None) -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]:
+    """The reference CartPole PPO (actor and critic networks): its label, a maker, and where it calls observe."""
     from lightning_ppo_guard.reference import CartPolePPO, PPOConfig, cartpole, trainer_kwargs
 
-    def run(with_guard: bool, timed_hooks: bool = False, noop: bool = False) -> tuple[float, int, float]:
-        L.seed_everything(0, verbose=False)
+    def make() -> tuple[Any, dict[str, Any]]:
         cfg = PPOConfig(seed=0)
         if iterations is not None:
             cfg.total_timesteps = iterations * cfg.batch_size
         module = CartPolePPO(cfg)
+        return module, trainer_kwargs(module)
+
+    return "the reference CartPole PPO", make, cartpole
+
+
+def _shared_trunk() -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]:
+    """CleanRL's shared-trunk layout on CartPole (auto-detected roles: actor, critic and the shared trunk, whose
+    heads' gradients are hooked): its label, a maker, and where it calls observe."""
+    from lightning_ppo_guard.reference.variants import cleanrl
+
+    def make() -> tuple[Any, dict[str, Any]]:
+        module = cleanrl.CleanRLTrunkPPO(replace(cleanrl.TRUNK, seed=0))
+        return module, {**cleanrl.trainer_kwargs(), "enable_progress_bar": False, "enable_model_summary": False}
+
+    return "CleanRL's shared-trunk PPO (roles actor, critic, shared)", make, cleanrl
+
+
+def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any],
+              **guard_kwargs: Any) -> None:
+    from lightning_ppo_guard._trunk import TrunkProbe
+
+    label, make, namespace = workload
+
+    def run(with_guard: bool, timed_hooks: bool = False, noop: bool = False) -> tuple[float, int, float]:
+        L.seed_everything(0, verbose=False)
+        module, kwargs = make()
         guard: Callback = _NoopHooks() if noop else PPOGuard(verbose=False, **guard_kwargs)
         clock = _HookClock()
-        restore = lambda: None  # noqa: E731
+        restores: list[Callable[[], Any]] = []
         if timed_hooks:  # a run of its own: the wrappers' own cost stays out of the wall-time arms
             clock.wrap(guard, HOOKS["default"])
-            restore = clock.wrap_function(cartpole, "observe")
+            restores.append(clock.wrap_function(namespace, "observe"))
+            # the trunk probe's module and tensor hooks run inside the model's forward and backward
+            restores += [clock.wrap_function(TrunkProbe, name) for name in ("_trunk_out", "_head_in", "_grad")]
         logger = CSVLogger(tempfile.mkdtemp(prefix="ppo_guard_bench_"), name="fit")
-        trainer = L.Trainer(**trainer_kwargs(module), logger=logger, enable_checkpointing=False,
+        trainer = L.Trainer(**kwargs, logger=logger, enable_checkpointing=False,
                             callbacks=[guard] if with_guard else [])
         t0 = time.perf_counter()
         try:
             trainer.fit(module)
         finally:
-            restore()
+            for restore in restores:
+                restore()
         return time.perf_counter() - t0, trainer.global_step, clock.total
 
     samples: dict[bool, list[float]] = {False: [], True: []}
@@ -340,7 +373,7 @@ def bench_fit(repeats: int, iterations: int | None = None, **guard_kwargs: Any) 
         in_hooks.append(run(True, timed_hooks=True)[2])
         floor.append(run(True, timed_hooks=True, noop=True)[2])
     base, guarded = statistics.median(samples[False]), statistics.median(samples[True])
-    print(f"(a) whole Trainer.fit of the reference CartPole PPO ({steps} optimizer steps, env included, CSVLogger), "
+    print(f"(a) whole Trainer.fit of {label} ({steps} optimizer steps, env included, CSVLogger), "
           f"PPOGuard({', '.join(f'{k}={v}' for k, v in guard_kwargs.items())}), median of {repeats} alternated runs:")
     print(f"    without guard {base:7.2f} s   with PPOGuard() {guarded:7.2f} s   overhead "
           f"{100 * (guarded / base - 1):+.2f}%   (runs: {[round(x, 2) for x in samples[False]]} vs "
@@ -360,14 +393,17 @@ def main() -> None:
     parser.add_argument("--short-fit", type=int, default=10, help="PPO iterations of the short fit (40 optimizer "
                         "steps each; 0 skips it)")
     parser.add_argument("--short-dense", default="16,128", help="dense_steps values to time the short fit with")
+    parser.add_argument("--shared", type=int, default=1, help="also time the shared-trunk fit (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
     if not args.skip_fit:
-        bench_fit(args.fit_repeats)
+        bench_fit(args.fit_repeats, _reference(None))
         for dense in (int(d) for d in args.short_dense.split(",") if args.short_fit):
-            bench_fit(2 * args.fit_repeats + 1, iterations=args.short_fit, dense_steps=dense)
+            bench_fit(2 * args.fit_repeats + 1, _reference(args.short_fit), dense_steps=dense)
+        if args.shared:
+            bench_fit(args.fit_repeats, _shared_trunk())
     bench_steps([s for s in args.sizes.split(",") if s], args.step_repeats)
 
 

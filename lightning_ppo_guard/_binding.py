@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ppo_guard._plan import StepPlan
+from lightning_ppo_guard._sharded import local
 from lightning_ppo_guard._trunk import POLICY, VALUE, TrunkProbe
 from lightning_ppo_guard.metrics import Layout
 from lightning_ppo_guard.roles import Role
@@ -160,7 +161,7 @@ class RoleCache:
         self._groups = groups
         self.bindings = bind(roles, optimizers, module.parameters())
         for role in changed:  # preallocated once per set of tensors: the step hooks never allocate snapshots
-            self.snapshots[role.name] = ([torch.empty_like(p, memory_format=torch.preserve_format)
+            self.snapshots[role.name] = ([torch.empty_like(local(p), memory_format=torch.preserve_format)
                                           for p in role.params] if role.moves else [])
         # A role no optimizer holds is measured across every optimizer step: its update must be 0.
         unbound = [r for r in roles if not self.bindings[r.name].optimizers]

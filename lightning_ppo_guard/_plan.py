@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_ppo_guard._sharded import Shards, local
 from lightning_ppo_guard._trunk import TrunkProbe
 from lightning_ppo_guard.metrics import STEP_METRICS, Layout
 from lightning_ppo_guard.roles import Role
@@ -82,6 +83,9 @@ class StepPlan:
         self.snap = [b for r in self.actors for b in snapshots.get(r.name, [])]
         self.numel = torch.tensor([max(r.numel, 1) for r in self.actors], dtype=torch.float32, device=device)
         self.low_precision = any(p.dtype in _LOW_PRECISION for p in self.params)
+        # FSDP2: DTensor parameters are measured on their local shards and summed over the ranks (_sharded.py)
+        self.shards = Shards.of(self.params, device)
+        self._actors_index = slice(0, len(self.actor_params))
         self.per_tensor_count = sum(r.numel for r in self.actors) > _PER_TENSOR_COUNT
         self.device = device
         self._zero = torch.zeros((), device=device)
@@ -130,6 +134,20 @@ class StepPlan:
         self._param_sq: Tensor | None = None  # the actors' last squared parameter norms, and measured steps since
         self._param_age = 0
 
+    def _norms(self, tensors: Sequence[Tensor], ord: float, index: Sequence[int] | slice | None = None) -> Tensor:
+        """Per-tensor norms of ``tensors`` (which are ``self.params[index]`` or their gradients, snapshots...):
+        one fused call; with sharded parameters, of the local shards, then summed over the ranks (squares for
+        ``ord=2``, counts for ``ord=0``; one ``all_reduce``)."""
+        if self.shards is None:
+            return _norms(tensors, ord, self.low_precision)
+        n = _norms([local(t) for t in tensors], ord, self.low_precision)
+        weights = self.shards.weights if index is None else self.shards.weights[index]
+        summed = Shards.all_reduce((n.square() if ord == 2 else n) * weights)
+        return summed.sqrt() if ord == 2 else summed
+
+    def _local_actor_params(self) -> list[Tensor]:
+        return self.actor_params if self.shards is None else [local(p) for p in self.actor_params]
+
     def grads(self) -> tuple[list[Tensor], list[int]]:
         """Every tensor's gradient (a zero scalar where ``.grad is None``; the stored values of a sparse one,
         whose norms and nonzero count they share) and the ``None`` count per role."""
@@ -154,14 +172,14 @@ class StepPlan:
         grads, _ = self.grads()
         if not grads:
             return torch.zeros(len(self.roles), device=self.device), None
-        norms = _norms(grads, 2, self.low_precision)
+        norms = self._norms(grads, 2)
         return _by_role(norms.square(), self.seg, len(self.roles)).sqrt(), norms
 
     @torch.no_grad()
     def post_norms(self) -> Tensor:
         """Per-tensor norms of the gradients as they are now (one fused pass over every role's tensors)."""
         grads = self.grads()[0]
-        return _norms(grads, 2, self.low_precision) if grads else torch.zeros(0, device=self.device)
+        return self._norms(grads, 2) if grads else torch.zeros(0, device=self.device)
 
     def _coef(self, post_probe: Tensor, pre: Tensor) -> Tensor:
         """Each role's clip coefficient, sqrt(sum post^2 / sum pre^2) over its probes (1 where they are 0)."""
@@ -179,7 +197,7 @@ class StepPlan:
         after full measurements of this plan's clipped steps agreed with it, and keeps checking.
         """
         grads = self.grads()[0]
-        post_probe = _norms([grads[i] for i in self.probe], 2, self.low_precision)
+        post_probe = self._norms([grads[i] for i in self.probe], 2, self.probe_idx)
         return pre * self._coef(post_probe, pre)[self.seg]
 
     @torch.no_grad()
@@ -204,10 +222,10 @@ class StepPlan:
         """
         if not self.actor_params:
             return torch.zeros(len(self.actors), device=self.device)
-        torch._foreach_copy_(self.snap, self.actor_params)
+        torch._foreach_copy_(self.snap, self._local_actor_params())
         if self._param_sq is None or not self.large or self._param_age >= _PARAM_NORM_EVERY - 1:
-            self._param_sq = _by_role(_norms(self.actor_params, 2, self.low_precision).square(), self.actor_seg,
-                                      len(self.actors))
+            norms = self._norms(self.actor_params, 2, self._actors_index)
+            self._param_sq = _by_role(norms.square(), self.actor_seg, len(self.actors))
             self._param_age = 0
         else:
             self._param_age += 1
@@ -250,7 +268,7 @@ class StepPlan:
         n_roles, n_actors = len(self.roles), len(self.actors)
         if grads:
             if norms is None:
-                norms = _norms(grads, 2, self.low_precision)
+                norms = self._norms(grads, 2)
             per = _by_role(torch.stack([norms.square(), (~torch.isfinite(norms)).float()], dim=1), self.seg, n_roles)
         else:
             per = torch.zeros(n_roles, 2, device=self.device)
@@ -270,13 +288,14 @@ class StepPlan:
         else:
             if count_nonzero:
                 actor_grads = grads[:len(self.actor_params)]
-                if self.per_tensor_count:
+                if self.per_tensor_count and self.shards is None:
                     counts = torch.stack([g.count_nonzero() for g in actor_grads]).float()
                 else:
-                    counts = _norms(actor_grads, 0, self.low_precision)
+                    counts = self._norms(actor_grads, 0, self._actors_index)
                 nonzero = _by_role(counts, self.actor_seg, n_actors)
-            torch._foreach_sub_(self.snap, self.actor_params)
-            update = _by_role(_norms(self.snap, 2, self.low_precision).square(), self.actor_seg, n_actors).sqrt()
+            torch._foreach_sub_(self.snap, self._local_actor_params())
+            update = _by_role(self._norms(self.snap, 2, self._actors_index).square(), self.actor_seg,
+                              n_actors).sqrt()
         param_norm = param_sq.sqrt()
         actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm], dim=1)
         return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor, self._shared_columns()],
@@ -337,7 +356,10 @@ class ClipInference:
         version counters: no clipping). When a clip rewrote the same tensors, the norms are inferred once
         trusted, else measured (and compared while learning, and on 1 such step in 8 once trusted).
         """
-        if pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not pre.plan:
+        # A DTensor's in-place ops may swap its local tensor, so neither versions nor identities show a clip:
+        # sharded plans always measure.
+        if (pre is None or pre.per_tensor is None or pre.inv_scale != 1.0 or plan is not pre.plan
+                or plan.shards is not None):
             return plan.post_norms()
         state = plan.grad_state()
         if state == pre.state:

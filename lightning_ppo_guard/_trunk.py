@@ -42,8 +42,18 @@ class TrunkProbe:
         self.sq = torch.zeros(2, device=device)
         self.hits = [0, 0]  # host counts of hooked head gradients since the last read
         self._outs: deque[Any] = deque(maxlen=8)  # the autograd nodes of the trunk's last outputs
-        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._trunk_out) for m in trunk]
-        self._handles += [m.register_forward_pre_hook(partial(self._head_in, kind)) for kind, m in heads]
+        self._trunk, self._heads = list(trunk), list(heads)
+        self._handles: list[RemovableHandle] = []
+        self.hook(True)
+
+    def hook(self, on: bool) -> None:
+        """Register the module hooks (``on``) or remove them. The monitor keeps them only around measured steps,
+        so the many forwards of rollout collection call nothing."""
+        if on and not self._handles:
+            self._handles = [m.register_forward_hook(self._trunk_out) for m in self._trunk]
+            self._handles += [m.register_forward_pre_hook(partial(self._head_in, kind)) for kind, m in self._heads]
+        elif not on and self._handles:
+            self.close()
 
     def close(self) -> None:
         for handle in self._handles:

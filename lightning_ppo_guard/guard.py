@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import COLUMNS
+from lightning_ppo_guard._sharded import global_norms
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import Finding, get
@@ -45,9 +46,8 @@ class _GradCheck:
     @classmethod
     def of(cls, record: StepRecord, params: list[nn.Parameter], trainable: int) -> _GradCheck:
         grads = [p.grad.coalesce().values() if p.grad is not None and p.grad.is_sparse else p.grad for p in params]
-        zero = record.values.new_zeros(())
-        with torch.no_grad():
-            norms = torch.stack([g.detach().float().norm() if g is not None else zero for g in grads])
+        with torch.no_grad():  # sharded (FSDP2) gradients: the global norm of each, not the local shard's
+            norms = global_norms(grads, record.values.device)
         return cls(record.role, record.step, params, trainable, norms)
 
 

@@ -475,6 +475,9 @@ class PPOMonitor(Callback):
         param_sq = self._flight.param_sq.pop(id(optimizer), None) if self._flight.param_sq else None
         counted = param_sq is not None and fit.cadence.counting_nonzero(id(optimizer))
         fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
+        trunk = fit.cache.trunk
+        if trunk is not None:  # the trunk probe's module hooks stay only while the coming step is measured
+            trunk.hook(fit.cadence.measuring(fit.cache.keys.get("shared", 0)))
         if param_sq is not None:
             pre = self._flight.pre_clip
             block, nones, mask = plan.measure(param_sq, pre, counted)

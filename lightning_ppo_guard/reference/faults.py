@@ -48,7 +48,7 @@ MANUAL_FAULTS: frozenset[str] = frozenset(FAULTS) - {"agent_unbound"}
 #: Faults :class:`CartPolePPOAuto` supports (no target_kl early stop, no hand-written optimizer calls).
 AUTO_FAULTS: frozenset[str] = MANUAL_FAULTS - {"target_kl_tiny", "zero_grad_before_step"}
 #: Faults :class:`MultiCartPoleMAPPO` supports.
-MAPPO_FAULTS: frozenset[str] = frozenset({"agent_unbound"})
+MAPPO_FAULTS: frozenset[str] = frozenset({"agent_unbound", "detached_logits"})
 
 _Cfg = TypeVar("_Cfg")
 

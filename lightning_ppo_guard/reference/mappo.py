@@ -7,7 +7,8 @@ losses are summed with the critic's, and one Adam optimizer over all actors and 
 step per minibatch (manual optimization, shared grad-norm clip). ``observe(..., role=f"agent_{i}")`` is
 called per agent per minibatch.
 
-``cfg.fault="agent_unbound"`` leaves agent 2's actor out of the optimizer.
+``cfg.fault="agent_unbound"`` leaves agent 2's actor out of the optimizer; ``"detached_logits"`` detaches every
+agent's logits in the update.
 
 Under DDP (``Trainer(strategy="ddp", devices=n)``) every rank collects the same rollout (same seeds, and DDP
 keeps the weights identical) and trains on its ``1/n`` share of every minibatch; advantages are normalised
@@ -201,7 +202,10 @@ class MultiCartPoleMAPPO(L.LightningModule):
         obs = data["obs"][idx]  # (B, n_agents, obs_dim)
         actions, old_logp = data["actions"][idx, agent], data["logp"][idx, agent]
 
-        dist = Categorical(logits=self.actors[agent](obs[:, agent]))
+        logits = self.actors[agent](obs[:, agent])
+        if self.fault == "detached_logits":
+            logits = logits.detach()  # planted: no policy gradient
+        dist = Categorical(logits=logits)
         new_logp = dist.log_prob(actions)
         entropy = dist.entropy()
         logratio = new_logp - old_logp
