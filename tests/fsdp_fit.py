@@ -27,23 +27,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_ppo_guard import PPOGuard, PPOGuardWarning
-from lightning_ppo_guard.reference import MAPPOConfig, MultiCartPoleMAPPO, trainer_kwargs
+from lightning_ppo_guard.reference import MAPPOConfig, ShardedMAPPO, trainer_kwargs
 
 ITERATIONS = 3
-
-
-class ShardedMAPPO(MultiCartPoleMAPPO):
-    """The reference MAPPO with each actor and the critic sharded by FSDP2 (when a device mesh is given)."""
-
-    def configure_model(self) -> None:
-        if self.device_mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for actor in self.actors:
-            fully_shard(actor, mesh=mesh)
-        fully_shard(self.critic, mesh=mesh)
 
 
 def run(out_dir: str | Path, devices: int, fault: str, stop: bool = False) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from lightning_ppo_guard.reference.faults import (
     MAPPO_FAULTS,
     validate_fault,
 )
-from lightning_ppo_guard.reference.mappo import CentralCritic, MAPPOConfig, MultiCartPoleMAPPO
+from lightning_ppo_guard.reference.mappo import CentralCritic, MAPPOConfig, MultiCartPoleMAPPO, ShardedMAPPO
 
 __all__ = [
     "AUTO_FAULTS",
@@ -43,6 +43,7 @@ __all__ = [
     "MultiCartPoleMAPPO",
     "PPOConfig",
     "RolloutDataset",
+    "ShardedMAPPO",
     "trainer_kwargs",
     "validate_fault",
 ]

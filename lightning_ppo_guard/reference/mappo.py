@@ -40,7 +40,7 @@ from lightning_ppo_guard.reference._common import (
 from lightning_ppo_guard.reference.cartpole import RECENT_RETURNS, Actor, PPOConfig
 from lightning_ppo_guard.reference.faults import MAPPO_FAULTS, apply_config_fault, validate_fault
 
-__all__ = ["CentralCritic", "MAPPOConfig", "MultiCartPoleMAPPO"]
+__all__ = ["CentralCritic", "MAPPOConfig", "MultiCartPoleMAPPO", "ShardedMAPPO"]
 
 #: The agent whose actor the ``agent_unbound`` fault leaves out of the optimizer.
 UNBOUND_AGENT = 2
@@ -278,3 +278,20 @@ class MultiCartPoleMAPPO(L.LightningModule):
                 self.log(f"train/agent_{agent}/{name}", torch.stack([getattr(t, name) for t in terms]).mean())
         value_losses = [t.value_loss for terms in per_agent for t in terms]
         self.log("train/value_loss", torch.stack(value_losses).mean())
+
+
+class ShardedMAPPO(MultiCartPoleMAPPO):
+    """The reference MAPPO with each actor and the critic sharded by FSDP2 (``fully_shard`` in ``configure_model``)
+    when the Trainer gives a device mesh: ``Trainer(strategy=ModelParallelStrategy(data_parallel_size=n,
+    tensor_parallel_size=1), use_distributed_sampler=False)``. Parameters and gradients are then ``DTensor``
+    shards; without a mesh it is :class:`MultiCartPoleMAPPO`."""
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for actor in self.actors:
+            fully_shard(actor, mesh=mesh)
+        fully_shard(self.critic, mesh=mesh)
