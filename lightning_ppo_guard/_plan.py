@@ -95,6 +95,7 @@ class StepPlan:
         self._nan_shared = torch.full((n_roles, len(SHARED_COLUMNS)), math.nan, device=device)
         shared = [i for i, r in enumerate(self.roles) if r.kind == "shared" and r.params]
         self.shared_row = shared[0] if shared else None
+        self._shared_rows = (torch.arange(n_roles, device=device) == (shared[0] if shared else -1)).unsqueeze(1)
         self.trunk: TrunkProbe | None = None  # set by the roles' cache when the trunk's heads are hooked
         self._none: dict[tuple[int, ...], Tensor] = {}
         # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
@@ -250,7 +251,7 @@ class StepPlan:
             return self._nan_shared
         self._heads = True
         row = torch.cat([norms, (norms[1] / norms.sum().clamp_min(1e-30)).reshape(1)])
-        return self._nan_shared.index_put((torch.tensor(self.shared_row, device=self.device),), row)
+        return torch.where(self._shared_rows, row, self._nan_shared)
 
     @torch.no_grad()
     def after(self, param_sq: Tensor, pre: Tensor | None, inv_scale: float, count_nonzero: bool = True,

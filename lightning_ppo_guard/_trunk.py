@@ -85,7 +85,7 @@ class TrunkProbe:
 
     def _grad(self, kind: int, grad: Tensor) -> None:
         with torch.no_grad():
-            self.sq[kind] += grad.detach().float().square().sum()
+            self.sq[kind] += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         self.hits[kind] += 1
 
     def read(self) -> tuple[Tensor, bool]:
@@ -93,7 +93,7 @@ class TrunkProbe:
         measured; then start afresh."""
         both = self.hits[POLICY] > 0 and self.hits[VALUE] > 0
         norms = self.sq.sqrt()
-        self.sq = torch.zeros_like(self.sq)
+        self.sq.zero_()
         self.hits = [0, 0]
         self._outs.clear()
         return norms, both

@@ -307,7 +307,8 @@ class Diagnoser:
             enough = s.trunk_streak + (2 * s.trunk_dominated > s.trunk_n) >= cfg.trunk_rollouts and dominated
         if not enough:
             return []
-        return self._emit(role, "PPG404", step, value_to_policy=f.head_ratio,
+        share = 1.0 if f.head_ratio == math.inf else f.head_ratio / (1.0 + f.head_ratio)
+        return self._emit(role, "PPG404", step, value_to_policy=f.head_ratio, value_grad_share=share,
                           rollouts=s.trunk_streak + (f.segment is not None), threshold=cfg.trunk_value_dominance)
 
     def check_skipped(self, role: str, step: int) -> list[Finding]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up, lint, then run the whole test suite (real Trainer fits of the reference PPO on CPU).
+# Set up, lint, then run the whole test suite (real Trainer fits of the reference PPO on CPU), on 2 workers.
+# Extra arguments go to pytest: `bash scripts/test.sh -m "not slow"` skips the full-training runs (~6 of ~10 min).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check lightning_ppo_guard tests benchmarks notebooks
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"

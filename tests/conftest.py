@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,3 +48,14 @@ def guard_rows(rows, role="actor", metric="grad_norm"):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ddp: 2-process CPU DDP (gloo) fits in a subprocess (~20 s)")
+
+
+def launch_two_ranks(script: Path, out: Path, *args: str, timeout: int = 120) -> list[dict]:
+    """Run ``script OUT 2 *args`` (a fit Lightning's launcher starts again for rank 1, so not under pytest);
+    return each rank's ``rank<r>.json``. A hang is a test failure, not a stuck suite."""
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script), str(out), "2", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -50,6 +50,12 @@ def run(out_dir: str | Path, devices: int, ignore_on_rank: int | None = None) ->
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PPOGuardWarning)
         trainer.fit(module)
+    return write_result(out_dir, trainer, guard, caught)
+
+
+def write_result(out_dir: str | Path, trainer: L.Trainer, guard: PPOGuard, caught: list[Any],
+                 **extra: Any) -> dict[str, Any]:
+    """Write this rank's ``OUT_DIR/rank<r>.json``: steps, stop flag, findings and the guard warnings it emitted."""
     result = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -58,6 +64,7 @@ def run(out_dir: str | Path, devices: int, ignore_on_rank: int | None = None) ->
         "optimizer_steps": guard.optimizer_steps,
         "findings": [[f.code, f.role] for f in guard.findings],
         "warnings": [str(w.message) for w in caught if issubclass(w.category, PPOGuardWarning)],
+        **extra,
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

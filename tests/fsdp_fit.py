@@ -14,7 +14,6 @@ Each rank writes ``OUT_DIR/rank<r>.json``; rank zero's CSVLogger writes ``OUT_DI
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -28,6 +27,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_ppo_guard import PPOGuard, PPOGuardWarning
 from lightning_ppo_guard.reference import MAPPOConfig, ShardedMAPPO, trainer_kwargs
+from tests.ddp_fit import write_result
 
 ITERATIONS = 3
 
@@ -53,18 +53,7 @@ def run(out_dir: str | Path, devices: int, fault: str, stop: bool = False) -> di
         warnings.simplefilter("always", PPOGuardWarning)
         trainer.fit(module)
     sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
-    result = {
-        "rank": trainer.global_rank,
-        "world_size": trainer.world_size,
-        "sharded": sharded,
-        "global_step": trainer.global_step,
-        "should_stop": bool(trainer.should_stop),
-        "findings": [[f.code, f.role] for f in guard.findings],
-        "warnings": [str(w.message) for w in caught if issubclass(w.category, PPOGuardWarning)],
-    }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
-    return result
+    return write_result(out_dir, trainer, guard, caught, sharded=sharded)
 
 
 if __name__ == "__main__":

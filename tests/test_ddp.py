@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-from .conftest import read_csv
+from .conftest import launch_two_ranks, read_csv
 from .ddp_fit import run
 
 pytestmark = [
     pytest.mark.ddp,
+    pytest.mark.xdist_group("multiprocess"),  # under pytest -n: one worker runs these 2-process fits one by one
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
@@ -38,13 +36,7 @@ ABS = {"entropy_drift": 1e-6}
 
 
 def _ddp(out: Path, *extra: str) -> list[dict]:
-    """Run the 2-rank fit; return each rank's result (a hang is a test failure, not a stuck suite)."""
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "2", *extra], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return launch_two_ranks(SCRIPT, out, *extra)
 
 
 def _rows(out: Path) -> list[dict[str, float]]:

@@ -9,22 +9,19 @@ starts rank 1 by running the command of rank 0 again, which must not be pytest).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-from .conftest import read_csv
+from .conftest import launch_two_ranks, read_csv
 from .fsdp_fit import run
 from .test_ddp import ABS, LINEAR
 
 pytestmark = [
     pytest.mark.ddp,
+    pytest.mark.xdist_group("multiprocess"),  # under pytest -n: one worker runs these 2-process fits one by one
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
@@ -35,12 +32,7 @@ TOL = {**ABS, "adv_mean": 2e-6}
 
 
 def _fsdp(out: Path, fault: str, *extra: str) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "2", fault, *extra], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return launch_two_ranks(SCRIPT, out, fault, *extra, timeout=300)
 
 
 def _rows(out: Path) -> list[dict[str, float]]:
