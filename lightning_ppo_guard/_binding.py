@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ppo_guard._cadence import Cadence
 from lightning_ppo_guard._plan import StepPlan
 from lightning_ppo_guard._sharded import local
 from lightning_ppo_guard._trunk import POLICY, VALUE, TrunkProbe
@@ -128,6 +129,11 @@ class RoleCache:
         if self.trunk is not None:
             self.trunk.close()
             self.trunk = None
+
+    def hook_trunk(self, cadence: Cadence) -> None:
+        """After each step: the trunk probe's module hooks stay only while the coming step is measured."""
+        if self.trunk is not None:
+            self.trunk.hook(cadence.measuring(self.keys.get("shared", 0)))
 
     def _probe(self, roles: Sequence[Role], module: Any) -> None:
         """Hook the shared trunk's modules and the heads' (every module part of the actors and the critic)."""

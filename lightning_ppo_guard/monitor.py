@@ -43,7 +43,7 @@ from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import Layout, RowBuffer, host_values, stack
-from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec, actor_role, describe, resolve_roles, unassigned
+from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec, actor_role, announcement, resolve_roles
 
 __all__ = ["Binding", "ObserveRecord", "PPOMonitor", "Progress", "StepRecord"]
 
@@ -124,6 +124,8 @@ class _Fit:
                  for name, o in layout.observe_offset.items()}
         fit = cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
         fit.manual = not module.automatic_optimization
+        # the trunk probe hooks the heads' inputs only in training forwards of measured steps
+        fit.cache.armed = lambda: fit.training and fit.cadence.measuring(fit.cache.keys.get("shared", 0))
         return fit
     steps_since_row: int = 0
     batches_since_row: int = 0
@@ -169,6 +171,12 @@ class ObserveRecord:
     adv_given: bool = False
     precision_eps: float = 1.2e-7  # of the lowest precision new_logp was computed in (first minibatches only)
 
+    @classmethod
+    def of(cls, term: PolicyTerm, kept: _Kept, step: int, values: Tensor) -> ObserveRecord:
+        return cls(kept.role.name, step, term.rollout, kept.first, term.target_kl, values, kept.prev_updates,
+                   term.new_logp.numel(), kept.measured and term.advantages is not None,
+                   term.precision_eps() if kept.first else 1.2e-7)
+
 
 def _warn_shared_prefix(callbacks: list[Any], monitor: PPOMonitor) -> None:
     ours = [cb for cb in callbacks if isinstance(cb, PPOMonitor) and cb.prefix == monitor.prefix]
@@ -188,6 +196,17 @@ def _fit_fraction(trainer: TrainerLike, batch_idx: int) -> float | None:
     return (trainer.current_epoch * batches + batch_idx + 1) / (epochs * batches)
 
 
+def _validate(log_every_n_steps: Any, dense_steps: Any, measure_every_n_steps: Any, prefix: Any) -> None:
+    if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+        raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}.")
+    if not isinstance(dense_steps, int) or dense_steps < 0:
+        raise ValueError(f"dense_steps must be an int >= 0, got {dense_steps!r}.")
+    if not isinstance(measure_every_n_steps, int) or measure_every_n_steps < 1:
+        raise ValueError(f"measure_every_n_steps must be an int >= 1, got {measure_every_n_steps!r}.")
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}.")
+
+
 class PPOMonitor(Callback):
     r"""Measure the actor's (and critic's) gradients, updates and policy movement at every optimizer step,
     and log them to the Trainer's loggers under ``ppo_guard/<role>/<metric>``.
@@ -196,16 +215,11 @@ class PPOMonitor(Callback):
     update where the PPO loss is built. :class:`~lightning_ppo_guard.PPOGuard` extends it with diagnoses.
 
     Args:
-        actors: the actor role(s): an attribute path (``"actor"``, ``"model.policy"``), a module, a
-            ``ModuleList``/``ModuleDict`` path (one role per agent: ``agent_0``, ...), a list of paths or
-            modules (one per agent), or a dict ``{name: part or list of parts}`` (a part is a submodule or a
-            parameter: ``{"actor": ["agent.actor_mean", "agent.actor_logstd"]}``). ``None`` auto-detects
-            every role from the layouts people write (see :func:`lightning_ppo_guard.roles.detect`: actor and
-            critic with an optional trunk, CleanRL's ``Agent``, SB3's ``ActorCriticPolicy``, MAPPO lists, one or
-            two levels down) and logs what it chose.
-        critic: the critic's part or list of parts; ``None`` detects it; ``[]`` means no critic role.
-        shared: a trunk both heads use (``"agent.network"``), measured like an actor under
-            ``<prefix>/shared/...``; ``None`` detects it when ``actors`` is ``None`` too; ``[]`` means none.
+        actors: the actor role(s): a path (``"agent.actor"``), a module, a ``ModuleList``/``ModuleDict`` path or a
+            list (one role per agent), or ``{name: part or list of parts}`` (a part is a submodule or a parameter
+            path). ``None`` auto-detects every role (:func:`lightning_ppo_guard.roles.detect`) and logs the choice.
+        critic: the critic's part(s); ``None`` detects it; ``[]`` means none.
+        shared: a trunk both heads use, measured like an actor; ``None`` detects it with ``actors=None``.
         log_every_n_steps: optimizer steps per logged row; ``None`` logs when Lightning logs: every
             ``Trainer(log_every_n_steps=...)`` training batches (a manual-optimization PPO batch may hold many
             optimizer steps; the row then holds their reduction).
@@ -233,21 +247,12 @@ class PPOMonitor(Callback):
         prefix: str = "ppo_guard",
     ) -> None:
         super().__init__()
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}.")
-        if not isinstance(dense_steps, int) or dense_steps < 0:
-            raise ValueError(f"dense_steps must be an int >= 0, got {dense_steps!r}.")
-        if not isinstance(measure_every_n_steps, int) or measure_every_n_steps < 1:
-            raise ValueError(f"measure_every_n_steps must be an int >= 1, got {measure_every_n_steps!r}.")
-        if not isinstance(prefix, str) or not prefix or "/" in prefix:
-            raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}.")
+        _validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix)
         self.dense_steps = dense_steps
         self.measure_every_n_steps = measure_every_n_steps
         self.prefix = prefix
         self._state_key: tuple[str | None, str] = (None, "")
-        self._actors_spec = actors
-        self._critic_spec = critic
-        self._shared_spec = shared
+        self._specs = (actors, critic, shared)
         self._announced = False  # the auto-detected roles are logged once
         self._log_every = log_every_n_steps
         self.roles: list[Role] = []
@@ -283,14 +288,9 @@ class PPOMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning formats it at every hook of every callback (its profiler's label): built once per prefix
-        if self._state_key[0] != self.prefix:
+        if self._state_key[0] != self.prefix:  # Lightning reads it at every hook (a profiler label): cached
             self._state_key = (self.prefix, self._generate_state_key(prefix=self.prefix))
         return self._state_key[1]
-
-    def measuring(self) -> bool:
-        """Whether the coming step of some optimizer is measured (see :mod:`lightning_ppo_guard._cadence`)."""
-        return self._fit is not None and self._fit.cadence.any_measuring()
 
     # ------------------------------------------------------------------ Lightning hooks (thin)
     @override
@@ -363,24 +363,17 @@ class PPOMonitor(Callback):
 
     def _resolve(self, module: ModuleLike) -> None:
         # Resolve early so that a wrong path fails before any training; tensors are re-read at train start.
-        self.roles = resolve_roles(module, self._actors_spec, self._critic_spec, self._shared_spec)
+        self.roles = resolve_roles(module, *self._specs)
         self._actors = {r.name: r for r in self.roles if r.kind == "actor"}
-        if self._actors_spec is None and not self._announced and isinstance(module, nn.Module):
-            self._announced = True
-            count, where = unassigned(module, self.roles)
-            rest = (f"; {count:,} trainable elements belong to no role ({', '.join(where)}"
-                    f"{', ...' if count and len(where) == 4 else ''}): name them (shared=...) to measure them"
-                    if count else "")
-            name = type(self).__name__
-            rank_zero_info(f"{name} roles, auto-detected: {describe(self.roles, name)}{rest}")
+        if self._specs[0] is None and not self._announced and isinstance(module, nn.Module):
+            self._announced = True  # once per callback, on rank zero
+            rank_zero_info(announcement(module, self.roles, type(self).__name__))
 
     def _attach(self, trainer: TrainerLike, module: ModuleLike) -> None:
         """Bind to a fit that is starting to train: the logging layout, the optimizers' step hooks, the roles."""
         self._detach()
         fit = self._fit = _Fit.start(trainer, module, self.prefix, self.roles,
                                      Cadence(self.dense_steps, self.measure_every_n_steps))
-        # the trunk probe hooks the heads' inputs only in training forwards of measured steps
-        fit.cache.armed = lambda: fit.training and fit.cadence.measuring(fit.cache.keys.get("shared", 0))
         for opt in trainer.optimizers:
             fit.cadence.clock(id(opt))
             fit.hooks.append(opt.register_step_pre_hook(self._optimizer_pre_step))
@@ -401,11 +394,8 @@ class PPOMonitor(Callback):
         self._detach()
 
     def refresh(self) -> None:
-        """Re-read the roles' tensors and the optimizers' param groups (host-only work, no device sync).
-
-        Cheap when nothing changed (the learning rates are re-read); bindings and the fused step plans are
-        rebuilt when a role's tensors or an optimizer's param groups differ from the last refresh.
-        """
+        """Re-read the roles' tensors and the optimizers' param groups (host only); bindings and the fused step
+        plans are rebuilt when they changed (see :class:`~lightning_ppo_guard._binding.RoleCache`)."""
         fit = self._fit
         if fit is None:
             return
@@ -426,7 +416,7 @@ class PPOMonitor(Callback):
         fit.fraction = _fit_fraction(fit.trainer, batch_idx)
         if fit.manual:  # a manual-optimization batch is usually one PPO iteration
             fit.cadence.start_segment(("batch", fit.batches), rollout=False)
-        if self.measuring():  # binding and lr are re-read on the cadence of the measurements
+        if fit.cadence.any_measuring():  # binding and lr are re-read on the cadence of the measurements
             self.refresh()
 
     def _after_backward(self) -> None:
@@ -475,9 +465,7 @@ class PPOMonitor(Callback):
         param_sq = self._flight.param_sq.pop(id(optimizer), None) if self._flight.param_sq else None
         counted = param_sq is not None and fit.cadence.counting_nonzero(id(optimizer))
         fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
-        trunk = fit.cache.trunk
-        if trunk is not None:  # the trunk probe's module hooks stay only while the coming step is measured
-            trunk.hook(fit.cadence.measuring(fit.cache.keys.get("shared", 0)))
+        fit.cache.hook_trunk(fit.cadence)
         if param_sq is not None:
             pre = self._flight.pre_clip
             block, nones, mask = plan.measure(param_sq, pre, counted)
@@ -531,9 +519,7 @@ class PPOMonitor(Callback):
             first_in_rollout, prev_updates = self.progress.enter_rollout(actor.name, rollout)
             fit.cadence.start_segment(("rollout", rollout), rollout=True)
         key = fit.cache.keys.get(actor.name, 0)
-        clock = fit.cadence.clocks.get(key)
-        decided = clock.decision if clock is not None else None
-        measured = decided if decided is not None else fit.cadence.measuring(key)
+        measured = fit.cadence.measuring(key)
         if not (first_in_rollout or measured):
             return None
         # the first minibatch's ratio (PPG105) is read at the first 16 rollouts, then at 1 in 4
@@ -550,8 +536,8 @@ class PPOMonitor(Callback):
         fit = self._fit
         if fit is None:
             return
-        role, first_in_rollout, prev_updates, measured = kept.role, kept.first, kept.prev_updates, kept.measured
-        name, progress = role.name, self.progress
+        role, measured, progress = kept.role, kept.measured, self.progress
+        name = role.name
         if term.empty:
             rank_zero_warn("observe() got an empty new_logp/old_logp and skipped it; pass the minibatch's "
                            "log-probs.", category=PPOGuardWarning)
@@ -567,10 +553,7 @@ class PPOMonitor(Callback):
         if measured:
             fit.rows.queue(values, fit.rows.mask(present), fit.observe_slots[name])
         progress.observes += 1
-        record = ObserveRecord(name, self.current_step, term.rollout, first_in_rollout, term.target_kl, values,
-                               prev_updates, term.new_logp.numel(), measured and term.advantages is not None,
-                               term.precision_eps() if first_in_rollout else 1.2e-7)
-        self._observed(record, term, role)
+        self._observed(ObserveRecord.of(term, kept, self.current_step, values), term, role)
 
     # ------------------------------------------------------------------ the engine: rows and host reads
     def _to_host(self, parts: list[Tensor]) -> list[float]:

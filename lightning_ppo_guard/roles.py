@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 __all__ = ["ACTOR_NAMES", "CRITIC_NAMES", "TRUNK_NAMES", "Detected", "PartsSpec", "Role", "RoleSpec", "actor_role",
-           "describe", "detect", "resolve_roles", "unassigned"]
+           "announcement", "describe", "detect", "resolve_roles", "unassigned"]
 
 Part = str | nn.Module | nn.Parameter
 PartsSpec = Part | Sequence[Part] | None
@@ -448,6 +448,14 @@ def unassigned(root: nn.Module, roles: Sequence[Role]) -> tuple[int, list[str]]:
     rest = [(name, p) for name, p in root.named_parameters()
             if p.requires_grad and id(p) not in held and not is_lazy(p)]
     return sum(p.numel() for _, p in rest), [name for name, _ in rest[:4]]
+
+
+def announcement(root: nn.Module, roles: Sequence[Role], callback: str) -> str:
+    """What a callback logs once about the roles it detected: the line that names them, and what no role holds."""
+    count, where = unassigned(root, roles)
+    rest = (f"; {count:,} trainable elements belong to no role ({', '.join(where)}{', ...' if len(where) == 4 else ''}"
+            "): name them (shared=...) to measure them" if count else "")
+    return f"{callback} roles, auto-detected: {describe(roles, callback)}{rest}"
 
 
 def describe(roles: Sequence[Role], callback: str = "PPOGuard") -> str:
