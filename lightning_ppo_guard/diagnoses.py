@@ -301,7 +301,6 @@ _ALL = (
         "lower vf_coef.",
         checklist="step 2 (max_grad_norm) and the 'value_loss 700+' signal",
     ),
-    # ---------------------------------------------------------------- 5xx entropy
     Diagnosis(
         "PPG404", "value-owns-trunk", "warning",
         "the critic head sends {value_to_policy:.3g}x the actor head's gradient into the shared trunk ({role}), "
@@ -316,6 +315,21 @@ _ALL = (
         "separately).",
         checklist="value loss large, actor not moving",
     ),
+    Diagnosis(
+        "PPG405", "policy-gradient-below-eps", "error",
+        "{role}'s gradient RMS is {grad_rms:.2g} per element, far below the optimizer's eps {eps:g}, so its steps "
+        "are tiny (update_ratio {update_ratio:.2g}) whatever the lr (now {lr:g}); advantage std {adv_std:.2g}",
+        "Adam-like optimizers divide the step by sqrt(v) + eps. When the gradient itself is far below eps, eps "
+        "dominates and the step shrinks with the gradient, whatever the lr: raising the lr is not the fix. A "
+        "gradient that small comes from the policy term's scale: advantages that are tiny and not normalised "
+        "(rewards scaled far down, a stray factor like 1e-6), a policy loss multiplied by a tiny coefficient, or a "
+        "loss averaged over a huge dimension. The checklist's test: scale the advantages x2-4 and the update "
+        "scales with them.",
+        "Normalise the advantages per minibatch ((adv - mean) / (std + 1e-8)) or find the factor that shrinks them "
+        "(reward scale, loss coefficient); keep the optimizer's eps at 1e-8..1e-5.",
+        checklist="step 2 (advantage scale)",
+    ),
+    # ---------------------------------------------------------------- 5xx entropy
     Diagnosis(
         "PPG501", "entropy-frozen-at-max", "error",
         "{role}'s entropy stays at {entropy_norm:.4f} of its maximum (drift {entropy_drift:.2g}) for "

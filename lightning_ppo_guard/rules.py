@@ -120,6 +120,7 @@ class RoleState:
     max_updates: int = 0  # ... and most
     tiny_adv_rollouts: int = 0
     starved_rollouts: int = 0
+    last_adv_std: float = math.nan  # mean advantage std of the last finished rollout that measured it
     # a shared trunk: measured steps of the current segment, how many the value term dominated, the streak
     trunk_segment: int | None = None
     trunk_n: int = 0
@@ -282,6 +283,10 @@ class Diagnoser:
             if starved:
                 out += self._emit(role, "PPG403", step, clip_coef=f.clip_coef, update_ratio=f.update_ratio,
                                   critic_ratio=f.critic_grad_norm / max(f.grad_norm, 1e-30))
+            elif self._below_eps(f):  # the step is eps-bound: a typical lr would not help (advantage scale)
+                out += self._emit(role, "PPG405", step, grad_rms=f.grad_norm / math.sqrt(f.trainable_numel),
+                                  eps=f.opt_eps, update_ratio=f.update_ratio, lr=f.lr_max,
+                                  adv_std=s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else s.last_adv_std)
             else:
                 out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr_max,
                                   steps=s.tiny_update)
@@ -320,6 +325,12 @@ class Diagnoser:
                               skipped=s.skipped)
         return []
 
+    def _below_eps(self, f: StepFacts) -> bool:
+        """The role's gradient before any clip is far below its optimizer's eps (Adam-like): its step is eps-bound
+        and shrinks with the gradient, whatever the lr."""
+        return (_finite(f.opt_eps) and f.trainable_numel > 0 and _finite(f.grad_norm)
+                and f.grad_norm / math.sqrt(f.trainable_numel) < self.config.below_eps * f.opt_eps)
+
     def _starved(self, f: StepFacts) -> bool:
         """The critic ate a shared clip *and* that starved the actor's step. With Adam-like optimizers a small
         clip coefficient alone does not (they rescale the step): only a clipped gradient far below the
@@ -330,7 +341,9 @@ class Diagnoser:
                 and f.critic_grad_norm > cfg.critic_dominance * f.grad_norm):
             return False
         if _finite(f.opt_eps) and f.trainable_numel > 0:
-            return f.grad_norm_clipped / math.sqrt(f.trainable_numel) < cfg.below_eps * f.opt_eps
+            # the clip starved it only if the actor's own gradient, before the clip, was not below eps already
+            return (f.grad_norm_clipped / math.sqrt(f.trainable_numel) < cfg.below_eps * f.opt_eps
+                    and not self._below_eps(f))
         return 0.0 <= f.update_ratio < 10 * cfg.tiny_update_ratio
 
     # ------------------------------------------------------------------ observes and rollouts
@@ -375,6 +388,8 @@ class Diagnoser:
         kl = s.r_kl_sum / s.r_kl_n if s.r_kl_n else math.nan
         upd = s.r_upd_sum / s.r_upd_n if s.r_upd_n else math.nan
         adv_std = s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else math.nan
+        if _finite(adv_std):
+            s.last_adv_std = adv_std
 
         # PPG302: the update phase stopped at its first check, rollout after rollout: it ended with approx_kl above
         # target_kl after as few updates as any rollout had (SB3 checks each minibatch, CleanRL each epoch), and

@@ -3,6 +3,7 @@
 import math
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,6 +173,15 @@ def test_rollout_rules():
     assert run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-6), step_kw=eaten) == []
     assert codes(run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-9, ratio_dev=1e-6),
                      step_kw=dict(eaten, update_ratio=1e-9, lr=1e-9, lr_max=1e-9))) == ["PPG204"]
+    # advantages x1e-6: the actor's own gradient, before any clip, is far below Adam's eps, at a typical lr. The
+    # step is eps-bound: neither "raise the lr" (PPG204) nor "the critic eats the clip" (PPG403, although the
+    # critic's gradient is 1e7x the actor's and the clip scales it), but PPG405 with the advantage scale
+    eps_bound = dict(clip_coef=0.04, critic_grad_norm=12.0, grad_norm=2e-6, grad_norm_clipped=8e-8, opt_eps=1e-5,
+                     trainable_numel=4000, update_ratio=3e-7, lr=2.5e-4, lr_max=2.5e-4)
+    found = run(Diagnoser(), 5, obs_kw=dict(approx_kl=1e-7, ratio_dev=1e-4, adv_std=4e-6), step_kw=eps_bound)
+    assert codes(found) == ["PPG402", "PPG405"], codes(found)
+    ppg405 = next(f for f in found if f.code == "PPG405")
+    assert ppg405.evidence["grad_rms"] < 1e-6 and ppg405.evidence["adv_std"] == pytest.approx(4e-6)
     # target_kl: each rollout's first minibatch steps, the second is observed with KL > target_kl and stops
     d, found = Diagnoser(), []
     for r in range(4):

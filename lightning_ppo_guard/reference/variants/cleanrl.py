@@ -120,6 +120,9 @@ class CleanRLArgs:
     returns, rollout and target_kl; ``"dist"``: like full, with ``dist=`` (the agent's distribution) for entropy."""
     reward_scale: float = 1.0
     """Rewards are multiplied by this before they are stored (and enter GAE); the logged returns are the env's."""
+    adv_scale: float = 1.0
+    """The advantages are multiplied by this as they enter the policy loss (``1e-6`` with ``norm_adv=False``: a
+    planted scale bug that leaves the policy gradient far below Adam's eps)."""
     fault: str | None = None
     stall_step: int = 200
     """First optimizer step (0-based) of the ``lr_zero``, ``lr_tiny`` and ``detached`` faults."""
@@ -487,6 +490,7 @@ class CleanRLPPO(L.LightningModule):
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                mb_advantages = mb_advantages * args.adv_scale
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio
@@ -687,6 +691,15 @@ def _variants() -> list[Variant]:
             name=f"cleanrl-4x4-{fault.replace('_', '-')}", family="cleanrl-early-fault",
             make=_maker(CleanRLPPO, args, deadline + args.steps_per_rollout), expect=frozenset({(code, "actor")}),
             deadline=deadline, guard_kwargs=ACTOR, note=f"{what}; {code} within the first 5 rollouts"))
+
+    args = replace(base, adv_scale=1e-6, norm_adv=False)
+    out.append(Variant(
+        name="cleanrl-4x4-adv-scale-1e-6", family="cleanrl-early-fault",
+        make=_maker(CleanRLPPO, args, 8 * args.steps_per_rollout), expect=frozenset({("PPG402", "actor")}),
+        allowed=frozenset({"PPG405"}), deadline=5 * args.steps_per_rollout, guard_kwargs=ACTOR,
+        note="advantages x1e-6 and not normalised (lr 2.5e-4, typical): named as an advantage-scale problem "
+             "(PPG402) within 5 rollouts; once the eps-bound steps are seen, PPG405 (gradient below Adam's eps), "
+             "never 'raise the lr' (PPG204) nor 'the critic eats the clip' (PPG403)"))
 
     # --- continuous Gaussian (Pendulum-v1), bare actor_logstd
     gauss = {"actors": "agent.actor_mean", "critic": "agent.critic"}
