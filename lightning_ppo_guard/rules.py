@@ -245,7 +245,10 @@ class Diagnoser:
                       and f.fraction is not None and f.fraction >= cfg.annealed_fraction)
         unchanged = moving_grad and f.update_norm == 0.0
         s.unchanged = s.unchanged + 1 if unchanged else 0
-        lr_zero = unchanged and _finite(f.lr_max) and f.lr_max == 0.0
+        # lr 0 on a whole shared trunk fixes its features, as a freeze does (often deliberate: a pretrained encoder);
+        # the policy still learns through its head, so only an actor at lr 0 is PPG003
+        at_lr_zero = _finite(f.lr_max) and f.lr_max == 0.0
+        lr_zero = unchanged and at_lr_zero and f.policy
         s.lr_zero, s.lr_zero_from = _streak(lr_zero, s.lr_zero, s.lr_zero_from, f.segment)
         tiny = f.policy and moving_grad and 0.0 < f.update_ratio < cfg.tiny_update_ratio
         s.tiny_update, s.tiny_from = _streak(tiny, s.tiny_update, s.tiny_from, f.segment)
@@ -274,7 +277,7 @@ class Diagnoser:
         long_enough = rollouts >= 2 or (f.segment is None and s.lr_zero >= cfg.lr_zero_steps)
         if s.lr_zero >= cfg.unchanged_steps and long_enough and not s.annealed and not self._has_root(role):
             out += self._emit(role, "PPG003", step, lr=f.lr_max, steps=s.lr_zero, rollouts=rollouts)
-        if s.unchanged >= cfg.unchanged_steps and not lr_zero and not self._has_root(role):
+        if s.unchanged >= cfg.unchanged_steps and not at_lr_zero and not self._has_root(role):
             out += self._emit(role, "PPG203", step, grad_norm_clipped=f.grad_norm_clipped, steps=s.unchanged,
                               lr=f.lr)
         tiny_rollouts = _span(s.tiny_from, f.segment)

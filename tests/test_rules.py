@@ -149,6 +149,8 @@ def test_step_rules():
                                                  update_ratio=0.0))) == ["PPG004"]
     assert codes(run(Diagnoser(), 1, step_kw=dict(update_norm=0.0, update_ratio=0.0))) == ["PPG203"]
     assert codes(run(Diagnoser(), 2, step_kw=dict(update_norm=0.0, update_ratio=0.0, lr_max=0.0))) == ["PPG003"]
+    # a shared trunk at lr 0 is a freeze (its head still learns): no finding, as for a frozen trunk's PPG006 warning
+    assert run(Diagnoser(), 2, step_kw=dict(update_norm=0.0, update_ratio=0.0, lr_max=0.0, policy=False)) == []
     assert codes(run(Diagnoser(), 1, step_kw=dict(update_ratio=1e-8))) == ["PPG204"]
     assert codes(run(Diagnoser(), 1, step_kw=dict(nonfinite=1.0, grad_norm=float("nan")))) == ["PPG901"]
     # the same tiny update with a critic that eats a shared clip is attributed to the clip

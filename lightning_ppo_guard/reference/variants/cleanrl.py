@@ -120,6 +120,8 @@ class CleanRLArgs:
     returns, rollout and target_kl; ``"dist"``: like full, with ``dist=`` (the agent's distribution) for entropy."""
     reward_scale: float = 1.0
     """Rewards are multiplied by this before they are stored (and enter GAE); the logged returns are the env's."""
+    trunk_lr: float | None = None
+    """Shared trunk only: ``agent.network`` in a param group of its own at this lr (``0.0``: a deliberate freeze)."""
     adv_scale: float = 1.0
     """The advantages are multiplied by this as they enter the policy loss (``1e-6`` with ``norm_adv=False``: a
     planted scale bug that leaves the policy gradient far below Adam's eps)."""
@@ -370,6 +372,10 @@ class CleanRLPPO(L.LightningModule):
         params = self.agent.parameters()
         if args.fault in UNBOUND:  # planted: a part of the agent left out of the optimizer
             params = [p for name, p in self.agent.named_parameters() if not name.startswith(UNBOUND[args.fault])]
+        if args.trunk_lr is not None:  # group 0 stays the annealed one (CleanRL writes param_groups[0]["lr"])
+            named = list(self.agent.named_parameters())
+            params = [{"params": [p for n, p in named if not n.startswith("network.")]},
+                      {"params": [p for n, p in named if n.startswith("network.")], "lr": args.trunk_lr}]
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
         if args.anneal_lr != "to_zero":
             return optimizer
@@ -744,6 +750,11 @@ def _variants() -> list[Variant]:
         name="cleanrl-trunk-named", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, TRUNK, 96),
         guard_kwargs={"actors": "agent.actor", "critic": "agent.critic"},
         note="healthy shared trunk with the heads named and the trunk in no role (as a user may write it)"))
+    out.append(Variant(
+        name="cleanrl-trunk-lr-zero", family="cleanrl-trunk", make=_maker(CleanRLTrunkPPO, replace(TRUNK, trunk_lr=0.0),
+                                                                          96),
+        note="healthy: the shared trunk in a param group at lr 0 (features frozen on purpose), the heads learning: "
+             "neither PPG003 nor PPG203 for the shared role"))
     out.append(Variant(
         name="cleanrl-trunk-detached", family="cleanrl-trunk",
         make=_maker(CleanRLTrunkPPO, replace(TRUNK, fault="detached", stall_step=0), 6 * 16),
