@@ -46,13 +46,14 @@ class Shards:
         self.weights = weights  # per tensor: 1 / (ranks holding a copy)
 
     @classmethod
-    def of(cls, params: Sequence[Tensor], device: torch.device) -> Shards | None:
-        if DTensor is None or not any(isinstance(p, DTensor) for p in params):
+    def of(cls, tensors: Sequence[Tensor | None], device: torch.device) -> Shards | None:
+        """The weights of ``tensors`` (1 for a ``None``), or None when none of them is a ``DTensor``."""
+        if DTensor is None or not any(isinstance(t, DTensor) for t in tensors):
             return None
         import torch.distributed as dist
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        return cls(torch.tensor([1.0 / _copies(p, world) for p in params], device=device))
+        return cls(torch.tensor([1.0 / _copies(t, world) if t is not None else 1.0 for t in tensors], device=device))
 
     @staticmethod
     def all_reduce(t: Tensor) -> Tensor:
@@ -69,11 +70,5 @@ def global_norms(tensors: Sequence[Tensor | None], device: torch.device) -> Tens
     some are (one ``all_reduce``): a rank whose shard of a small tensor is empty still sees its global norm."""
     zero = torch.zeros((), device=device)
     sq = torch.stack([local(t).detach().float().square().sum() if t is not None else zero for t in tensors])
-    shards = Shards.of([t for t in tensors if t is not None], device)
-    if shards is None:
-        return sq.sqrt()
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    weights = torch.tensor([1.0 / _copies(t, world) if t is not None else 1.0 for t in tensors], device=device)
-    return Shards.all_reduce(sq * weights).sqrt()
+    shards = Shards.of(tensors, device)
+    return sq.sqrt() if shards is None else Shards.all_reduce(sq * shards.weights).sqrt()

@@ -126,7 +126,6 @@ class RoleState:
     trunk_n: int = 0
     trunk_dominated: int = 0
     trunk_streak: int = 0
-    trunk_ratio: float = math.nan  # the last measured value/policy ratio
     raised: list[str] = field(default_factory=list)
 
     def reset_rollout(self) -> None:
@@ -185,9 +184,8 @@ class Diagnoser:
             if kind == "actor":
                 return self._emit(role, "PPG005", step, frozen=frozen)
             return self._emit(role, "PPG006", step, part=role, frozen=frozen)
-        for part in frozen_parts:
-            out += self._emit(role, "PPG006", step, part=part, frozen=frozen)
-            break  # one finding per role: the first frozen part (the evidence counts every frozen tensor)
+        if frozen_parts:  # one finding per role: the first frozen part (the evidence counts every frozen tensor)
+            out += self._emit(role, "PPG006", step, part=frozen_parts[0], frozen=frozen)
         # An lr of 0 here is no finding: a warm-up starts at 0. PPG003 waits for a role that does not move
         # (check_step).
         if binding < 1.0:
@@ -300,7 +298,6 @@ class Diagnoser:
         of its measured steps; without rollout ids, each measured step counts half a rollout)."""
         cfg, s = self.config, self.state(role)
         dominated = f.head_ratio >= cfg.trunk_value_dominance
-        s.trunk_ratio = f.head_ratio
         if f.segment is None:
             s.trunk_streak = s.trunk_streak + 1 if dominated else 0
             enough = s.trunk_streak >= 2 * cfg.trunk_rollouts
