@@ -28,15 +28,16 @@ from lightning_ppo_guard.reference import (
 from lightning_ppo_guard.reference.expected import EXPECTED
 
 
-def run_fault(fault: str | None, iterations: int, seed: int = 0, **guard_kwargs: object) -> tuple[PPOGuard, object]:
+def run_fault(fault: str | None, iterations: int, seed: int = 0, observe: str = "full",
+              **guard_kwargs: object) -> tuple[PPOGuard, object]:
     """Train the reference module with ``fault`` for ``iterations`` PPO iterations under a PPOGuard."""
     L.seed_everything(seed, verbose=False)
     if fault == "agent_unbound":
-        mcfg = MAPPOConfig(seed=seed, fault=fault)
+        mcfg = MAPPOConfig(seed=seed, fault=fault, observe=observe)
         mcfg.total_timesteps = iterations * mcfg.num_envs * mcfg.num_steps
         module: L.LightningModule = MultiCartPoleMAPPO(mcfg)
     else:
-        cfg = PPOConfig(seed=seed, fault=fault)
+        cfg = PPOConfig(seed=seed, fault=fault, observe=observe)
         cfg.total_timesteps = iterations * cfg.batch_size
         module = CartPolePPO(cfg)
     guard = PPOGuard(verbose=False, **guard_kwargs)  # type: ignore[arg-type]
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faults", default=",".join(EXPECTED))
+    parser.add_argument("--observe", default="full", choices=("full", "minimal"),
+                        help="the module's observe call: the README's full one, or (new_logp, old_logp, advantages)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{'fault':<24} {'expected':<8} {'named at step':>13} {'rollout':>7} {'ok':>3}  {'all codes':<28} {'s':>5}")
@@ -60,7 +63,7 @@ def main() -> None:
     for fault in args.faults.split(","):
         role, code, deadline = EXPECTED[fault]
         t0 = time.perf_counter()
-        guard, _ = run_fault(fault, args.iterations, args.seed)
+        guard, _ = run_fault(fault, args.iterations, args.seed, args.observe)
         dt = time.perf_counter() - t0
         first = next((f for f in guard.findings if f.code == code and f.role == role), None)
         step = "-" if first is None else str(first.step)

@@ -45,6 +45,13 @@ class GuardConfig:
     #: PPG302: an update phase that ends with approx_kl above target_kl after as few actor steps as any rollout had
     #: (its first check: a minibatch in SB3, an epoch in CleanRL) in this many consecutive rollouts.
     early_stop_rollouts: int = 3
+    #: PPG303: the largest approx_kl of a rollout's later minibatches above this (healthy PPO: 1e-4..3e-2, and a
+    #: target_kl of 0.01..0.05 stops well below it) ...
+    unstable_kl: float = 0.1
+    #: ... on this many of the last ``unstable_window`` rollouts (an unstable policy oscillates: a jump, then a
+    #: rollout or two of small steps).
+    unstable_rollouts: int = 3
+    unstable_window: int = 5
     #: PPG401: advantages with std below this (relative to their mean magnitude + 1) are degenerate.
     degenerate_adv_std: float = 1e-8
     #: PPG402: unnormalised advantages whose std stays below this (normalised ones have std 1; healthy
@@ -61,6 +68,11 @@ class GuardConfig:
     below_eps: float = 0.1
     #: PPG402/PPG403 need this many consecutive such rollouts.
     weak_rollouts: int = 2
+    #: PPG204 says "raise the lr" only below this lr for an optimizer with an eps (Adam-like steps are about lr per
+    #: element; at a typical lr a tiny relative step has another cause).
+    typical_adaptive_lr: float = 1e-5
+    #: PPG406: the critic's gradient exactly 0 on most measured steps of this many consecutive rollouts.
+    critic_rollouts: int = 3
     #: PPG404: the gradient the critic head sends into a shared trunk at least this many times the actor head's
     #: (healthy shared-trunk CartPole, returns up to ~50 and no value normalisation: at most ~110 in the first
     #: rollout, when the policy head starts at std 0.01, then 0.3..10; rewards x100: 2e3..2e4 throughout) ...
@@ -71,6 +83,15 @@ class GuardConfig:
     entropy_at_max: float = 0.999
     #: ... and a normalised drift below this as "frozen".
     entropy_frozen_drift: float = 1e-4
+    #: PPG503: a frozen policy whose normalised entropy is below this has collapsed to a deterministic one.
+    entropy_collapsed: float = 0.01
+    #: PPG107: consecutive measured observes whose policy-term gradient pushed the advantages' way backwards.
+    gradient_sign_observes: int = 2
+    #: PPG502: consecutive measured observes whose entropy tensor got a positive gradient from the loss.
+    entropy_sign_observes: int = 2
+    #: PPG105 on rollouts inferred from manual-optimization batches: this many consecutive batches must start with
+    #: a deviating ratio (and none ever with a ratio of 1).
+    first_ratio_batches: int = 2
     #: PPG105: max |ratio - 1| on a rollout's first minibatch above this (float32 log-probs) ...
     first_ratio_dev: float = 1e-3
     #: ... or above this many machine epsilons of the lowest precision new_logp was computed in (bf16 autocast:

@@ -189,8 +189,8 @@ _ALL = (
     ),
     Diagnosis(
         "PPG105", "first-ratio-not-one", "warning",
-        "on the first minibatch of rollout {rollout}, max |ratio - 1| = {ratio_dev:.3g} for {role} "
-        "(expected 0 before any update; tolerance {tolerance:.2g})",
+        "max |ratio - 1| = {ratio_dev:.3g} for {role} on the first minibatch of {where} (expected 0 before any "
+        "update; tolerance {tolerance:.2g})",
         "Before the first update of a rollout the update policy equals the rollout policy, so the ratio must "
         "be exactly 1 (up to the rounding of the precision the log-probs are computed in). A deviation means "
         "old_logp and new_logp were computed from different inputs or a different network: dropout or "
@@ -210,6 +210,21 @@ _ALL = (
         "log(softmax(x)[a]) computed by hand underflows to -inf for unlikely actions and loses precision; its "
         "gradient vanishes where the probability saturates. Distributions compute log_softmax stably.",
         "Use dist = Categorical(logits=logits); new_logp = dist.log_prob(actions).",
+        checklist="step 3",
+    ),
+    Diagnosis(
+        "PPG107", "policy-gradient-backwards", "error",
+        "minimising the loss raises the log-prob of {role}'s worse-than-average actions: sum(d loss / d new_logp * "
+        "advantages) = +{alignment:.3g} on {observes} consecutive observes (it must be < 0)",
+        "In every policy-gradient loss (PPO's clipped surrogate, A2C, REINFORCE) the gradient of the loss with "
+        "respect to new_logp is -advantage * ratio / N: a descent step raises the log-prob of actions with positive "
+        "advantages. Here it is the other way round, so the policy learns backwards and returns fall while "
+        "approx_kl looks normal. Usually the ratio upside down (exp(old_logp - new_logp)), the advantages negated "
+        "(returns - values taken the other way, or -adv twice), the surrogate maximised by a minimiser "
+        "(loss = +(ratio * adv).mean()), or torch.max where torch.min belongs on the unnegated objective. Read from "
+        "the backward of the new_logp handed to observe, with the advantages handed with it.",
+        "Write the surrogate as CleanRL does: ratio = (new_logp - old_logp).exp(); pg_loss = torch.max(-adv * ratio, "
+        "-adv * ratio.clamp(1 - clip, 1 + clip)).mean(), with adv = returns - values (then normalised).",
         checklist="step 3",
     ),
     # ---------------------------------------------------------------- 2xx gradient and update
@@ -263,14 +278,30 @@ _ALL = (
     ),
     Diagnosis(
         "PPG302", "target-kl-stops-early", "error",
-        "the update phase stopped after {updates} update(s) in {rollouts} consecutive rollouts: approx_kl "
-        "{approx_kl:.2g} > target_kl {target_kl:g}",
+        "the update phase stopped at its first check in {rollouts} consecutive rollouts: {updates} update(s) per "
+        "rollout (last approx_kl {approx_kl:.2g}, target_kl {target_kl})",
         "An early-stop guard with a target_kl that small ends every update phase at its first check (after the "
         "first minibatch when it checks each minibatch, as SB3 does; after the first epoch when it checks each "
-        "epoch, as CleanRL does), so the actor takes a fraction of its planned steps per rollout.",
+        "epoch, as CleanRL does), so the actor takes a fraction of its planned steps per rollout. Without "
+        "target_kl passed to observe, the pattern named is one update per rollout with a second minibatch whose "
+        "loss was computed (observed) but never stepped; a per-epoch check needs target_kl= to be told from a "
+        "shorter schedule.",
         "Raise target_kl to 0.01..0.05 (or set it to None), and compare it with approx_kl, not with the "
         "k1 estimate.",
         checklist="step 2 (target_kl)",
+    ),
+    Diagnosis(
+        "PPG303", "policy-unstable", "warning",
+        "{role}'s policy moves too far per rollout: approx_kl up to {approx_kl:.3g} (clip_fraction "
+        "{clip_fraction:.2g}, max |r-1| {ratio_dev:.3g}) in {rollouts} of the last {window} rollouts",
+        "PPO keeps each update phase close to the rollout policy (approx_kl 1e-4..3e-2, clip_fraction 0.1..0.3). "
+        "Far above that, rollout after rollout, the clipped surrogate no longer bounds the step: the policy jumps, "
+        "its entropy collapses and returns oscillate or crash. Causes: an lr far too large for the actor (or a "
+        "Gaussian log_std with its own large lr), too many epochs over a small batch, advantages not normalised "
+        "with large returns, a ratio computed with the wrong sign (exp(old - new)), or clip_eps far too wide.",
+        "Lower the actor's lr (Adam 1e-4..3e-4) or the epochs, normalise advantages, check ratio = exp(new_logp - "
+        "old_logp) and clip_eps 0.1..0.3; a target_kl of 0.01..0.05 stops an update phase that drifts too far.",
+        checklist="step 2 (the other side: steps too large)",
     ),
     # ---------------------------------------------------------------- 4xx learning signal
     Diagnosis(
@@ -329,6 +360,22 @@ _ALL = (
         "(reward scale, loss coefficient); keep the optimizer's eps at 1e-8..1e-5.",
         checklist="step 2 (advantage scale)",
     ),
+    Diagnosis(
+        "PPG406", "critic-grad-zero", "error",
+        "{role}'s gradient after backward is exactly 0 on {zero_steps} of {steps} measured steps, in {rollouts} "
+        "consecutive rollouts: the value function does not learn",
+        "A trainable critic held by the optimizer gets no gradient, so its values stay where they started and the "
+        "advantages (GAE) carry its errors: the value loss stays large. Most often value clipping measured in "
+        "unscaled return units: CleanRL's clip_vloss takes max(unclipped, clipped) with the clipped value held "
+        "within clip_coef (0.2) of the rollout's value, so once returns are far from the values (rewards x100, "
+        "returns in the hundreds) the clipped branch wins on every sample and its gradient is 0; the critic moves "
+        "by clip_coef per rollout at most. Also: the value loss left out of the loss, vf_coef 0, or the critic's "
+        "output detached.",
+        "Normalise or scale the rewards/returns (gymnasium's NormalizeReward), or turn value clipping off "
+        "(clip_vloss=False, as SB3's default) or widen it to the return scale; check that vf_coef * value_loss is "
+        "in the loss that is back-propagated.",
+        checklist="the 'value_loss 700+' signal",
+    ),
     # ---------------------------------------------------------------- 5xx entropy
     Diagnosis(
         "PPG501", "entropy-frozen-at-max", "error",
@@ -340,6 +387,33 @@ _ALL = (
         "Build the Distribution from the actor's raw logits (no extra scaling) and check the head's output "
         "scale; watch dist.entropy().mean() move.",
         checklist="'if still stuck': entropy never changes",
+    ),
+    Diagnosis(
+        "PPG502", "entropy-bonus-sign", "error",
+        "the loss grows with {role}'s entropy (d loss / d entropy = +{slope:.3g}, summed over the minibatch, on "
+        "{observes} consecutive observes): the entropy term is a penalty, not a bonus",
+        "An entropy bonus is subtracted from the loss (loss = policy_loss - ent_coef * entropy.mean() + vf_coef * "
+        "value_loss), so minimising the loss raises the entropy. Here the entropy tensor handed to observe gets a "
+        "positive gradient in the backward: the loss penalises entropy, pushing the policy to determinism faster "
+        "than the reward does (entropy keeps falling, exploration stops, a Gaussian's log_std heads towards -inf). "
+        "Usually two sign conventions mixed: SB3's entropy_loss = -entropy.mean() with loss = ... - ent_coef * "
+        "entropy_loss, or + ent_coef * entropy.mean(), or a negative ent_coef. Read from the graph, not from the "
+        "entropy's trend: it needs observe(entropy=...) with the tensor the loss uses.",
+        "Subtract the bonus once: loss = policy_loss - ent_coef * entropy.mean() + vf_coef * value_loss (or "
+        "entropy_loss = -entropy.mean(); loss = policy_loss + ent_coef * entropy_loss), with ent_coef >= 0.",
+        checklist="'if still stuck': entropy",
+    ),
+    Diagnosis(
+        "PPG503", "entropy-collapsed", "warning",
+        "{role}'s policy is deterministic and stopped moving: entropy {entropy_norm:.2g} of its maximum for "
+        "{rollouts} rollouts (drift {entropy_drift:.2g})",
+        "A categorical policy that puts all its mass on one action has a log-prob gradient (onehot - p) of ~0: "
+        "the ratio stays 1 and approx_kl 0 however large the step, and nothing is explored again. Reached early, "
+        "it is a collapse, not convergence: an lr or step far too large (often after approx_kl blew up, PPG303), "
+        "an entropy penalty (PPG502) or logits scaled up, advantages not normalised with large returns.",
+        "Lower the actor's lr / epochs, keep an entropy bonus (ent_coef 0.01) with the right sign, normalise "
+        "advantages; restart from a checkpoint taken before the entropy fell.",
+        checklist="'if still stuck': entropy",
     ),
     # ---------------------------------------------------------------- 9xx numerics
     Diagnosis(

@@ -23,7 +23,7 @@ from lightning_ppo_guard.diagnoses import Finding, get
 from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
 from lightning_ppo_guard.monitor import ObserveRecord, PPOMonitor, StepRecord
 from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec
-from lightning_ppo_guard.rules import Diagnoser, ObserveFacts, StepFacts, WiringFacts
+from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, StepFacts, WiringFacts
 from lightning_ppo_guard.summary import Style, findings_table
 
 __all__ = ["PPOGuard", "PPOGuardError"]
@@ -51,11 +51,40 @@ class _GradCheck:
         return cls(record.role, record.step, params, trainable, norms)
 
 
-def _tensors(item: ObserveRecord | list[StepRecord] | _GradCheck) -> list[Tensor]:
+@dataclass
+class _GradientSign:
+    """A number the coming backward writes, by a hook on a tensor handed to ``observe`` (NaN until then, and if it
+    never does: the loss does not use that tensor): ``kind="entropy"``, d loss / d entropy summed over the
+    minibatch (PPG502); ``kind="policy"``, sum of d loss / d new_logp times the advantages (PPG107)."""
+
+    kind: str
+    role: str
+    step: int
+    value: Tensor
+
+    @classmethod
+    def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None) -> _GradientSign:
+        item = cls(kind, role, step, torch.full((), math.nan, device=tensor.device))
+        weights = None if weights is None else weights.detach().reshape(-1).float()
+
+        def read(grad: Tensor) -> None:
+            g = grad.detach().float()
+            item.value.copy_(g.sum() if weights is None else torch.dot(g.reshape(-1), weights))
+
+        tensor.register_hook(read)
+        return item
+
+
+_Pending = ObserveRecord | list[StepRecord] | _GradCheck | _GradientSign
+
+
+def _tensors(item: _Pending) -> list[Tensor]:
     if isinstance(item, ObserveRecord):
         return [item.values] if item.values is not None else []
     if isinstance(item, _GradCheck):
         return [item.norms]
+    if isinstance(item, _GradientSign):
+        return [item.value.reshape(1)]
     return [record.values for record in item]
 
 
@@ -156,7 +185,7 @@ class PPOGuard(PPOMonitor):
         self.config = config or GuardConfig()
         self.diagnoser = Diagnoser(self.config)
         self.verdict = _Verdict()
-        self._pending: list[ObserveRecord | list[StepRecord] | _GradCheck] = []  # waiting for the next host read
+        self._pending: list[_Pending] = []  # waiting for the next host read
         self._walks: dict[str, int] = {}  # graph walks per role in this fit
         self._unreached: dict[str, list[nn.Parameter]] = {}  # role -> tensors new_logp's graph did not reach
 
@@ -179,8 +208,10 @@ class PPOGuard(PPOMonitor):
         for finding in findings:
             if finding.code in self.ignore:
                 continue
-            if finding.rollout is None:
-                finding.rollout = max(self.verdict.rollouts_started.get(finding.role, 0) - 1, 0)
+            if finding.rollout is None:  # a critic or trunk counts the rollouts of the actors it serves
+                started = self.verdict.rollouts_started
+                count = started.get(finding.role, max(started.values(), default=0))
+                finding.rollout = max(count - 1, 0)
             self.verdict.findings.append(finding)
             rank_zero_warn(str(finding), category=PPOGuardWarning)
             if finding.severity == "error":
@@ -252,6 +283,12 @@ class PPOGuard(PPOMonitor):
         self._pending.append(record)
         if record.first_in_rollout and len(self._pending) > 1:
             self._process()  # a rollout boundary: the previous rollout's rules run now
+        if record.measured:  # the signs of the policy and entropy terms in the loss, read in the coming backward
+            entropy, advantages = term.entropy, term.advantages
+            if advantages is not None and new_logp.requires_grad and new_logp.numel() == advantages.numel():
+                self._pending.append(_GradientSign.hook("policy", role.name, record.step, new_logp, advantages))
+            if entropy is not None and entropy.requires_grad:
+                self._pending.append(_GradientSign.hook("entropy", role.name, record.step, entropy))
 
     @override
     def _step_skipped(self, roles: list[str]) -> None:
@@ -292,6 +329,11 @@ class PPOGuard(PPOMonitor):
             elif isinstance(item, ObserveRecord):
                 self._check_observe(item, dict(zip(names, flat[at:at + len(names)], strict=True)))
                 at += len(names)
+            elif isinstance(item, _GradientSign):
+                d = self.diagnoser
+                check = d.check_entropy_sign if item.kind == "entropy" else d.check_gradient_sign
+                self._report(check(item.role, item.step, flat[at]))
+                at += 1
             elif isinstance(item, _GradCheck):
                 norms = flat[at:at + len(item.params)]
                 at += len(item.params)
@@ -311,9 +353,12 @@ class PPOGuard(PPOMonitor):
         critic_vals = steps.get(critic) if critic else None
         for record in records:
             role = self._role(record.role)
-            if not role.moves:
-                continue
             v, b = steps[record.role], self.bindings[record.role]
+            if not role.moves:
+                self._report(self.diagnoser.check_critic_step(record.role, record.step, CriticFacts(
+                    grad_norm=v["grad_norm"], binding=b.fraction, lr_max=record.groups.lr_max,
+                    segment=record.segment)))
+                continue
             critic_norm = math.nan  # the critic's norm, when it shares the clip (same coefficient)
             if critic_vals is not None and abs(critic_vals["clip_coef"] - v["clip_coef"]) <= 1e-3 * max(
                     abs(v["clip_coef"]), 1e-12):
@@ -336,7 +381,8 @@ class PPOGuard(PPOMonitor):
             entropy_drift=v.get("entropy_drift", nan), boundary_only=boundary_only,
             first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,
             prev_updates=record.prev_updates, samples=record.samples, adv_given=record.adv_given,
-            precision_eps=record.precision_eps,
+            precision_eps=record.precision_eps, clip_fraction=v.get("clip_fraction", nan), inferred=record.inferred,
+            prev_observes=record.prev_observes,
         )
         self._report(self.diagnoser.check_observe(record.role, record.step, facts))
 

@@ -57,6 +57,7 @@ class Progress:
     entropy0: dict[str, Any] = field(default_factory=dict)  # entropy at each actor's first observe (0-d tensor)
     rollout: dict[str, int | None] = field(default_factory=dict)  # each actor's current rollout id
     rollout_steps: dict[str, int] = field(default_factory=dict)  # its optimizer steps in that rollout so far
+    rollout_observes: dict[str, int] = field(default_factory=dict)  # its observe calls in that rollout so far
     updates_per_rollout: dict[str, int] = field(default_factory=dict)  # ... in its last finished rollout
     steps_skipped: dict[str, int] = field(default_factory=dict)
 
@@ -69,15 +70,17 @@ class Progress:
         for name in roles:
             self.steps_skipped[name] = self.steps_skipped.get(name, 0) + 1
 
-    def enter_rollout(self, role: str, rollout: int | None) -> tuple[bool, int | None]:
-        """Note ``role``'s rollout id: whether this starts a new rollout, and the steps of the one it ends."""
+    def enter_rollout(self, role: str, rollout: int | None) -> tuple[bool, int | None, int | None]:
+        """Note ``role``'s rollout id: whether this starts a new rollout, and the steps and observe calls of the one
+        it ends."""
         if rollout is None or self.rollout.get(role) == rollout:
-            return False, None
-        ended = None
+            return False, None, None
+        ended = observed = None
         if self.rollout.get(role) is not None:
             ended = self.updates_per_rollout[role] = self.rollout_steps.get(role, 0)
-        self.rollout[role], self.rollout_steps[role] = rollout, 0
-        return True, ended
+            observed = self.rollout_observes.get(role, 0)
+        self.rollout[role], self.rollout_steps[role], self.rollout_observes[role] = rollout, 0, 0
+        return True, ended, observed
 
     def state_dict(self) -> dict[str, Any]:
         state = {name: (dict(value) if isinstance(value, dict) else value) for name, value in vars(self).items()}
@@ -140,6 +143,9 @@ class _Kept:
     prev_updates: int | None  # optimizer steps of the rollout it ends
     measured: bool  # its optimizer step is measured (else only the first-minibatch ratio is read ...)
     light: bool  # ... if this is a rollout whose first ratio is checked; else it only marks the rollout boundary
+    rollout: int | None = None  # the rollout id: given to observe, or a manual-optimization batch's (inferred)
+    inferred: bool = False
+    prev_observes: int | None = None  # observe calls of the rollout it ends
 
 
 @dataclass(slots=True)
@@ -170,12 +176,15 @@ class ObserveRecord:
     samples: int = 0  # minibatch size
     adv_given: bool = False
     precision_eps: float = 1.2e-7  # of the lowest precision new_logp was computed in (first minibatches only)
+    measured: bool = False  # logged and checked in full (else only the first minibatch's ratio was read)
+    inferred: bool = False  # the rollout is a manual-optimization batch (observe got no rollout id)
+    prev_observes: int | None = None  # observe calls of the rollout this one's first observe ends
 
     @classmethod
-    def of(cls, term: PolicyTerm, kept: _Kept, step: int, values: Tensor) -> ObserveRecord:
-        return cls(kept.role.name, step, term.rollout, kept.first, term.target_kl, values, kept.prev_updates,
+    def of(cls, term: PolicyTerm, kept: _Kept, step: int, values: Tensor | None) -> ObserveRecord:
+        return cls(kept.role.name, step, kept.rollout, kept.first, term.target_kl, values, kept.prev_updates,
                    term.new_logp.numel(), kept.measured and term.advantages is not None,
-                   term.precision_eps() if kept.first else 1.2e-7)
+                   term.precision_eps() if kept.first else 1.2e-7, kept.measured, kept.inferred, kept.prev_observes)
 
 
 def _warn_shared_prefix(callbacks: list[Any], monitor: PPOMonitor) -> None:
@@ -514,22 +523,29 @@ class PPOMonitor(Callback):
         if fit is None or not fit.training or not torch.is_grad_enabled():
             return None
         actor = self._actors.get(role) or actor_role(self._actors, role)
-        first_in_rollout, prev_updates = False, None
-        if rollout is not None and self.progress.rollout.get(actor.name) != rollout:
-            first_in_rollout, prev_updates = self.progress.enter_rollout(actor.name, rollout)
-            fit.cadence.start_segment(("rollout", rollout), rollout=True)
-        key = fit.cache.keys.get(actor.name, 0)
+        name, progress = actor.name, self.progress
+        first_in_rollout, prev_updates, prev_observes = False, None, None
+        inferred = rollout is None and fit.manual  # no rollout id: a manual-optimization batch is taken as one
+        if inferred:
+            rollout = fit.batches
+        if rollout is not None and progress.rollout.get(name) != rollout:
+            first_in_rollout, prev_updates, prev_observes = progress.enter_rollout(name, rollout)
+            if not inferred:  # manual batches are segments already
+                fit.cadence.start_segment(("rollout", rollout), rollout=True)
+        counts = progress.rollout_observes
+        counts[name] = counts.get(name, 0) + 1
+        key = fit.cache.keys.get(name, 0)
         measured = fit.cadence.measuring(key)
         if not (first_in_rollout or measured):
             return None
         # the first minibatch's ratio (PPG105) is read at the first 16 rollouts, then at 1 in 4
         light = first_in_rollout and (fit.cadence.segments <= 16 or fit.cadence.segments % 4 == 0)
-        return _Kept(actor, first_in_rollout, prev_updates, measured, light)
+        return _Kept(actor, first_in_rollout, prev_updates, measured, light, rollout, inferred, prev_observes)
 
     def _boundary(self, kept: _Kept) -> None:
         """A rollout's first minibatch whose ratio is not read: it only ends the previous rollout."""
-        rollout = self.progress.rollout.get(kept.role.name)
-        self._observed(ObserveRecord(kept.role.name, self.current_step, rollout, True, None, None, kept.prev_updates),
+        self._observed(ObserveRecord(kept.role.name, self.current_step, kept.rollout, True, None, None,
+                                     kept.prev_updates, inferred=kept.inferred, prev_observes=kept.prev_observes),
                        None, kept.role)
 
     def _observe(self, term: PolicyTerm, kept: _Kept) -> None:

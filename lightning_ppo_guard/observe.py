@@ -85,11 +85,14 @@ def observe(
             ``FabricGuard``'s ``on_train_start`` (or the guard itself).
         new_logp: log pi_theta(a|s) of the taken actions, built from the live logits (requires grad).
         old_logp: log-probs recorded at rollout time (detached).
-        advantages: the advantages exactly as they enter the policy loss (after any normalisation).
+        advantages: the advantages exactly as they enter the policy loss (after any normalisation). With them the
+            guard also reads, in the coming backward, whether the loss's gradient raises the log-prob of the
+            better actions (PPG107).
         clip_eps: the PPO clip range, for ``clip_fraction``.
         dist: the ``torch.distributions.Distribution`` that produced ``new_logp``; gives entropy and the
             number of actions.
-        entropy: per-sample entropy, when no ``dist`` is given.
+        entropy: per-sample entropy; pass the very tensor the loss's entropy term uses (also with ``dist``): the
+            guard reads the sign of that term from its gradient in the coming backward (PPG502).
         num_actions: size of the discrete action space, to normalise entropy by ``log(num_actions)``; or a
             per-sample tensor of valid-action counts.
         action_mask: ``(batch, num_actions)`` booleans, True where an action is valid (masked / invalid-action
@@ -97,8 +100,9 @@ def observe(
             (samples with one valid action count as 1.0). Overrides ``num_actions``.
         values: critic predictions for the minibatch, for ``explained_variance``.
         returns: the critic's regression targets, for ``explained_variance``.
-        rollout: an integer that changes when a new rollout starts (e.g. the iteration number);
-            enables ``updates_per_rollout`` and the first-minibatch ratio check.
+        rollout: an integer that changes when a new rollout starts (e.g. the iteration number); enables
+            ``updates_per_rollout`` and the first-minibatch ratio check. Without it, in manual optimization each
+            training batch is taken as one rollout (see README, "Which rules need which arguments").
         target_kl: the KL limit the training loop stops an update phase at, if any.
         role: which actor role this policy term belongs to (``"actor"``, ``"agent_2"``, ...).
 

@@ -22,7 +22,7 @@ from typing import Any
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import Finding
 
-__all__ = ["Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts"]
+__all__ = ["CriticFacts", "Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts"]
 
 #: A finding of these families for a role explains any later stall of that role.
 _ROOT_FAMILIES = ("PPG0", "PPG1", "PPG2", "PPG9")
@@ -67,6 +67,19 @@ class ObserveFacts:
     adv_given: bool = True  # advantages were passed (so a NaN adv_std is data, not absence)
     precision_eps: float = 1.2e-7  # machine eps of the lowest precision new_logp was computed in (autocast)
     boundary_only: bool = False  # a rollout's first minibatch whose ratio was not read: it only ends the last one
+    clip_fraction: float = math.nan
+    inferred: bool = False  # the rollout is a manual-optimization batch (observe got no rollout id)
+    prev_observes: int | None = None  # observe calls in the rollout that this observe's first_in_rollout ends
+
+
+@dataclass
+class CriticFacts:
+    """One measured optimizer step of the critic."""
+
+    grad_norm: float  # pre-clip, after backward
+    binding: float
+    lr_max: float = math.nan
+    segment: int | None = None
 
 
 @dataclass
@@ -113,6 +126,11 @@ class RoleState:
     r_steps: int = 0
     r_last_kl: float = math.nan
     r_target_kl: float | None = None
+    r_kl_max: float = 0.0
+    r_clip_frac_sum: float = 0.0
+    r_clip_frac_n: int = 0
+    r_first_dev: float = math.nan  # max |r - 1| of the rollout's first minibatch (inferred rollouts: judged at its end)
+    r_first_tol: float = math.nan  # ... and its tolerance
     # consecutive-rollout streaks
     frozen_rollouts: int = 0
     early_stop_rollouts: int = 0
@@ -121,6 +139,20 @@ class RoleState:
     tiny_adv_rollouts: int = 0
     starved_rollouts: int = 0
     last_adv_std: float = math.nan  # mean advantage std of the last finished rollout that measured it
+    unstable_recent: list[bool] = field(default_factory=list)  # PPG303: the last rollouts, unstable or not
+    # PPG107: consecutive measured observes whose loss gradient raised the log-prob of negative-advantage actions
+    backwards: int = 0
+    # PPG105 on inferred rollouts (manual batches): consecutive batches whose first ratio deviated, and whether
+    # any batch's first ratio was 1 (then a batch is not always a rollout, and inferred boundaries prove nothing)
+    first_bad: int = 0
+    first_ok: bool = False
+    # PPG502: consecutive measured observes whose entropy term had a positive gradient in the loss
+    entropy_penalised: int = 0
+    # PPG406 (critic): measured steps of the current segment, how many had an exactly-zero gradient, the streak
+    critic_segment: int | None = None
+    critic_n: int = 0
+    critic_zero: int = 0
+    critic_streak: int = 0
     # a shared trunk: measured steps of the current segment, how many the value term dominated, the streak
     trunk_segment: int | None = None
     trunk_n: int = 0
@@ -288,9 +320,12 @@ class Diagnoser:
                 out += self._emit(role, "PPG405", step, grad_rms=f.grad_norm / math.sqrt(f.trainable_numel),
                                   eps=f.opt_eps, update_ratio=f.update_ratio, lr=f.lr_max,
                                   adv_std=s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else s.last_adv_std)
-            else:
+            elif not self._typical_adaptive_lr(f):
                 out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr_max,
                                   steps=s.tiny_update)
+            # else: an adaptive optimizer at a typical lr whose gradient is not below eps, and still a tiny relative
+            # step (huge weights, a sparse table): "raise the lr" would be a guess. PPG301 names a policy that
+            # does not move.
         return out
 
     def _trunk(self, role: str, step: int, f: StepFacts) -> list[Finding]:
@@ -325,6 +360,58 @@ class Diagnoser:
                               skipped=s.skipped)
         return []
 
+    def _typical_adaptive_lr(self, f: StepFacts) -> bool:
+        """An optimizer with an eps (Adam-like: its step is about lr per element) at an lr in the usual range."""
+        return _finite(f.opt_eps) and _finite(f.lr_max) and f.lr_max >= self.config.typical_adaptive_lr
+
+    def check_critic_step(self, role: str, step: int, f: CriticFacts) -> list[Finding]:
+        """PPG406: a trainable, bound critic whose gradient after backward is exactly 0 on most measured steps of
+        several consecutive rollouts (without rollout ids: measured steps x 2). A critic at lr 0 is a freeze."""
+        cfg, s = self.config, self.state(role)
+        if f.binding < 1.0 or not _finite(f.grad_norm) or (_finite(f.lr_max) and f.lr_max == 0.0):
+            return []
+        zero = f.grad_norm == 0.0
+        if f.segment is None:
+            s.critic_streak = s.critic_streak + 1 if zero else 0
+            enough = s.critic_streak >= 2 * cfg.critic_rollouts
+        else:
+            if s.critic_segment is not None and f.segment != s.critic_segment and s.critic_n:
+                s.critic_streak = s.critic_streak + 1 if 2 * s.critic_zero > s.critic_n else 0
+                s.critic_n = s.critic_zero = 0
+            s.critic_segment = f.segment
+            s.critic_n += 1
+            s.critic_zero += zero
+            enough = zero and s.critic_streak + (2 * s.critic_zero > s.critic_n) >= cfg.critic_rollouts
+        if not enough or self._has_root(role):
+            return []
+        return self._emit(role, "PPG406", step, rollouts=s.critic_streak + (f.segment is not None),
+                          zero_steps=s.critic_zero if f.segment is not None else s.critic_streak,
+                          steps=s.critic_n if f.segment is not None else s.critic_streak)
+
+    def check_entropy_sign(self, role: str, step: int, slope: float) -> list[Finding]:
+        """PPG502: ``slope`` is d loss / d entropy summed over a minibatch's samples, read in the backward of the
+        entropy tensor handed to ``observe``: negative for a bonus (``loss = ... - ent_coef * entropy.mean()``),
+        0 without an entropy term, positive when the loss *penalises* entropy. Named after consecutive observes."""
+        s = self.state(role)
+        if not _finite(slope):
+            return []
+        s.entropy_penalised = s.entropy_penalised + 1 if slope > 0 else 0
+        if s.entropy_penalised < self.config.entropy_sign_observes:
+            return []
+        return self._emit(role, "PPG502", step, slope=slope, observes=s.entropy_penalised)
+
+    def check_gradient_sign(self, role: str, step: int, alignment: float) -> list[Finding]:
+        """PPG107: ``alignment`` is sum_i (d loss / d new_logp_i) * advantage_i over a minibatch, read in the backward
+        of new_logp: negative when minimising the loss raises the log-prob of better-than-average actions (every
+        PPO, PG and A2C loss), positive when the policy term is upside down. Named after consecutive observes."""
+        s = self.state(role)
+        if not _finite(alignment):
+            return []
+        s.backwards = s.backwards + 1 if alignment > 0 else 0
+        if s.backwards < self.config.gradient_sign_observes:
+            return []
+        return self._emit(role, "PPG107", step, alignment=alignment, observes=s.backwards)
+
     def _below_eps(self, f: StepFacts) -> bool:
         """The role's gradient before any clip is far below its optimizer's eps (Adam-like): its step is eps-bound
         and shrinks with the gradient, whatever the lr."""
@@ -350,20 +437,28 @@ class Diagnoser:
     def check_observe(self, role: str, step: int, f: ObserveFacts) -> list[Finding]:
         cfg, s = self.config, self.state(role)
         out: list[Finding] = []
-        if (f.first_in_rollout and s.r_observes) or (f.rollout is None and s.r_observes >= cfg.window_observes):
-            out += self.end_rollout(role, step, f.prev_updates)
+        if (f.first_in_rollout and (s.r_observes or _finite(s.r_first_dev))) or (
+                f.rollout is None and s.r_observes >= cfg.window_observes):
+            out += self.end_rollout(role, step, f.prev_updates, f.prev_observes)
         if f.boundary_only:
             return out
         if not (_finite(f.approx_kl) and _finite(f.ratio_dev)):
             return out + self._emit(role, "PPG902", step, approx_kl=f.approx_kl)
         # Recomputing the log-probs in a lower precision (bf16 autocast) moves the first ratio by rounding alone.
         tolerance = max(cfg.first_ratio_dev, cfg.first_ratio_eps * f.precision_eps)
-        if f.first_in_rollout and f.ratio_dev > tolerance:
-            out += self._emit(role, "PPG105", step, rollout=f.rollout, ratio_dev=f.ratio_dev, tolerance=tolerance)
+        if f.first_in_rollout and f.inferred:
+            s.r_first_dev, s.r_first_tol = f.ratio_dev, tolerance  # judged when the batch ends (see end_rollout)
+        elif f.first_in_rollout and f.ratio_dev > tolerance:
+            out += self._emit(role, "PPG105", step, where=f"rollout {f.rollout}", ratio_dev=f.ratio_dev,
+                              tolerance=tolerance, rollout=f.rollout)
         s.r_observes += 1
         if not f.first_in_rollout:
             s.r_kl_sum += f.approx_kl
             s.r_kl_n += 1
+            s.r_kl_max = max(s.r_kl_max, f.approx_kl)
+            if _finite(f.clip_fraction):
+                s.r_clip_frac_sum += f.clip_fraction
+                s.r_clip_frac_n += 1
         s.r_ratio_dev = max(s.r_ratio_dev, f.ratio_dev)
         if f.adv_given and not (_finite(f.adv_std) and _finite(f.adv_mean)):
             out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
@@ -377,10 +472,17 @@ class Diagnoser:
         s.r_last_kl, s.r_target_kl = f.approx_kl, f.target_kl
         return out
 
-    def end_rollout(self, role: str, step: int, updates: int | None = None) -> list[Finding]:
-        """Rollout-level rules; ``updates`` is the number of actor optimizer steps in the rollout."""
+    def end_rollout(self, role: str, step: int, updates: int | None = None,
+                    observes: int | None = None) -> list[Finding]:
+        """Rollout-level rules; ``updates`` is the number of actor optimizer steps in the rollout and ``observes``
+        the number of ``observe`` calls (None when not known)."""
         cfg, s = self.config, self.state(role)
         out: list[Finding] = []
+        if updates is not None:
+            s.min_updates = updates if s.min_updates is None else min(s.min_updates, updates)
+            s.max_updates = max(s.max_updates, updates)
+        out += self._first_ratio_inferred(role, step, updates)
+        out += self._early_stop(role, step, updates, observes)
         if s.r_kl_n == 0:
             # No measured minibatch after the first (sparse cadence): this rollout is no evidence either way.
             s.reset_rollout()
@@ -391,20 +493,13 @@ class Diagnoser:
         if _finite(adv_std):
             s.last_adv_std = adv_std
 
-        # PPG302: the update phase stopped at its first check, rollout after rollout: it ended with approx_kl above
-        # target_kl after as few updates as any rollout had (SB3 checks each minibatch, CleanRL each epoch), and
-        # either no rollout ever ran longer (so this is the first check), one update was all, or the KL overshot
-        # the target tenfold. A tight but sane target_kl stops some rollouts part-way and lets others finish.
-        if updates is not None:
-            s.min_updates = updates if s.min_updates is None else min(s.min_updates, updates)
-            s.max_updates = max(s.max_updates, updates)
-        over = s.r_target_kl is not None and _finite(s.r_last_kl) and s.r_last_kl > s.r_target_kl
-        stopped = over and updates is not None and updates <= (s.min_updates or 0) and (
-            s.max_updates == s.min_updates or updates <= 1 or s.r_last_kl > 10 * (s.r_target_kl or 0.0))
-        s.early_stop_rollouts = s.early_stop_rollouts + 1 if stopped else 0
-        if s.early_stop_rollouts >= cfg.early_stop_rollouts:
-            out += self._emit(role, "PPG302", step, updates=updates, rollouts=s.early_stop_rollouts,
-                              approx_kl=s.r_last_kl, target_kl=s.r_target_kl)
+        # PPG303: the policy moves too far per rollout, rollout after rollout (judged on the largest KL of a later
+        # minibatch: the end of the update phase, which every cadence measures).
+        clip_frac = s.r_clip_frac_sum / s.r_clip_frac_n if s.r_clip_frac_n else math.nan
+        s.unstable_recent = [*s.unstable_recent, s.r_kl_max > cfg.unstable_kl][-cfg.unstable_window:]
+        if s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts:
+            out += self._emit(role, "PPG303", step, approx_kl=s.r_kl_max, clip_fraction=clip_frac,
+                              ratio_dev=s.r_ratio_dev, rollouts=sum(s.unstable_recent), window=len(s.unstable_recent))
 
         frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
@@ -428,17 +523,64 @@ class Diagnoser:
                 out += self._emit(role, "PPG402", step, adv_std=adv_std, approx_kl=kl,
                                   rollouts=s.tiny_adv_rollouts)
         if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not (
-                {"PPG302", "PPG402", "PPG403"} & set(s.raised)):
+                {"PPG302", "PPG402", "PPG403", "PPG502"} & set(s.raised)):
             moving = _finite(upd) and upd >= cfg.tiny_update_ratio
             if (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
                     and abs(s.r_ent_drift) < cfg.entropy_frozen_drift):
                 out += self._emit(role, "PPG501", step, entropy_norm=s.r_ent_norm, entropy_drift=s.r_ent_drift,
+                                  rollouts=s.frozen_rollouts)
+            elif _finite(s.r_ent_norm) and s.r_ent_norm < cfg.entropy_collapsed:
+                # deterministic: the log-prob's gradient (onehot - p) vanishes, whatever the step size
+                out += self._emit(role, "PPG503", step, entropy_norm=s.r_ent_norm, entropy_drift=s.r_ent_drift,
                                   rollouts=s.frozen_rollouts)
             elif moving:
                 out += self._emit(role, "PPG301", step, rollouts=s.frozen_rollouts, approx_kl=kl,
                                   ratio_dev=s.r_ratio_dev, update_ratio=upd)
         s.reset_rollout()
         return out
+
+    def _first_ratio_inferred(self, role: str, step: int, updates: int | None) -> list[Finding]:
+        """PPG105 when rollouts are inferred from manual-optimization batches (observe without ``rollout=``). A batch
+        of one optimizer step is no rollout; and once any batch started with a ratio of 1, a batch is not always a
+        rollout (a loop with one epoch per batch), so a deviating batch start proves nothing: cannot tell."""
+        cfg, s = self.config, self.state(role)
+        dev = s.r_first_dev
+        if not _finite(dev) or updates is None or updates < 2:
+            return []
+        if dev <= s.r_first_tol:
+            s.first_ok, s.first_bad = True, 0
+            return []
+        s.first_bad += 1
+        if s.first_ok or s.first_bad < cfg.first_ratio_batches:
+            return []
+        return self._emit(role, "PPG105", step, where=f"{s.first_bad} training batches in a row (each taken as a "
+                          "rollout: observe got no rollout id)", ratio_dev=dev, tolerance=s.r_first_tol, rollout=None)
+
+    def _early_stop(self, role: str, step: int, updates: int | None, observes: int | None) -> list[Finding]:
+        """PPG302: the update phase stopped at its first check, rollout after rollout.
+
+        With ``target_kl`` given: the phase ended with approx_kl above it after as few updates as any rollout had
+        (SB3 checks each minibatch, CleanRL each epoch), and either no rollout ever ran longer (so this is the
+        first check), one update was all, or the KL overshot the target tenfold. A tight but sane target_kl stops
+        some rollouts part-way and lets others finish. Without it: one update per rollout and a second minibatch
+        observed but never stepped (its loss was computed, then the loop broke), every rollout. A per-epoch check
+        that stops after the first epoch leaves nothing to tell it from a shorter schedule: it needs target_kl."""
+        cfg, s = self.config, self.state(role)
+        if updates is None:
+            return []
+        if s.r_target_kl is not None:
+            if s.r_kl_n == 0:
+                return []  # the rollout's KL was not measured: no evidence either way
+            over = _finite(s.r_last_kl) and s.r_last_kl > s.r_target_kl
+            stopped = over and updates <= (s.min_updates or 0) and (
+                s.max_updates == s.min_updates or updates <= 1 or s.r_last_kl > 10 * s.r_target_kl)
+        else:
+            stopped = updates == 1 and observes == 2
+        s.early_stop_rollouts = s.early_stop_rollouts + 1 if stopped else 0
+        if s.early_stop_rollouts < cfg.early_stop_rollouts:
+            return []
+        return self._emit(role, "PPG302", step, updates=updates, rollouts=s.early_stop_rollouts,
+                          approx_kl=s.r_last_kl, target_kl=s.r_target_kl, observes=observes)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -72,7 +72,8 @@ def test_values_and_returns_that_broadcast_together_are_a_finding(monkeypatch):
 def test_empty_tensors_warn_and_are_skipped(monkeypatch):
     with pytest.warns(PPOGuardWarning, match="empty"):
         guard = _run(monkeypatch, lambda kw: {**kw, "new_logp": kw["new_logp"][:0], "old_logp": kw["old_logp"][:0],
-                                              "advantages": None, "values": None, "returns": None}, quiet=False)
+                                              "advantages": None, "values": None, "returns": None, "entropy": None},
+                     quiet=False)
     assert guard.observes == 0 and guard.optimizer_steps == PER
 
 

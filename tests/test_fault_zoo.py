@@ -6,17 +6,17 @@ import pytest
 
 from lightning_ppo_guard import PPOGuard, PPOGuardError, PPOGuardWarning
 from lightning_ppo_guard.reference import CartPolePPO, CartPolePPOAuto, MAPPOConfig, MultiCartPoleMAPPO, PPOConfig
-from lightning_ppo_guard.reference.expected import EXPECTED
+from lightning_ppo_guard.reference.expected import EXPECTED, EXPECTED_MINIMAL
 
 from .conftest import fit
 
 
-def _module(fault, iterations, seed=0):
+def _module(fault, iterations, seed=0, observe="full"):
     if fault == "agent_unbound":
-        cfg = MAPPOConfig(seed=seed, fault=fault)
+        cfg = MAPPOConfig(seed=seed, fault=fault, observe=observe)
         cfg.total_timesteps = iterations * cfg.num_envs * cfg.num_steps
         return MultiCartPoleMAPPO(cfg)
-    cfg = PPOConfig(seed=seed, fault=fault)
+    cfg = PPOConfig(seed=seed, fault=fault, observe=observe)
     cfg.total_timesteps = iterations * cfg.batch_size
     return CartPolePPO(cfg)
 
@@ -34,6 +34,23 @@ def test_fault_is_named_with_its_code_by_the_deadline(fault):
     assert len(keys) == len(set(keys))
     assert all(f.role == role for f in guard.findings), guard.findings
     assert "nan" not in named[0].message and "{" not in named[0].message, named[0].message
+
+
+@pytest.mark.parametrize("fault", sorted(f for f in EXPECTED_MINIMAL if EXPECTED_MINIMAL[f] != EXPECTED[f]
+                                          or f in ("target_kl_tiny", "critic_clip_unscaled", "lr_huge")))
+def test_minimal_observe_names_what_its_inputs_can_tell(fault):
+    """observe(new_logp, old_logp, advantages) only: rollouts are inferred from the manual batches (PPG105, PPG302
+    without target_kl); the entropy's sign cannot be told without the entropy, so nothing is named for it."""
+    expected = EXPECTED_MINIMAL[fault]
+    guard = PPOGuard()
+    fit(_module(fault, 6, observe="minimal"), [guard])
+    if expected is None:
+        assert guard.findings == [], guard.findings
+        return
+    role, code, deadline = expected
+    named = [f for f in guard.findings if (f.code, f.role) == (code, role)]
+    assert named and named[0].rollout <= deadline, guard.findings
+    assert {f.code for f in guard.findings} == {code}, guard.findings
 
 
 def test_mappo_unbound_agent_is_named_for_agent_2_alone():

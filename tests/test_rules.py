@@ -303,3 +303,99 @@ def test_target_kl_stopping_at_its_first_check_is_named_whatever_the_check_inter
     assert codes(found) == ["PPG302"] and found[0].evidence["updates"] == 4
     # a tight but sane target stops some phases part-way (just over the target) and lets others finish
     assert _phases(Diagnoser(), [16, 8, 8, 8, 16, 12, 8, 8, 8], last_kl=6e-4, target_kl=5e-4) == []
+
+
+# ---------------------------------------------------------------------------------------------- Diagnosis v2
+def test_policy_unstable_on_most_recent_rollouts_not_on_one_jump():
+    d = Diagnoser()
+    # one jump is not instability: healthy PPO stays far below 0.1 and a single spike passes
+    kls = [0.02, 0.3, 0.01, 0.02, 0.01, 0.02]
+    assert "PPG303" not in codes(run(d, len(kls), obs_kw=lambda r, u: {"approx_kl": kls[r]}))
+    d = Diagnoser()  # oscillating: 3 of the last 5 rollouts far above
+    kls = [0.16, 0.74, 0.03, 0.06, 0.15, 0.3, 0.2]
+    found = run(d, len(kls), obs_kw=lambda r, u: {"approx_kl": kls[r], "clip_fraction": 0.6})
+    first = next(f for f in found if f.code == "PPG303")
+    assert first.evidence["rollouts"] == 3 and first.evidence["approx_kl"] == 0.15
+    assert "0.6" in first.message
+
+
+def test_critic_grad_zero_needs_most_steps_of_consecutive_rollouts_and_respects_a_freeze():
+    from lightning_ppo_guard.rules import CriticFacts
+
+    def feed(d, pattern, **kw):
+        out = []
+        for seg, grads in enumerate(pattern):
+            for g in grads:
+                out += d.check_critic_step("critic", seg * 10, CriticFacts(grad_norm=g, binding=1.0, segment=seg, **kw))
+        return out
+
+    clipped = [[5.0, 0.0, 0.0, 0.0]] * 3  # value clipping: only each rollout's first minibatch has a gradient
+    assert codes(feed(Diagnoser(), clipped)) == ["PPG406"]
+    assert codes(feed(Diagnoser(), [[5.0, 0.0, 0.0, 0.0]] * 2)) == []  # two rollouts are not enough
+    assert codes(feed(Diagnoser(), [[5.0, 1.0, 0.0, 0.0]] * 3)) == []  # half the steps have a gradient
+    assert codes(feed(Diagnoser(), clipped, lr_max=0.0)) == []  # a critic at lr 0: a freeze, not PPG406
+    d = Diagnoser()
+    out = []
+    for i in range(6):  # no rollout ids: measured steps x 2
+        out += d.check_critic_step("critic", i, CriticFacts(grad_norm=0.0, binding=1.0))
+    assert codes(out) == ["PPG406"] and out[0].step == 5
+
+
+def test_signs_of_the_policy_and_entropy_terms_are_named_after_consecutive_observes():
+    d = Diagnoser()
+    assert d.check_entropy_sign("actor", 0, -0.01) == []  # a bonus
+    assert d.check_entropy_sign("actor", 1, 0.0) == []  # no entropy term
+    assert d.check_entropy_sign("actor", 2, math.nan) == []  # the backward never reached the tensor
+    assert d.check_entropy_sign("actor", 3, 0.01) == []
+    assert d.check_entropy_sign("actor", 4, -0.01) == []  # the streak restarts
+    assert d.check_entropy_sign("actor", 5, 0.01) == []
+    found = d.check_entropy_sign("actor", 6, 0.01)
+    assert codes(found) == ["PPG502"] and found[0].evidence == {"slope": 0.01, "observes": 2}
+    d = Diagnoser()
+    assert d.check_gradient_sign("actor", 0, -3.0) == [] and d.check_gradient_sign("actor", 1, 2.0) == []
+    assert codes(d.check_gradient_sign("actor", 2, 2.0)) == ["PPG107"]
+
+
+def test_early_stop_without_target_kl_is_one_update_and_a_dropped_minibatch_per_rollout():
+    def feed(updates, observes, n=4):
+        d, out = Diagnoser(), []
+        for r in range(n):
+            for u in range(observes):
+                o = obs(first=u == 0, rollout=r, approx_kl=0.0 if u == 0 else 3e-4, ratio_dev=0.0 if u == 0 else 0.1)
+                o.prev_updates, o.prev_observes = (updates, observes) if u == 0 and r else (None, None)
+                out += d.check_observe("actor", r * 10 + u, o)
+        return out
+
+    assert codes(feed(1, 2)) == ["PPG302"]  # SB3-style: the 2nd minibatch's loss computed, then the loop broke
+    assert codes(feed(1, 1)) == []  # one epoch of one minibatch, by design: nothing dropped
+    assert codes(feed(4, 4)) == []
+
+
+def test_first_ratio_on_inferred_rollouts_waits_for_two_batches_and_never_after_a_batch_starting_at_one():
+    def feed(first_devs):
+        d, out = Diagnoser(), []
+        for r, dev in enumerate(first_devs):
+            for u in range(4):
+                o = obs(first=u == 0, rollout=r, ratio_dev=dev if u == 0 else 0.1)
+                o.inferred = True
+                o.prev_updates, o.prev_observes = (4, 4) if u == 0 and r else (None, None)
+                out += d.check_observe("actor", r * 4 + u, o)
+        return out
+
+    found = feed([0.2, 0.2, 0.2])
+    assert codes(found) == ["PPG105"] and "2 training batches" in found[0].message
+    assert codes(feed([0.0, 0.2, 0.2, 0.2, 0.2])) == []  # a batch started at ratio 1: a batch is no rollout here
+    assert codes(feed([0.2, 0.0, 0.2])) == []
+
+
+def test_no_raise_the_lr_at_a_typical_adaptive_lr_and_a_deterministic_frozen_policy_is_a_collapse():
+    d = Diagnoser()
+    # Adam at 3e-4, gradient well above eps, yet a tiny relative step (a huge table): PPG204 would be a guess
+    tiny = dict(update_ratio=1e-8, opt_eps=1e-8, trainable_numel=100, grad_norm=1.0, lr=3e-4, lr_max=3e-4)
+    assert "PPG204" not in codes(run(d, 2, step_kw=tiny))
+    d = Diagnoser()
+    assert "PPG204" in codes(run(d, 2, step_kw={**tiny, "lr": 1e-9, "lr_max": 1e-9}))
+    d = Diagnoser()
+    frozen = dict(approx_kl=0.0, ratio_dev=0.0, entropy_norm=0.002)
+    found = run(d, 4, obs_kw=frozen)
+    assert codes(found) == ["PPG503"]

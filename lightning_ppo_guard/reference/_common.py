@@ -174,7 +174,10 @@ def ppo_objective(
         value_loss = 0.5 * ((values - returns) ** 2).mean()
 
     entropy_mean = entropy.mean()
-    loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss
+    if getattr(cfg, "fault", None) == "entropy_sign":
+        loss = policy_loss + cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss  # planted: the sign of the bonus
+    else:
+        loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss
 
     with torch.no_grad():
         approx_kl = ((ratio - 1) - logratio).mean()

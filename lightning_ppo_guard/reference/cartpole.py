@@ -73,6 +73,13 @@ class PPOConfig:
     hidden: int = 64
     seed: int = 0
     fault: str | None = None
+    observe: str = "full"
+    """How the module calls :func:`observe`: ``"full"`` (the README's call: clip_eps, dist, entropy, values, returns,
+    rollout, target_kl) or ``"minimal"`` (``new_logp``, ``old_logp``, ``advantages``: what a loss has)."""
+
+    def __post_init__(self) -> None:
+        if self.observe not in ("full", "minimal"):
+            raise ValueError(f"observe must be 'full' or 'minimal', got {self.observe!r}.")
 
     @property
     def batch_size(self) -> int:
@@ -86,9 +93,12 @@ class PPOConfig:
 class Actor(nn.Module):
     """Policy network: observations -> action logits."""
 
-    def __init__(self, obs_dim: int = 4, num_actions: int = 2, hidden: int = 64) -> None:
+    def __init__(self, obs_dim: int = 4, num_actions: int = 2, hidden: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
         self.net = mlp(obs_dim, hidden, num_actions, out_std=0.01)
+        if dropout:  # after each hidden activation
+            layers = list(self.net)
+            self.net = nn.Sequential(*layers[:2], nn.Dropout(dropout), *layers[2:4], nn.Dropout(dropout), layers[4])
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.net(obs)
@@ -119,7 +129,8 @@ class _CartPolePPOBase(L.LightningModule):
         self.obs_dim, self.num_actions = VecCartPole.obs_dim, VecCartPole.num_actions
         with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
             torch.manual_seed(self.cfg.seed)
-            self.actor = Actor(self.obs_dim, self.num_actions, self.cfg.hidden)
+            dropout = 0.1 if self.fault == "dropout_policy" else 0.0  # planted: dropout in the policy
+            self.actor = Actor(self.obs_dim, self.num_actions, self.cfg.hidden, dropout)
             self.critic = Critic(self.obs_dim, self.cfg.hidden)
         self.recent_returns: list[float] = []
         self._pending_returns: list[float] = []
@@ -249,6 +260,9 @@ class _CartPolePPOBase(L.LightningModule):
         logratio = new_logp - old_logp
         values, returns = self.critic(obs), mb["returns"]
         advantages, terms = ppo_objective(cfg, logratio, mb["advantages"], values, mb["values"], returns, entropy)
+        if cfg.observe == "minimal":
+            observe(self, new_logp=new_logp, old_logp=old_logp, advantages=advantages)
+            return terms
         observe(
             self,
             new_logp=new_logp,
@@ -256,6 +270,7 @@ class _CartPolePPOBase(L.LightningModule):
             advantages=advantages,
             clip_eps=cfg.clip_eps,
             dist=dist,
+            entropy=entropy,
             values=values,
             returns=returns,
             rollout=rollout,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["EXPECTED"]
+__all__ = ["EXPECTED", "EXPECTED_MINIMAL"]
 
 #: fault -> (role, code, last rollout index by which it must be named). Wiring and binding faults are named
 #: in the first rollout (index 0); an lr of 0 once the actor has not moved in two rollouts (index 1: a warm-up
@@ -22,4 +22,17 @@ EXPECTED: dict[str, tuple[str, str, int]] = {
     "tiny_advantages": ("actor", "PPG402", 4),
     "critic_eats_clip": ("actor", "PPG403", 4),
     "entropy_frozen": ("actor", "PPG501", 4),
+    "entropy_sign": ("actor", "PPG502", 0),
+    "lr_huge": ("actor", "PPG303", 4),
+    "critic_clip_unscaled": ("critic", "PPG406", 4),
+    "dropout_policy": ("actor", "PPG105", 0),
+}
+
+#: With the minimal observe (new_logp, old_logp, advantages), the faults whose expectation differs: None when the
+#: fault cannot be told from those inputs (the entropy's sign is read from the entropy tensor's backward).
+EXPECTED_MINIMAL: dict[str, tuple[str, str, int] | None] = {
+    **EXPECTED,
+    "entropy_frozen": ("actor", "PPG301", 4),  # no entropy given: "frozen while the parameters move"
+    "entropy_sign": None,
+    "dropout_policy": ("actor", "PPG105", 2),  # rollouts inferred from manual batches: judged as the 2nd one ends
 }

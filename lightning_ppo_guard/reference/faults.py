@@ -41,6 +41,13 @@ FAULTS: dict[str, str] = {
     "zero_grad_before_step": "opt.zero_grad() between manual_backward and opt.step(): nothing is updated",
     "entropy_frozen": "logits divided by a temperature of 1e4 before the Categorical: entropy pinned at "
     "ln 2, the policy cannot move",
+    "entropy_sign": "the entropy bonus is added to the loss (loss = ... + ent_coef * entropy.mean()): a penalty "
+    "that drives the policy to determinism",
+    "lr_huge": "actor learning rate 0.05 with 10 epochs: each update phase moves the policy far from the rollout's",
+    "critic_clip_unscaled": "rewards x100 with CleanRL-style value clipping (clip 0.2 around the rollout's values): "
+    "the clipped branch wins on every sample and the critic gets no gradient",
+    "dropout_policy": "the actor has dropout (p=0.1), active in the rollout and in the update: the first "
+    "minibatch's ratio is not 1",
 }
 
 #: Faults :class:`CartPolePPO` (manual optimization) supports.
@@ -77,5 +84,7 @@ def apply_config_fault(cfg: _Cfg) -> _Cfg:
         "target_kl_tiny": {"target_kl": 1e-6},
         "tiny_advantages": {"reward_scale": 1e-5, "norm_adv": False},
         "critic_eats_clip": {"reward_scale": 1e3},
+        "lr_huge": {"lr": 0.05},
+        "critic_clip_unscaled": {"reward_scale": 100.0, "clip_vloss": True},
     }.get(fault or "", {})
     return dataclasses.replace(cfg, **changes) if changes else cfg  # type: ignore[type-var]

@@ -213,6 +213,10 @@ class MultiCartPoleMAPPO(L.LightningModule):
         old_values, returns = data["values"][idx, agent], data["returns"][idx, agent]
         advantages, terms = ppo_objective(cfg, logratio, advantages, values, old_values, returns, entropy,
                                           norm_adv=False)
+        role = "actor" if cfg.share_actor else f"agent_{agent}"
+        if cfg.observe == "minimal":
+            observe(self, new_logp=new_logp, old_logp=old_logp, advantages=advantages, role=role)
+            return terms
         observe(
             self,
             new_logp=new_logp,
@@ -220,11 +224,12 @@ class MultiCartPoleMAPPO(L.LightningModule):
             advantages=advantages,
             clip_eps=cfg.clip_eps,
             dist=dist,
+            entropy=entropy,
             values=values,
             returns=returns,
             rollout=rollout,
             target_kl=cfg.target_kl,
-            role="actor" if cfg.share_actor else f"agent_{agent}",
+            role=role,
         )
         return terms
 

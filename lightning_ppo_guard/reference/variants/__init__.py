@@ -42,6 +42,9 @@ class Variant:
         guard_kwargs: the ``PPOGuard(...)`` arguments a user of this code would write (roles, ...).
         note: one line on what the variant does and why the expectation is right.
         slow: a full training run (minutes); the test suite runs it only with the slow marker.
+        minimal: what must be named when the module calls ``observe(new_logp, old_logp, advantages)`` only (its
+            ``make`` then takes ``observe="minimal"``); None: the same as ``expect``. An empty set on a faulty
+            variant means the fault cannot be told from those inputs (documented, not a finding to expect).
     """
 
     name: str
@@ -53,6 +56,7 @@ class Variant:
     guard_kwargs: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""
     slow: bool = False
+    minimal: frozenset[tuple[str, str]] | None = None
 
     @property
     def healthy(self) -> bool:

@@ -36,6 +36,10 @@ Faults (``CleanRLArgs.fault``), each a single ``if`` in the place a user would w
   frozen with ``requires_grad_(False)``.
 * ``"logstd_unbound"`` / ``"logstd_frozen"`` (Gaussian): the bare ``agent.actor_logstd`` is left out of the
   optimizer / frozen.
+* ``"entropy_sign"``: ``loss = pg_loss + ent_coef * entropy_loss + ...`` (the bonus added: an entropy penalty).
+* ``"ratio_inverted"``: ``ratio = (oldlogprob - newlogprob).exp()``: the surrogate pushes the policy away from
+  better actions and the clip no longer bounds the step.
+* ``"dropout"``: the actor MLP has ``nn.Dropout(0.1)`` after each hidden layer, active in rollout and update.
 * ``reward_scale``: rewards multiplied before they are stored (``100``: unscaled rewards, a value loss of ~1e5 whose
   gradient swamps a shared trunk).
 
@@ -81,7 +85,9 @@ STALL_LR = {"lr_zero": 0.0, "lr_tiny": 1e-9}
 #: Fault -> the agent's parameters (by name prefix) it freezes, or leaves out of the optimizer.
 FROZEN = {"trunk_frozen": "network.", "logstd_frozen": "actor_logstd"}
 UNBOUND = {"trunk_unbound": "network.", "logstd_unbound": "actor_logstd"}
-FAULTS = ("lr_zero", "lr_tiny", "detached", "old_logp_not_detached", "target_kl_tiny", *FROZEN, *UNBOUND)
+FAULTS = ("lr_zero", "lr_tiny", "detached", "old_logp_not_detached", "target_kl_tiny", "entropy_sign", "dropout",
+          "ratio_inverted",
+          *FROZEN, *UNBOUND)
 
 
 @dataclass(frozen=True)
@@ -181,11 +187,14 @@ class Agent(nn.Module):
     detach_policy: bool = False
     """Set by the ``detached`` fault: the logits are detached before the distribution is built."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64) -> None:
+    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
         obs_dim = int(np.array(envs.single_observation_space.shape).prod())
         self.critic = _mlp(obs_dim, hidden, 1, std=1.0)
         self.actor = _mlp(obs_dim, hidden, int(envs.single_action_space.n), std=0.01)
+        if dropout:  # "regularise the policy"
+            layers = list(self.actor)
+            self.actor = nn.Sequential(*layers[:2], nn.Dropout(dropout), *layers[2:4], nn.Dropout(dropout), layers[4])
 
     def get_value(self, x: Tensor) -> Tensor:
         return self.critic(x)
@@ -210,7 +219,7 @@ class GaussianAgent(nn.Module):
     detach_policy: bool = False
     """Set by the ``detached`` fault: the mean is detached (``actor_logstd`` still gets a gradient)."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64) -> None:
+    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
         obs_dim = int(np.array(envs.single_observation_space.shape).prod())
         act_dim = int(np.prod(envs.single_action_space.shape))
@@ -242,7 +251,7 @@ class SharedTrunkAgent(nn.Module):
 
     detach_policy: bool = False
 
-    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64) -> None:
+    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
         obs_dim = int(np.array(envs.single_observation_space.shape).prod())
         self.network = nn.Sequential(
@@ -352,7 +361,7 @@ class CleanRLPPO(L.LightningModule):
         self.envs = self.make_envs()
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
-            self.agent = self.agent_cls(self.envs, args.hidden)
+            self.agent = self.agent_cls(self.envs, args.hidden, 0.1 if args.fault == "dropout" else 0.0)
         if args.fault in FROZEN:  # planted: a part of the agent frozen
             for name, p in self.agent.named_parameters():
                 if name.startswith(FROZEN[args.fault]):
@@ -486,6 +495,8 @@ class CleanRLPPO(L.LightningModule):
                     _, oldlogprob, _, _ = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
                 logratio = newlogprob - oldlogprob
                 ratio = logratio.exp()
+                if args.fault == "ratio_inverted":
+                    ratio = (oldlogprob - newlogprob).exp()  # planted: the ratio upside down
 
                 with torch.no_grad():
                     # calculate approx_kl http://joschu.net/blog/kl-approx.html
@@ -519,7 +530,10 @@ class CleanRLPPO(L.LightningModule):
                     v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
 
                 entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                if args.fault == "entropy_sign":
+                    loss = pg_loss + args.ent_coef * entropy_loss + v_loss * args.vf_coef  # planted: bonus added
+                else:
+                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
                 self.observe_minibatch(newlogprob, oldlogprob, mb_advantages, entropy, newvalue, b_returns[mb_inds],
                                        b_obs[mb_inds], iteration)
@@ -594,9 +608,10 @@ def trainer_kwargs(max_steps: int = -1) -> dict[str, Any]:
     return {"max_epochs": 1, "max_steps": max_steps, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1}
 
 
-def _maker(cls: type[CleanRLPPO], args: CleanRLArgs, max_steps: int = -1) -> Callable[[int], tuple[Any, dict]]:
-    def make(seed: int) -> tuple[Any, dict[str, Any]]:
-        return cls(replace(args, seed=seed)), trainer_kwargs(max_steps)
+def _maker(cls: type[CleanRLPPO], args: CleanRLArgs, max_steps: int = -1) -> Callable[..., tuple[Any, dict]]:
+    def make(seed: int, observe: str | None = None) -> tuple[Any, dict[str, Any]]:
+        """``observe`` overrides the module's observe style (``"minimal"``: new_logp, old_logp, advantages)."""
+        return cls(replace(args, seed=seed, observe=observe or args.observe)), trainer_kwargs(max_steps)
 
     return make
 
@@ -688,7 +703,12 @@ def _variants() -> list[Variant]:
         ("old_logp_not_detached", "PPG103", "old log-probs recomputed with grad: ratio == 1, zero policy gradient"),
         ("target_kl_tiny", "PPG302", "target_kl=1e-7 with CleanRL's per-epoch break: every update phase stops after "
          "its first epoch (4 steps instead of 16)"),
+        ("entropy_sign", "PPG502", "the entropy bonus added to the loss instead of subtracted (an entropy penalty)"),
+        ("dropout", "PPG105", "dropout (p=0.1) in the actor MLP, active in rollout and update: the first ratio is "
+         "not 1"),
     ]
+    # without target_kl (a per-epoch check) or entropy in observe, these two cannot be told: see README
+    minimal = {"target_kl_tiny": frozenset(), "entropy_sign": frozenset()}
     for fault, code, what in early:
         args = replace(base, fault=fault, stall_step=0)
         # the first 5 rollouts; under target_kl_tiny a rollout is one epoch (num_minibatches steps)
@@ -696,7 +716,24 @@ def _variants() -> list[Variant]:
         out.append(Variant(
             name=f"cleanrl-4x4-{fault.replace('_', '-')}", family="cleanrl-early-fault",
             make=_maker(CleanRLPPO, args, deadline + args.steps_per_rollout), expect=frozenset({(code, "actor")}),
-            deadline=deadline, guard_kwargs=ACTOR, note=f"{what}; {code} within the first 5 rollouts"))
+            deadline=deadline, guard_kwargs=ACTOR, note=f"{what}; {code} within the first 5 rollouts",
+            minimal=minimal.get(fault)))
+
+    args = replace(base, fault="ratio_inverted")
+    out.append(Variant(
+        name="cleanrl-4x4-ratio-inverted", family="cleanrl-early-fault",
+        make=_maker(CleanRLPPO, args, 6 * args.steps_per_rollout), expect=frozenset({("PPG107", "actor")}),
+        deadline=args.steps_per_rollout, guard_kwargs=ACTOR,
+        note="ratio = exp(old - new): the loss's gradient raises the log-prob of the actions with negative "
+             "advantages (the policy learns backwards, returns fall): PPG107 in the first rollout"))
+    args = replace(base, reward_scale=100.0, learning_rate=1e-3)
+    out.append(Variant(
+        name="cleanrl-4x4-value-clip-unscaled", family="cleanrl-early-fault",
+        make=_maker(CleanRLPPO, args, 8 * args.steps_per_rollout), expect=frozenset({("PPG406", "critic")}),
+        deadline=5 * args.steps_per_rollout, guard_kwargs=ACTOR,
+        note="rewards x100 with ppo.py's clip_vloss (0.2 around the rollout's values) at lr 1e-3: within a rollout the "
+             "critic moves past the clip, the clipped branch then wins on every sample and the critic's gradient is "
+             "exactly 0: PPG406 within 5 rollouts (at ppo.py's 2.5e-4 the critic stays inside the clip and learns)"))
 
     args = replace(base, adv_scale=1e-6, norm_adv=False)
     out.append(Variant(

@@ -93,6 +93,8 @@ class StyleConfig:
     """The value function returns ``(B, 1)`` and the returns buffer is ``(B, 1)``."""
     actor_lr_drop_at: int | None = None
     """:class:`TwoOptimizerPPO`: a ``MultiStepLR`` milestone (in actor updates) with a gamma typo (1e-6)."""
+    observe: str = "full"
+    """The SB3 layout's observe call: ``"full"`` or ``"minimal"`` (new_logp, old_logp, advantages)."""
     fault: str | None = None
     """``"detached_logits"``, ``"actor_not_in_optimizer"``, ``"nan_advantage"`` or, on the SB3 layout,
     ``"value_head_unbound"`` (``policy.value_net`` left out of the optimizer); lr 0 is ``lr=0.0``."""
@@ -469,6 +471,9 @@ class SB3StylePPO(StylePPO):
         value_loss = F.mse_loss(mb["ret"], values)
         entropy_loss = -torch.mean(entropy)
         loss = policy_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss
+        if cfg.observe == "minimal":
+            observe(self, new_logp=log_prob, old_logp=mb["logp"], advantages=advantages)
+            return loss
         observe(self, new_logp=log_prob, old_logp=mb["logp"], advantages=advantages, clip_eps=clip_range,
                 entropy=entropy, num_actions=N_ACTIONS, values=values, returns=mb["ret"], rollout=rollout)
         return loss
@@ -721,6 +726,11 @@ def sb3_layout_long(seed: int) -> tuple[Any, dict[str, Any]]:
     return _fit(SB3StylePPO(StyleConfig(seed=seed, iterations=SB3_LONG_ITERATIONS)))
 
 
+def sb3_lr_huge(seed: int, observe: str = "full") -> tuple[Any, dict[str, Any]]:
+    """The SB3 layout at lr 0.05 (50x its tuned 1e-3): each update phase jumps far from the rollout's policy."""
+    return _fit(SB3StylePPO(StyleConfig(seed=seed, lr=0.05, iterations=8, observe=observe)))
+
+
 def sb3_value_head_unbound(seed: int) -> tuple[Any, dict[str, Any]]:
     """The SB3 layout whose optimizer skips ``policy.value_net`` (a value head nested in the actor's module)."""
     return _fit(SB3StylePPO(StyleConfig(seed=seed, fault="value_head_unbound", iterations=2)))
@@ -899,6 +909,10 @@ VARIANTS: list[Variant] = [
             note="detached logits, automatic optimization"),
     Variant("styles-actor-not-in-optimizer", "fault", fault_not_in_optimizer,
             expect=frozenset({("PPG001", _ACTOR)}), deadline=_ROLLOUT, note="only the value function is optimised"),
+    Variant("styles-sb3-lr-huge", "fault", sb3_lr_huge, expect=frozenset({("PPG303", "actor")}),
+            allowed=frozenset({"PPG503"}), deadline=5 * _ROLLOUT,
+            note="SB3 layout at lr 0.05: approx_kl above 0.1 on 3 of 5 rollouts (0.16, 0.74, ..., 0.15), PPG303 within "
+                 "5 rollouts; the policy may collapse to a deterministic one after (PPG503)"),
     Variant("styles-lr-zero", "fault", fault_lr_zero,
             expect=frozenset({("PPG003", _ACTOR)}), deadline=2 * _ROLLOUT,
             note="policy lr 0 for the whole run: named once the policy has not moved in two rollouts (a warm-up "
