@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 from lightning_ppo_guard.functional import policy_stats
 
@@ -184,7 +184,16 @@ class PolicyTerm:
             return policy_stats(log_ratio)
         entropy, num_actions = self.entropy_and_actions()
         return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
-                            returns=self.returns, entropy=entropy, num_actions=num_actions)
+                            returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std())
+
+    def log_std(self) -> Tensor | None:
+        """log of a Gaussian policy's std per sample and dimension (None for other distributions)."""
+        dist = self.dist.base_dist if isinstance(self.dist, Independent) else self.dist
+        if isinstance(dist, Normal):
+            return dist.scale.detach().log()
+        if isinstance(dist, MultivariateNormal):
+            return dist.scale_tril.detach().diagonal(dim1=-2, dim2=-1).log()
+        return None
 
     def precision_eps(self) -> float:
         """Machine epsilon of the lowest precision new_logp was computed in: its dtype, or the autocast dtype

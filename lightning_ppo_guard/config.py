@@ -83,6 +83,10 @@ class GuardConfig:
     entropy_at_max: float = 0.999
     #: ... and a normalised drift below this as "frozen".
     entropy_frozen_drift: float = 1e-4
+    #: PPG504: a Gaussian policy's std this many times below its value at the end of the first rollout ...
+    std_collapse: float = 100.0
+    #: ... on this many consecutive rollouts.
+    std_collapse_rollouts: int = 2
     #: PPG503: a frozen policy whose normalised entropy is below this has collapsed to a deterministic one.
     entropy_collapsed: float = 0.01
     #: PPG107: consecutive measured observes whose policy-term gradient pushed the advantages' way backwards.

@@ -415,6 +415,19 @@ _ALL = (
         "advantages; restart from a checkpoint taken before the entropy fell.",
         checklist="'if still stuck': entropy",
     ),
+    Diagnosis(
+        "PPG504", "log-std-collapse", "error",
+        "{role}'s Gaussian std fell to {std_ratio:.2g}x its start (mean log_std {log_std:.3g}, was {log_std0:.3g}) "
+        "for {rollouts} rollouts",
+        "A Gaussian policy explores through its std. A std 100x below its start has stopped exploring, and as it "
+        "heads to 0 the log-prob of the stored actions grows without bound (-(a - mu)^2 / 2 std^2): ratios and "
+        "gradients overflow and the run ends in NaN. Causes: an entropy penalty (the bonus's sign flipped, "
+        "PPG502, or a negative ent_coef), a state-dependent log_std head without a clamp and a large lr, or "
+        "advantages that reward shrinking the std (large unnormalised returns).",
+        "Keep the entropy term a bonus (loss = ... - ent_coef * entropy.mean()), clamp a state-dependent log_std "
+        "(e.g. to [-5, 2]) or use a state-independent parameter, normalise advantages; a lower lr for the log_std.",
+        checklist="'if still stuck': entropy",
+    ),
     # ---------------------------------------------------------------- 9xx numerics
     Diagnosis(
         "PPG901", "nonfinite-gradient", "error",

@@ -41,7 +41,7 @@ __all__ = [
 
 #: Every name :func:`policy_stats` can return, each computed only from the inputs it needs.
 POLICY_STATS = ("approx_kl", "approx_kl_k1", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max",
-                "ratio_dev", "entropy", "entropy_norm", "adv_mean", "adv_std", "explained_variance")
+                "ratio_dev", "entropy", "entropy_norm", "adv_mean", "adv_std", "explained_variance", "log_std")
 
 
 def per_sample(t: Tensor, n: int) -> Tensor:
@@ -66,13 +66,15 @@ def policy_stats(
     returns: Tensor | None = None,
     entropy: Tensor | None = None,
     num_actions: int | Tensor | None = None,
+    log_std: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Every statistic of one minibatch of the policy term that its inputs allow, by name (0-d tensors).
 
     ``log_ratio = new_logp - old_logp`` (one per sample) gives the KL estimators and the ratio statistics;
     with ``clip_eps`` also ``clip_fraction``; ``advantages`` give ``adv_mean``/``adv_std``; ``values`` and
     ``returns`` give ``explained_variance``; ``entropy`` (per sample, or per sample and component) gives
-    ``entropy`` and, with ``num_actions`` (an int, or per-sample valid-action counts), ``entropy_norm``.
+    ``entropy`` and, with ``num_actions`` (an int, or per-sample valid-action counts), ``entropy_norm``; a
+    Gaussian's ``log_std`` (per sample and dimension) gives its mean, ``log_std``.
 
     Every per-sample series is one row of a stacked tensor whose means and variances are one ``var_mean``
     call, so the whole minibatch costs a fixed handful of ops whatever is given. Names whose inputs are
@@ -123,6 +125,8 @@ def policy_stats(
             out["entropy"] = m[at["entropy"]]
     if ent is not None and "entropy" not in out:
         out["entropy"] = ent.mean()
+    if log_std is not None and log_std.numel():
+        out["log_std"] = log_std.detach().float().mean()
     if ent is not None and num_actions is not None:
         if isinstance(num_actions, Tensor):
             out["entropy_norm"] = normalized_entropy(ent, num_actions)

@@ -106,6 +106,24 @@ def _broadcast(term: PolicyTerm) -> tuple[str, tuple[int, ...], str, tuple[int, 
     return None
 
 
+def _train_mode_layers(fit: Any, role: Role) -> str:
+    """The role's layers that make its output differ between two forwards of the same input in train mode (dropout
+    with p > 0, batch norm updating its statistics): a first ratio != 1 suspect, checked where it is observable."""
+    found = []
+    root = getattr(fit, "module", None) if fit is not None else None
+    if not isinstance(root, nn.Module):
+        return ""
+    for part in role.modules(root):
+        for name, m in part.named_modules():
+            if not m.training:
+                continue
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                found.append(f"{name or type(part).__name__} ({type(m).__name__} p={m.p:g})")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                found.append(f"{name or type(part).__name__} ({type(m).__name__} in train mode)")
+    return ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+
+
 def _head_ratio(v: dict[str, float]) -> float:
     """The critic head's gradient into a shared trunk over the actor head's (nan when not measured)."""
     policy, value = v.get("head_grad_policy", math.nan), v.get("head_grad_value", math.nan)
@@ -276,7 +294,8 @@ class PPOGuard(PPOMonitor):
                         self._unreached[r.name] = unreached
                 by_hand = logp_by_hand(new_logp)
             facts = WiringFacts(logp_requires_grad=bool(new_logp.requires_grad),
-                                old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand, broadcast=broadcast)
+                                old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand, broadcast=broadcast,
+                                train_mode_layers=_train_mode_layers(self._fit, role) if check_graph else None)
             self._report(self.diagnoser.check_wiring(role.name, record.step, facts))
             if check_graph:
                 self._walks[role.name] = (walks or 0) + 1
@@ -303,6 +322,13 @@ class PPOGuard(PPOMonitor):
             if unreached:
                 self._pending.append(_GradCheck.of(record, unreached, len(self._role(record.role).params)))
         self._pending.append(records)  # read later, never inside the optimizer step (see _observed)
+
+    def _maximizes(self, role: str) -> bool:
+        binding, fit = self.bindings.get(role), self._fit
+        if binding is None or fit is None:
+            return False
+        optimizers = fit.trainer.optimizers
+        return any(optimizers[i].param_groups[j].get("maximize", False) for i, j in binding.groups)
 
     def _role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -332,7 +358,8 @@ class PPOGuard(PPOMonitor):
             elif isinstance(item, _GradientSign):
                 d = self.diagnoser
                 check = d.check_entropy_sign if item.kind == "entropy" else d.check_gradient_sign
-                self._report(check(item.role, item.step, flat[at]))
+                # an optimizer built with maximize=True ascends the loss: the signs are the other way round
+                self._report(check(item.role, item.step, -flat[at] if self._maximizes(item.role) else flat[at]))
                 at += 1
             elif isinstance(item, _GradCheck):
                 norms = flat[at:at + len(item.params)]
@@ -382,6 +409,7 @@ class PPOGuard(PPOMonitor):
             first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,
             prev_updates=record.prev_updates, samples=record.samples, adv_given=record.adv_given,
             precision_eps=record.precision_eps, clip_fraction=v.get("clip_fraction", nan), inferred=record.inferred,
+            log_std=v.get("log_std", nan),
             prev_observes=record.prev_observes,
         )
         self._report(self.diagnoser.check_observe(record.role, record.step, facts))

@@ -84,6 +84,9 @@ OBSERVE_METRICS: tuple[MetricSpec, ...] = (
                roles="actor"),
     MetricSpec("adv_std", "mean", "std of the advantages as used in the loss", "about 1 if normalised; "
                "not << 1e-3", roles="actor"),
+    MetricSpec("log_std", "mean", "mean log of a Gaussian policy's std over samples and action dims (needs a "
+               "Normal, Independent(Normal) or MultivariateNormal dist)", "falls slowly from its start; 100x below "
+               "it (-4.6) is a collapse", roles="actor"),
     MetricSpec("explained_variance", "mean", "1 - Var[returns - values] / Var[returns] (needs values and "
                "returns)", "rising towards 1", roles="actor"),
 )

@@ -68,6 +68,7 @@ class ObserveFacts:
     precision_eps: float = 1.2e-7  # machine eps of the lowest precision new_logp was computed in (autocast)
     boundary_only: bool = False  # a rollout's first minibatch whose ratio was not read: it only ends the last one
     clip_fraction: float = math.nan
+    log_std: float = math.nan  # a Gaussian policy's mean log std
     inferred: bool = False  # the rollout is a manual-optimization batch (observe got no rollout id)
     prev_observes: int | None = None  # observe calls in the rollout that this observe's first_in_rollout ends
 
@@ -89,6 +90,8 @@ class WiringFacts:
     by_hand: str = ""  # graph pattern when log() of gathered probabilities was found
     #: (name, shape, other name, other shape, broadcast shape) of two loss terms that multiply into a bigger shape
     broadcast: tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None = None
+    #: the role's dropout / batch-norm layers in train mode when observed (None: not looked at this time)
+    train_mode_layers: str | None = None
 
 
 @dataclass
@@ -131,6 +134,7 @@ class RoleState:
     r_clip_frac_n: int = 0
     r_first_dev: float = math.nan  # max |r - 1| of the rollout's first minibatch (inferred rollouts: judged at its end)
     r_first_tol: float = math.nan  # ... and its tolerance
+    r_log_std: float = math.nan  # a Gaussian's mean log std, at the rollout's last measured observe
     # consecutive-rollout streaks
     frozen_rollouts: int = 0
     early_stop_rollouts: int = 0
@@ -139,6 +143,8 @@ class RoleState:
     tiny_adv_rollouts: int = 0
     starved_rollouts: int = 0
     last_adv_std: float = math.nan  # mean advantage std of the last finished rollout that measured it
+    log_std0: float = math.nan  # ... at the end of its first rollout that measured it
+    collapse_rollouts: int = 0
     unstable_recent: list[bool] = field(default_factory=list)  # PPG303: the last rollouts, unstable or not
     # PPG107: consecutive measured observes whose loss gradient raised the log-prob of negative-advantage actions
     backwards: int = 0
@@ -158,6 +164,7 @@ class RoleState:
     trunk_n: int = 0
     trunk_dominated: int = 0
     trunk_streak: int = 0
+    train_mode_layers: str = ""  # PPG105's suspects seen in the role's modules (see WiringFacts)
     raised: list[str] = field(default_factory=list)
 
     def reset_rollout(self) -> None:
@@ -230,6 +237,8 @@ class Diagnoser:
     # ------------------------------------------------------------------ wiring
     def check_wiring(self, role: str, step: int, facts: WiringFacts) -> list[Finding]:
         out: list[Finding] = []
+        if facts.train_mode_layers is not None:
+            self.state(role).train_mode_layers = facts.train_mode_layers
         if facts.broadcast is not None:
             name, shape, other, other_shape, broadcast = facts.broadcast
             out += self._emit(role, "PPG104", step, name=name, shape=shape, other=other, other_shape=other_shape,
@@ -450,7 +459,7 @@ class Diagnoser:
             s.r_first_dev, s.r_first_tol = f.ratio_dev, tolerance  # judged when the batch ends (see end_rollout)
         elif f.first_in_rollout and f.ratio_dev > tolerance:
             out += self._emit(role, "PPG105", step, where=f"rollout {f.rollout}", ratio_dev=f.ratio_dev,
-                              tolerance=tolerance, rollout=f.rollout)
+                              tolerance=tolerance, rollout=f.rollout, **self._suspects(role))
         s.r_observes += 1
         if not f.first_in_rollout:
             s.r_kl_sum += f.approx_kl
@@ -469,6 +478,8 @@ class Diagnoser:
             if f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)):
                 out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
         s.r_ent_norm, s.r_ent_drift = f.entropy_norm, f.entropy_drift
+        if _finite(f.log_std) or f.log_std == -math.inf:
+            s.r_log_std = f.log_std
         s.r_last_kl, s.r_target_kl = f.approx_kl, f.target_kl
         return out
 
@@ -496,6 +507,7 @@ class Diagnoser:
         # PPG303: the policy moves too far per rollout, rollout after rollout (judged on the largest KL of a later
         # minibatch: the end of the update phase, which every cadence measures).
         clip_frac = s.r_clip_frac_sum / s.r_clip_frac_n if s.r_clip_frac_n else math.nan
+        out += self._std_collapse(role, step)
         s.unstable_recent = [*s.unstable_recent, s.r_kl_max > cfg.unstable_kl][-cfg.unstable_window:]
         if s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts:
             out += self._emit(role, "PPG303", step, approx_kl=s.r_kl_max, clip_fraction=clip_frac,
@@ -539,6 +551,22 @@ class Diagnoser:
         s.reset_rollout()
         return out
 
+    def _std_collapse(self, role: str, step: int) -> list[Finding]:
+        """PPG504: a Gaussian policy's std fell ``std_collapse`` times below its start, on consecutive rollouts."""
+        cfg, s = self.config, self.state(role)
+        now = s.r_log_std
+        if math.isnan(now):
+            return []
+        if math.isnan(s.log_std0):
+            s.log_std0 = now
+            return []
+        collapsed = now < s.log_std0 - math.log(cfg.std_collapse)
+        s.collapse_rollouts = s.collapse_rollouts + 1 if collapsed else 0
+        if s.collapse_rollouts < cfg.std_collapse_rollouts or s.annealed:
+            return []
+        return self._emit(role, "PPG504", step, std_ratio=math.exp(now - s.log_std0), log_std=now,
+                          log_std0=s.log_std0, rollouts=s.collapse_rollouts)
+
     def _first_ratio_inferred(self, role: str, step: int, updates: int | None) -> list[Finding]:
         """PPG105 when rollouts are inferred from manual-optimization batches (observe without ``rollout=``). A batch
         of one optimizer step is no rollout; and once any batch started with a ratio of 1, a batch is not always a
@@ -554,7 +582,12 @@ class Diagnoser:
         if s.first_ok or s.first_bad < cfg.first_ratio_batches:
             return []
         return self._emit(role, "PPG105", step, where=f"{s.first_bad} training batches in a row (each taken as a "
-                          "rollout: observe got no rollout id)", ratio_dev=dev, tolerance=s.r_first_tol, rollout=None)
+                          "rollout: observe got no rollout id)", ratio_dev=dev, tolerance=s.r_first_tol, rollout=None,
+                          **self._suspects(role))
+
+    def _suspects(self, role: str) -> dict[str, str]:
+        layers = self.state(role).train_mode_layers
+        return {"train_mode_layers": layers} if layers else {}
 
     def _early_stop(self, role: str, step: int, updates: int | None, observes: int | None) -> list[Finding]:
         """PPG302: the update phase stopped at its first check, rollout after rollout.

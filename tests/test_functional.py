@@ -35,9 +35,25 @@ def test_policy_stats_names_every_quantity_it_can_and_only_those():
     assert set(F.policy_stats(lr)) == {"approx_kl", "approx_kl_k1", "ratio_mean", "ratio_min", "ratio_max",
                                        "ratio_dev"}
     full = F.policy_stats(lr, clip_eps=0.2, advantages=adv, values=adv, returns=lr, entropy=adv.abs(),
-                          num_actions=4)
+                          num_actions=4, log_std=adv.reshape(-1, 1).expand(-1, 3))
     assert set(full) == set(F.POLICY_STATS)
     assert set(F.policy_stats(values=adv, returns=lr)) == {"explained_variance"}
+    assert full["log_std"].item() == pytest.approx(adv.mean().item(), rel=1e-5, abs=1e-7)
+
+
+def test_log_std_of_gaussian_policies_and_none_for_others():
+    from lightning_ppo_guard._inputs import PolicyTerm
+
+    mean, logp = torch.zeros(8, 3), torch.zeros(8)
+    scale = torch.tensor([1.0, 0.1, 0.01]).expand(8, 3)
+    expected = torch.log(torch.tensor([1.0, 0.1, 0.01])).mean().item()
+    for dist in (torch.distributions.Normal(mean, scale),
+                 torch.distributions.Independent(torch.distributions.Normal(mean, scale), 1),
+                 torch.distributions.MultivariateNormal(mean, scale_tril=torch.diag_embed(scale))):
+        term = PolicyTerm.build(new_logp=logp, old_logp=logp, dist=dist)
+        assert term.statistics()["log_std"].item() == pytest.approx(expected, rel=1e-6)
+    term = PolicyTerm.build(new_logp=logp, old_logp=logp, dist=torch.distributions.Categorical(logits=mean))
+    assert "log_std" not in term.statistics()
 
 
 def test_entropy_is_per_sample_for_multivariate_and_multi_categorical():

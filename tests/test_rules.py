@@ -399,3 +399,14 @@ def test_no_raise_the_lr_at_a_typical_adaptive_lr_and_a_deterministic_frozen_pol
     frozen = dict(approx_kl=0.0, ratio_dev=0.0, entropy_norm=0.002)
     found = run(d, 4, obs_kw=frozen)
     assert codes(found) == ["PPG503"]
+
+
+def test_gaussian_std_collapse_is_relative_to_its_start_and_needs_consecutive_rollouts():
+    d = Diagnoser()
+    stds = [0.0, -1.0, -3.0, -4.7, -2.0, -4.8, -5.5]  # one dip below 100x (-4.6) then a recovery: not yet
+    found = run(d, len(stds) + 1, obs_kw=lambda r, u: {"log_std": stds[min(r, len(stds) - 1)]})
+    first = next(f for f in found if f.code == "PPG504")
+    assert first.evidence["rollouts"] == 2 and first.evidence["log_std"] == -5.5
+    assert first.evidence["std_ratio"] == pytest.approx(math.exp(-5.5))
+    d = Diagnoser()  # a healthy slow fall (std 0.2 after a long run) says nothing
+    assert "PPG504" not in codes(run(d, 8, obs_kw=lambda r, u: {"log_std": -0.2 * r}))

@@ -131,6 +131,8 @@ class CleanRLArgs:
     adv_scale: float = 1.0
     """The advantages are multiplied by this as they enter the policy loss (``1e-6`` with ``norm_adv=False``: a
     planted scale bug that leaves the policy gradient far below Adam's eps)."""
+    state_std: bool = False
+    """Continuous module only: ``agent.actor_logstd`` is a linear head on the observation (state-dependent std)."""
     fault: str | None = None
     stall_step: int = 200
     """First optimizer step (0-based) of the ``lr_zero``, ``lr_tiny`` and ``detached`` faults."""
@@ -219,13 +221,18 @@ class GaussianAgent(nn.Module):
     detach_policy: bool = False
     """Set by the ``detached`` fault: the mean is detached (``actor_logstd`` still gets a gradient)."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64, dropout: float = 0.0) -> None:
+    def __init__(self, envs: gym.vector.VectorEnv, hidden: int = 64, dropout: float = 0.0,
+                 state_std: bool = False) -> None:
         super().__init__()
         obs_dim = int(np.array(envs.single_observation_space.shape).prod())
         act_dim = int(np.prod(envs.single_action_space.shape))
         self.critic = _mlp(obs_dim, hidden, 1, std=1.0)
         self.actor_mean = _mlp(obs_dim, hidden, act_dim, std=0.01)
-        self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
+        self.actor_logstd: nn.Module | nn.Parameter
+        if state_std:  # a state-dependent log std: a linear head on the observation, without a clamp
+            self.actor_logstd = layer_init(nn.Linear(obs_dim, act_dim), std=0.01)
+        else:
+            self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
     def get_value(self, x: Tensor) -> Tensor:
         return self.critic(x)
@@ -234,7 +241,10 @@ class GaussianAgent(nn.Module):
         action_mean = self.actor_mean(x)
         if self.detach_policy:
             action_mean = action_mean.detach()
-        action_logstd = self.actor_logstd.expand_as(action_mean)
+        if isinstance(self.actor_logstd, nn.Module):
+            action_logstd = self.actor_logstd(x)
+        else:
+            action_logstd = self.actor_logstd.expand_as(action_mean)
         action_std = torch.exp(action_logstd)
         return Normal(action_mean, action_std)
 
@@ -361,7 +371,8 @@ class CleanRLPPO(L.LightningModule):
         self.envs = self.make_envs()
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
-            self.agent = self.agent_cls(self.envs, args.hidden, 0.1 if args.fault == "dropout" else 0.0)
+            self.agent = self.agent_cls(self.envs, args.hidden, 0.1 if args.fault == "dropout" else 0.0,
+                                        **({"state_std": True} if args.state_std else {}))
         if args.fault in FROZEN:  # planted: a part of the agent frozen
             for name, p in self.agent.named_parameters():
                 if name.startswith(FROZEN[args.fault]):

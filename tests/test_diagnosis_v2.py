@@ -1,0 +1,86 @@
+"""Diagnosis v2 on real fits: signs read from the backward, the Gaussian std's collapse, rollouts inferred.
+
+The zoo-level expectations (every planted fault of both zoos, full and minimal observe) are in
+``tests/test_fault_zoo.py`` and ``tests/test_variants_*.py``; these check the mechanisms themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lightning_ppo_guard.reference.variants import Variant, run_variant
+from lightning_ppo_guard.reference.variants import cleanrl as C
+
+GAUSS = {"actors": {"actor": ["agent.actor_mean", "agent.actor_logstd"]}, "critic": "agent.critic"}
+
+
+def test_a_collapsing_gaussian_std_is_named_before_its_log_probs_overflow():
+    """A mechanism test, not a zoo variant: a state-dependent log_std head at lr 1e-2 under an entropy penalty of
+    1.0, 64 steps per rollout (realistic penalties move Pendulum's log_std by ~0.05 per rollout: a collapse takes
+    ~100 rollouts there). The std falls 100x in ~8 rollouts while approx_kl explodes; observe gets dist= only, so
+    the penalty's sign (PPG502) cannot be read and the collapse is named by its symptom."""
+    args = replace(C.PENDULUM, state_std=True, fault="entropy_sign", ent_coef=1.0, learning_rate=1e-2, num_envs=2,
+                   num_steps=128, update_epochs=8, num_minibatches=8)
+    variant = Variant("std-collapse", "mechanism", C._maker(C.CleanRLContinuousPPO, args, 12 * 64), guard_kwargs=GAUSS)
+    guard, _, _ = run_variant(variant, 0)
+    named = {f.code: f for f in guard.findings}
+    assert "PPG504" in named, guard.summary()
+    assert named["PPG504"].evidence["std_ratio"] < 0.01 and named["PPG504"].step <= 11 * 64
+    assert "PPG502" not in named  # dist= only: the entropy tensor of the loss was not handed over
+    assert guard.last_logged["ppo_guard/actor/log_std"] < -4.6
+
+
+@pytest.mark.parametrize("observe", ["full", "dist"])
+def test_the_entropy_sign_needs_the_loss_s_own_entropy_tensor(observe):
+    """With entropy= (the tensor the loss uses) the penalty is named at the second measured observe; with dist= only
+    (its entropy recomputed for observe, not in the loss) the guard cannot tell and says nothing."""
+    args = replace(C.CleanRLArgs(), fault="entropy_sign", observe=observe)
+    variant = Variant("entropy-sign", "mechanism", C._maker(C.CleanRLPPO, args, 32), guard_kwargs=C.ACTOR)
+    guard, _, _ = run_variant(variant, 0)
+    if observe == "full":
+        assert [(f.code, f.step) for f in guard.findings] == [("PPG502", 1)]
+        assert guard.findings[0].evidence["slope"] == pytest.approx(args.ent_coef, rel=1e-4)
+    else:
+        assert guard.findings == []
+
+
+@pytest.mark.parametrize("observe", ["full", "minimal"])
+def test_first_ratio_names_the_dropout_layers_it_saw_in_train_mode(observe):
+    """The reference actor with dropout (p=0.1) in the rollout and the update: PPG105 in the first rollout with
+    rollout=, after two batches without it (a batch taken as a rollout), and its evidence names the layers."""
+    from lightning_ppo_guard import PPOGuard
+    from lightning_ppo_guard.reference import CartPolePPO, PPOConfig
+
+    from .conftest import fit
+
+    cfg = PPOConfig(seed=0, fault="dropout_policy", observe=observe)
+    cfg.total_timesteps = 4 * cfg.batch_size
+    guard = PPOGuard()
+    fit(CartPolePPO(cfg), [guard])
+    (finding,) = guard.findings
+    assert finding.code == "PPG105" and finding.rollout == (0 if observe == "full" else 2)
+    assert finding.evidence["train_mode_layers"] == "net.2 (Dropout p=0.1), net.5 (Dropout p=0.1)"
+
+
+def test_an_optimizer_that_maximizes_flips_the_signs_the_backward_shows():
+    """loss = -(PPO loss) with Adam(maximize=True) trains exactly as the usual minimisation: no PPG107 nor PPG502
+    (the gradients of the ascended loss have the opposite signs)."""
+    import torch
+
+    class Ascending(C.CleanRLPPO):
+        def manual_backward(self, loss, *args, **kwargs):
+            return super().manual_backward(-loss, *args, **kwargs)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.agent.parameters(), lr=self.args.learning_rate, eps=1e-5, maximize=True)
+
+    variant = Variant("ascending", "mechanism", C._maker(Ascending, C.CleanRLArgs(), 64), guard_kwargs=C.ACTOR)
+    guard, _, _ = run_variant(variant, 0)
+    assert guard.findings == [], guard.summary()
+    # and the same module with its entropy bonus added is still named, maximize or not
+    variant = Variant("ascending-sign", "mechanism", C._maker(Ascending, C.CleanRLArgs(fault="entropy_sign"), 32),
+                      guard_kwargs=C.ACTOR)
+    guard, _, _ = run_variant(variant, 0)
+    assert [f.code for f in guard.findings] == ["PPG502"]
