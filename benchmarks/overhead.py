@@ -335,7 +335,8 @@ def _shared_trunk() -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]
 
 
 def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any],
-              **guard_kwargs: Any) -> None:
+              hooks_only: bool = False, **guard_kwargs: Any) -> None:
+    from lightning_ppo_guard import guard as guard_module
     from lightning_ppo_guard._trunk import TrunkProbe
 
     label, make, namespace = workload
@@ -351,6 +352,10 @@ def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[st
             restores.append(clock.wrap_function(namespace, "observe"))
             # the trunk probe's module and tensor hooks run inside the model's forward and backward
             restores += [clock.wrap_function(TrunkProbe, name) for name in ("_trunk_out", "_head_in", "_grad")]
+            # the tensor hooks that read the policy and entropy terms' signs run inside the backward
+            sign = getattr(guard_module, "_GradientSign", None)
+            if sign is not None:
+                restores.append(clock.wrap_function(sign, "_read"))
         logger = CSVLogger(tempfile.mkdtemp(prefix="ppo_guard_bench_"), name="fit")
         trainer = L.Trainer(**kwargs, logger=logger, enable_checkpointing=False,
                             callbacks=[guard] if with_guard else [])
@@ -366,12 +371,17 @@ def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[st
     in_hooks: list[float] = []
     floor: list[float] = []
     steps = 0
+    own: list[float] = []  # the hooks' time over the rest of the same (timed) fit: no run-to-run noise
     for _ in range(repeats):
-        for arm in (False, True):
+        for arm in (False, True) if not hooks_only else ():
             t, steps, _ = run(arm)
             samples[arm].append(t)
-        in_hooks.append(run(True, timed_hooks=True)[2])
+        t, steps, total = run(True, timed_hooks=True)
+        in_hooks.append(total)
         floor.append(run(True, timed_hooks=True, noop=True)[2])
+        own.append(total / (t - total))
+    if hooks_only:
+        samples = {False: [t - statistics.median(in_hooks)], True: [t]}
     base, guarded = statistics.median(samples[False]), statistics.median(samples[True])
     print(f"(a) whole Trainer.fit of {label} ({steps} optimizer steps, env included, CSVLogger), "
           f"PPOGuard({', '.join(f'{k}={v}' for k, v in guard_kwargs.items())}), median of {repeats} alternated runs:")
@@ -382,6 +392,9 @@ def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[st
     print(f"    time inside the guard's hooks: {hooks:.3f} s per fit, {100 * hooks / base:.2f}% of the fit without it; "
           f"the same wrappers around no-op hooks: {zero:.3f} s; net of that floor {hooks - zero:.3f} s, "
           f"{100 * (hooks - zero) / base:.2f}%")
+    share = statistics.median(own)
+    print(f"    the same, against the rest of the timed fit itself (no run-to-run noise): {100 * share:.2f}% gross, "
+          f"{100 * share * (1 - zero / hooks):.2f}% net of the floor")
 
 
 def main() -> None:
@@ -395,15 +408,17 @@ def main() -> None:
     parser.add_argument("--short-dense", default="16,128", help="dense_steps values to time the short fit with")
     parser.add_argument("--shared", type=int, default=1, help="also time the shared-trunk fit (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
+    parser.add_argument("--hooks-only", action="store_true", help="time the guard's hooks only (no wall-time arms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
     if not args.skip_fit:
-        bench_fit(args.fit_repeats, _reference(None))
+        only = args.hooks_only
+        bench_fit(args.fit_repeats, _reference(None), only)
         for dense in (int(d) for d in args.short_dense.split(",") if args.short_fit):
-            bench_fit(2 * args.fit_repeats + 1, _reference(args.short_fit), dense_steps=dense)
+            bench_fit(2 * args.fit_repeats + 1, _reference(args.short_fit), only, dense_steps=dense)
         if args.shared:
-            bench_fit(args.fit_repeats, _shared_trunk())
+            bench_fit(args.fit_repeats, _shared_trunk(), only)
     bench_steps([s for s in args.sizes.split(",") if s], args.step_repeats)
 
 

@@ -198,7 +198,8 @@ _ALL = (
         "during the rollout (the stored observations were normalised with older statistics); a recurrent "
         "hidden state not carried into the update; the clipped (or otherwise post-processed) action stored "
         "instead of the sampled one; different action masks; or a prefetching data loader that collected the "
-        "next rollout one optimizer step early.",
+        "next rollout one optimizer step early. The evidence lists the role's dropout and batch-norm layers that "
+        "were in train mode (train_mode_layers), the one cause visible in the model itself.",
         "Compute old_logp and new_logp the same way: same mode (eval() or no dropout), same normalisation "
         "statistics (store the normalised observations), the stored hidden state, the sampled action (clip "
         "only what the env gets), the same mask; collect the next rollout only after the last update.",

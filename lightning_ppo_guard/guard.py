@@ -61,18 +61,19 @@ class _GradientSign:
     role: str
     step: int
     value: Tensor
+    weights: Tensor | None = None  # the advantages (policy kind), dropped once read
 
     @classmethod
     def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None) -> _GradientSign:
-        item = cls(kind, role, step, torch.full((), math.nan, device=tensor.device))
-        weights = None if weights is None else weights.detach().reshape(-1).float()
-
-        def read(grad: Tensor) -> None:
-            g = grad.detach().float()
-            item.value.copy_(g.sum() if weights is None else torch.dot(g.reshape(-1), weights))
-
-        tensor.register_hook(read)
+        item = cls(kind, role, step, torch.full((), math.nan, device=tensor.device),
+                   None if weights is None else weights.detach().reshape(-1).float())
+        tensor.register_hook(item._read)
         return item
+
+    def _read(self, grad: Tensor) -> None:
+        g = grad.detach().float()
+        self.value.copy_(g.sum() if self.weights is None else torch.dot(g.reshape(-1), self.weights))
+        self.weights = None
 
 
 _Pending = ObserveRecord | list[StepRecord] | _GradCheck | _GradientSign
@@ -302,7 +303,10 @@ class PPOGuard(PPOMonitor):
         self._pending.append(record)
         if record.first_in_rollout and len(self._pending) > 1:
             self._process()  # a rollout boundary: the previous rollout's rules run now
-        if record.measured:  # the signs of the policy and entropy terms in the loss, read in the coming backward
+        segments = self._fit.cadence.segments if self._fit is not None else 0
+        if record.measured and (segments <= 16 or segments % 4 == 0):
+            # the signs of the policy and entropy terms in the loss, read in the coming backward: wiring facts, so
+            # at the measured observes of the first 16 rollouts, then of 1 rollout in 4 (as the first-ratio check)
             entropy, advantages = term.entropy, term.advantages
             if advantages is not None and new_logp.requires_grad and new_logp.numel() == advantages.numel():
                 self._pending.append(_GradientSign.hook("policy", role.name, record.step, new_logp, advantages))

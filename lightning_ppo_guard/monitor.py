@@ -462,26 +462,29 @@ class PPOMonitor(Callback):
                                                   for r in plan.roles]
 
     def _optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        fit = self._fit
+        # every step of every optimizer runs this: the unmeasured path is kept to a few dict operations
+        fit, flight, key = self._fit, self._flight, id(optimizer)
         if fit is None:
             return
-        self._flight.awaiting.discard(id(optimizer))
-        plan = fit.cache.plans.get(id(optimizer))
+        flight.awaiting.discard(key)
+        plan = fit.cache.plans.get(key)
         if plan is None:
             return
         self.progress.count_step(plan.actors)
         fit.steps_since_row += 1
-        param_sq = self._flight.param_sq.pop(id(optimizer), None) if self._flight.param_sq else None
-        counted = param_sq is not None and fit.cadence.counting_nonzero(id(optimizer))
-        fit.cadence.stepped(id(optimizer), measured=param_sq is not None)
-        fit.cache.hook_trunk(fit.cadence)
+        param_sq = flight.param_sq.pop(key, None) if flight.param_sq else None
+        cadence = fit.cadence
+        counted = param_sq is not None and cadence.counting_nonzero(key)
+        cadence.stepped(key, measured=param_sq is not None)
+        if fit.cache.trunk is not None:
+            fit.cache.hook_trunk(cadence)
         if param_sq is not None:
-            pre = self._flight.pre_clip
+            pre = flight.pre_clip
             block, nones, mask = plan.measure(param_sq, pre, counted)
             if pre is not None and not pre.unused:
-                self._flight.pre_clip = None
+                flight.pre_clip = None
             fit.rows.queue(block, mask, plan.slots)
-            step, groups = self.current_step, self._flight.groups.pop(id(optimizer))
+            step, groups = self.current_step, flight.groups.pop(key)
             segment = fit.cadence.segments if fit.cadence.segment_id is not None else None
             self._stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction)
                            for i, name in enumerate(plan.names)])

@@ -6,7 +6,9 @@ Three kinds of evidence reach the rules, all per role:
   checked once and again when the model changes;
 * one :class:`StepFacts` per measured optimizer step;
 * one :class:`ObserveFacts` per ``observe``; they are folded into per-rollout aggregates and the
-  rollout-level rules run when a rollout ends.
+  rollout-level rules run when a rollout ends;
+* one :class:`CriticFacts` per measured critic step, and two signs read in the backward of the tensors
+  ``observe`` was handed (the policy term's against the advantages, the entropy term's).
 
 A stall is attributed to one cause from evidence that separates them (see DESIGN section 4): a root cause
 already named for a role (set-up, wiring, gradient) silences the later symptom rules for that role.
@@ -504,21 +506,12 @@ class Diagnoser:
         if _finite(adv_std):
             s.last_adv_std = adv_std
 
-        # PPG303: the policy moves too far per rollout, rollout after rollout (judged on the largest KL of a later
-        # minibatch: the end of the update phase, which every cadence measures).
-        clip_frac = s.r_clip_frac_sum / s.r_clip_frac_n if s.r_clip_frac_n else math.nan
-        out += self._std_collapse(role, step)
-        s.unstable_recent = [*s.unstable_recent, s.r_kl_max > cfg.unstable_kl][-cfg.unstable_window:]
-        if s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts:
-            out += self._emit(role, "PPG303", step, approx_kl=s.r_kl_max, clip_fraction=clip_frac,
-                              ratio_dev=s.r_ratio_dev, rollouts=sum(s.unstable_recent), window=len(s.unstable_recent))
-
+        out += self._unstable(role, step) + self._std_collapse(role, step)
         frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
         # PPG402: tiny advantages that are not normalised (normalised ones have std 1 per minibatch).
         tiny = _finite(adv_std) and adv_std < cfg.tiny_adv_std and abs(adv_std - 1.0) > 0.05
         s.tiny_adv_rollouts = s.tiny_adv_rollouts + 1 if tiny else 0
-        # PPG403: the policy barely moves and on most steps the critic's gradient ate the shared clip.
         # PPG403: on most measured steps of the rollout the shared clip starved the actor's step (see _starved:
         # the evidence is the step itself, not the KL, which the sparse cadence reads at a rollout's last minibatch)
         starved = s.r_steps > 0 and s.r_starved_n >= 0.5 * s.r_steps
@@ -550,6 +543,17 @@ class Diagnoser:
                                   ratio_dev=s.r_ratio_dev, update_ratio=upd)
         s.reset_rollout()
         return out
+
+    def _unstable(self, role: str, step: int) -> list[Finding]:
+        """PPG303: the policy moves too far per rollout, on most recent rollouts (judged on the largest KL of a later
+        minibatch: the end of the update phase, which every cadence measures; one spike passes)."""
+        cfg, s = self.config, self.state(role)
+        s.unstable_recent = [*s.unstable_recent, s.r_kl_max > cfg.unstable_kl][-cfg.unstable_window:]
+        if not (s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts):
+            return []
+        clip_frac = s.r_clip_frac_sum / s.r_clip_frac_n if s.r_clip_frac_n else math.nan
+        return self._emit(role, "PPG303", step, approx_kl=s.r_kl_max, clip_fraction=clip_frac,
+                          ratio_dev=s.r_ratio_dev, rollouts=sum(s.unstable_recent), window=len(s.unstable_recent))
 
     def _std_collapse(self, role: str, step: int) -> list[Finding]:
         """PPG504: a Gaussian policy's std fell ``std_collapse`` times below its start, on consecutive rollouts."""
