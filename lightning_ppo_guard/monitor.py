@@ -117,6 +117,9 @@ class _Fit:
     batches: int = 0  # training batches started
     training: bool = True  # False while a validation loop runs inside the fit
     manual: bool = False  # manual optimization (read once: a LightningModule property)
+    infer_rollouts: bool = True  # without rollout ids, a manual batch is taken as a rollout until batches of one
+    # observe show it is not (a loop with one minibatch per batch: then windows of observes, as in automatic)
+    single_step_batches: int = 0
     fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
 
     @classmethod
@@ -528,13 +531,18 @@ class PPOMonitor(Callback):
         actor = self._actors.get(role) or actor_role(self._actors, role)
         name, progress = actor.name, self.progress
         first_in_rollout, prev_updates, prev_observes = False, None, None
-        inferred = rollout is None and fit.manual  # no rollout id: a manual-optimization batch is taken as one
+        inferred = rollout is None and fit.manual and fit.infer_rollouts  # no rollout id: a manual batch is one
         if inferred:
             rollout = fit.batches
         if rollout is not None and progress.rollout.get(name) != rollout:
             first_in_rollout, prev_updates, prev_observes = progress.enter_rollout(name, rollout)
             if not inferred:  # manual batches are segments already
                 fit.cadence.start_segment(("rollout", rollout), rollout=True)
+            elif prev_observes is not None and prev_observes <= 1:
+                fit.single_step_batches += 1
+                if fit.single_step_batches >= 2:  # two batches of one minibatch each: batches are minibatches
+                    fit.infer_rollouts = False
+                    progress.updates_per_rollout.pop(name, None)
         counts = progress.rollout_observes
         counts[name] = counts.get(name, 0) + 1
         key = fit.cache.keys.get(name, 0)

@@ -84,3 +84,48 @@ def test_an_optimizer_that_maximizes_flips_the_signs_the_backward_shows():
                       guard_kwargs=C.ACTOR)
     guard, _, _ = run_variant(variant, 0)
     assert [f.code for f in guard.findings] == ["PPG502"]
+
+
+def test_a_manual_loop_with_one_minibatch_per_batch_is_not_taken_for_rollouts():
+    """Manual optimization without rollout ids, one observe and one step per training batch: after two such batches
+    the guard stops taking batches for rollouts (no rollout metric, no light check per batch), and a first ratio
+    away from 1 on every batch (each batch is a later minibatch of a long rollout) is no PPG105."""
+    import lightning as L
+    import torch
+    from torch.distributions import Categorical
+    from torch.utils.data import DataLoader
+
+    from lightning_ppo_guard import PPOGuard, observe
+
+    class OneMinibatchPerBatch(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.actor, self.critic = torch.nn.Linear(4, 2), torch.nn.Linear(4, 1)
+            g = torch.Generator().manual_seed(0)
+            self.obs, self.act = torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)
+            self.adv = torch.randn(64, generator=g)
+            with torch.no_grad():
+                self.old = Categorical(logits=self.actor(self.obs)).log_prob(self.act) - 0.05  # a later minibatch
+
+        def train_dataloader(self):
+            return DataLoader(range(40), batch_size=None)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            new = Categorical(logits=self.actor(self.obs)).log_prob(self.act)
+            loss = -(torch.exp(new - self.old) * self.adv).mean() + self.critic(self.obs).pow(2).mean()
+            observe(self, new_logp=new, old_logp=self.old, advantages=self.adv)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    guard = PPOGuard(actors="actor", critic="critic")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=[guard])
+    trainer.fit(OneMinibatchPerBatch())
+    assert guard.findings == [], guard.summary()
+    assert guard.updates_per_rollout == {} and "ppo_guard/actor/updates_per_rollout" not in guard.last_logged
