@@ -97,6 +97,35 @@ class WiringFacts:
 
 
 @dataclass
+class SegmentVote:
+    """Consecutive rollouts in which most measured steps showed a condition. Without rollout (segment) ids each
+    measured step counts half a rollout, so ``n`` rollouts need ``2 n`` consecutive hits."""
+
+    segment: int | None = None
+    n: int = 0  # measured steps of the current segment ...
+    hits: int = 0  # ... that showed the condition
+    streak: int = 0  # finished segments in a row where most did
+
+    def add(self, hit: bool, segment: int | None, rollouts: int) -> bool:
+        """Count one measured step; whether the condition now holds over ``rollouts`` (the segment in progress counts
+        once most of its steps so far hit, and only at a step that hits)."""
+        if segment is None:
+            self.streak = self.streak + 1 if hit else 0
+            return self.streak >= 2 * rollouts
+        if self.segment is not None and segment != self.segment and self.n:
+            self.streak = self.streak + 1 if 2 * self.hits > self.n else 0
+            self.n = self.hits = 0
+        self.segment = segment
+        self.n += 1
+        self.hits += hit
+        return hit and self.streak + (2 * self.hits > self.n) >= rollouts
+
+    def rollouts(self, segment: int | None) -> int:
+        """Rollouts the condition has held over (with the one in progress)."""
+        return self.streak + (segment is not None)
+
+
+@dataclass
 class RoleState:
     """Per-role counters the rules keep between calls (saved in the guard's checkpoint state)."""
 
@@ -156,18 +185,16 @@ class RoleState:
     first_ok: bool = False
     # PPG502: consecutive measured observes whose entropy term had a positive gradient in the loss
     entropy_penalised: int = 0
-    # PPG406 (critic): measured steps of the current segment, how many had an exactly-zero gradient, the streak
-    critic_segment: int | None = None
-    critic_n: int = 0
-    critic_zero: int = 0
-    critic_streak: int = 0
-    # a shared trunk: measured steps of the current segment, how many the value term dominated, the streak
-    trunk_segment: int | None = None
-    trunk_n: int = 0
-    trunk_dominated: int = 0
-    trunk_streak: int = 0
+    critic: SegmentVote = field(default_factory=SegmentVote)  # PPG406: rollouts of an exactly-zero critic gradient
+    trunk: SegmentVote = field(default_factory=SegmentVote)  # PPG404: rollouts the value term owned the trunk
     train_mode_layers: str = ""  # PPG105's suspects seen in the role's modules (see WiringFacts)
     raised: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:  # restored from a checkpoint (dataclasses.asdict): votes come back as dicts
+        for name in ("trunk", "critic"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, SegmentVote(**value))
 
     def reset_rollout(self) -> None:
         for name, value in _ROLLOUT_DEFAULTS:
@@ -343,24 +370,11 @@ class Diagnoser:
         """PPG404: the value term's gradient owns a shared trunk, rollout after rollout (each rollout judged by most
         of its measured steps; without rollout ids, each measured step counts half a rollout)."""
         cfg, s = self.config, self.state(role)
-        dominated = f.head_ratio >= cfg.trunk_value_dominance
-        if f.segment is None:
-            s.trunk_streak = s.trunk_streak + 1 if dominated else 0
-            enough = s.trunk_streak >= 2 * cfg.trunk_rollouts
-        else:
-            if s.trunk_segment is not None and f.segment != s.trunk_segment and s.trunk_n:
-                s.trunk_streak = s.trunk_streak + 1 if 2 * s.trunk_dominated > s.trunk_n else 0
-                s.trunk_n = s.trunk_dominated = 0
-            s.trunk_segment = f.segment
-            s.trunk_n += 1
-            s.trunk_dominated += dominated
-            # the rollout in progress counts once most of its measured steps so far are dominated
-            enough = s.trunk_streak + (2 * s.trunk_dominated > s.trunk_n) >= cfg.trunk_rollouts and dominated
-        if not enough:
+        if not s.trunk.add(f.head_ratio >= cfg.trunk_value_dominance, f.segment, cfg.trunk_rollouts):
             return []
         share = 1.0 if f.head_ratio == math.inf else f.head_ratio / (1.0 + f.head_ratio)
         return self._emit(role, "PPG404", step, value_to_policy=f.head_ratio, value_grad_share=share,
-                          rollouts=s.trunk_streak + (f.segment is not None), threshold=cfg.trunk_value_dominance)
+                          rollouts=s.trunk.rollouts(f.segment), threshold=cfg.trunk_value_dominance)
 
     def check_skipped(self, role: str, step: int) -> list[Finding]:
         """An optimizer step of ``role`` that was skipped (``on_before_optimizer_step`` ran, ``step`` did not)."""
@@ -381,47 +395,39 @@ class Diagnoser:
         cfg, s = self.config, self.state(role)
         if f.binding < 1.0 or not _finite(f.grad_norm) or (_finite(f.lr_max) and f.lr_max == 0.0):
             return []
-        zero = f.grad_norm == 0.0
-        if f.segment is None:
-            s.critic_streak = s.critic_streak + 1 if zero else 0
-            enough = s.critic_streak >= 2 * cfg.critic_rollouts
-        else:
-            if s.critic_segment is not None and f.segment != s.critic_segment and s.critic_n:
-                s.critic_streak = s.critic_streak + 1 if 2 * s.critic_zero > s.critic_n else 0
-                s.critic_n = s.critic_zero = 0
-            s.critic_segment = f.segment
-            s.critic_n += 1
-            s.critic_zero += zero
-            enough = zero and s.critic_streak + (2 * s.critic_zero > s.critic_n) >= cfg.critic_rollouts
-        if not enough or self._has_root(role):
+        vote = s.critic
+        if not vote.add(f.grad_norm == 0.0, f.segment, cfg.critic_rollouts) or self._has_root(role):
             return []
-        return self._emit(role, "PPG406", step, rollouts=s.critic_streak + (f.segment is not None),
-                          zero_steps=s.critic_zero if f.segment is not None else s.critic_streak,
-                          steps=s.critic_n if f.segment is not None else s.critic_streak)
+        known = f.segment is not None
+        return self._emit(role, "PPG406", step, rollouts=vote.rollouts(f.segment),
+                          zero_steps=vote.hits if known else vote.streak, steps=vote.n if known else vote.streak)
 
     def check_entropy_sign(self, role: str, step: int, slope: float) -> list[Finding]:
         """PPG502: ``slope`` is d loss / d entropy summed over a minibatch's samples, read in the backward of the
         entropy tensor handed to ``observe``: negative for a bonus (``loss = ... - ent_coef * entropy.mean()``),
         0 without an entropy term, positive when the loss *penalises* entropy. Named after consecutive observes."""
-        s = self.state(role)
-        if not _finite(slope):
-            return []
-        s.entropy_penalised = s.entropy_penalised + 1 if slope > 0 else 0
-        if s.entropy_penalised < self.config.entropy_sign_observes:
-            return []
-        return self._emit(role, "PPG502", step, slope=slope, observes=s.entropy_penalised)
+        return self._positive(role, step, "PPG502", "entropy_penalised", slope, "slope",
+                              self.config.entropy_sign_observes)
 
     def check_gradient_sign(self, role: str, step: int, alignment: float) -> list[Finding]:
         """PPG107: ``alignment`` is sum_i (d loss / d new_logp_i) * advantage_i over a minibatch, read in the backward
         of new_logp: negative when minimising the loss raises the log-prob of better-than-average actions (every
         PPO, PG and A2C loss), positive when the policy term is upside down. Named after consecutive observes."""
+        return self._positive(role, step, "PPG107", "backwards", alignment, "alignment",
+                              self.config.gradient_sign_observes)
+
+    def _positive(self, role: str, step: int, code: str, counter: str, value: float, name: str,
+                  needed: int) -> list[Finding]:
+        """A sign read in the backward, positive on ``needed`` consecutive reads (NaN: the backward never reached the
+        tensor, so no evidence either way); ``counter`` is the streak's field of :class:`RoleState`."""
         s = self.state(role)
-        if not _finite(alignment):
+        if not _finite(value):
             return []
-        s.backwards = s.backwards + 1 if alignment > 0 else 0
-        if s.backwards < self.config.gradient_sign_observes:
+        streak = getattr(s, counter) + 1 if value > 0 else 0
+        setattr(s, counter, streak)
+        if streak < needed:
             return []
-        return self._emit(role, "PPG107", step, alignment=alignment, observes=s.backwards)
+        return self._emit(role, code, step, **{name: value, "observes": streak})
 
     def _below_eps(self, f: StepFacts) -> bool:
         """The role's gradient before any clip is far below its optimizer's eps (Adam-like): its step is eps-bound

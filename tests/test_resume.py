@@ -62,7 +62,7 @@ def test_a_guard_reused_for_a_second_fit_behaves_as_a_fresh_one():
     second = _fit(guard, healthy)
     # no finding, no stop, and counts from zero: nothing of the first fit leaks into the second
     assert guard.findings == [] and not guard.verdict.stall and guard.diagnoser.states.keys() <= {"actor", "critic"}
-    assert all(not s.raised and s.critic_streak == 0 for s in guard.diagnoser.states.values())
+    assert all(not s.raised and s.critic.streak == 0 for s in guard.diagnoser.states.values())
     assert not second.should_stop and second.global_step == 3 * per == guard.optimizer_steps
     assert guard.progress.rollout == {"actor": 2} and guard.updates_per_rollout == {"actor": per}
 
