@@ -261,7 +261,9 @@ _ALL = (
         "PPG204", "update-too-small", "error",
         "{role}'s relative update per step is {update_ratio:.2g} (lr {lr:g}) over {steps} steps",
         "The parameters move, but by less than one part in a million per step: the policy cannot change in any "
-        "useful number of updates. Almost always a learning rate many orders too small.",
+        "useful number of updates, and the lr is the cause: for an Adam-like optimizer this is named only below "
+        "lr 1e-5 and when the gradient is not below its eps (that is PPG405, whatever the lr), nor starved by a "
+        "shared clip (PPG403). Almost always a learning rate many orders too small, a scheduler's typo included.",
         "Raise the actor's lr (Adam: 1e-4..3e-4 for PPO) and check the scheduler; aim for update_ratio 1e-5..1e-2.",
         checklist="step 2 (lr)",
     ),
