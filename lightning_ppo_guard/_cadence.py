@@ -108,6 +108,11 @@ class Cadence:
         clock.segment += 1
         clock.decision = None
 
+    def sampled_segment(self) -> bool:
+        """Whether the current segment gets the per-rollout wiring reads (the first minibatch's ratio, the backward
+        signs): each of the first 16 segments, then 1 in 4. Without segments (0 started), always."""
+        return self.segments <= 16 or self.segments % 4 == 0
+
     def counting_nonzero(self, key: int) -> bool:
         """Whether a measured step counts nonzero gradients (a full pass): each dense step, then 1 in 8."""
         clock = self.clock(key)

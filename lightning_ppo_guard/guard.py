@@ -111,7 +111,7 @@ def _train_mode_layers(fit: Any, role: Role) -> str:
     """The role's layers that make its output differ between two forwards of the same input in train mode (dropout
     with p > 0, batch norm updating its statistics): a first ratio != 1 suspect, checked where it is observable."""
     found = []
-    root = getattr(fit, "module", None) if fit is not None else None
+    root = getattr(fit, "module", None)
     if not isinstance(root, nn.Module):
         return ""
     for part in role.modules(root):
@@ -303,10 +303,9 @@ class PPOGuard(PPOMonitor):
         self._pending.append(record)
         if record.first_in_rollout and len(self._pending) > 1:
             self._process()  # a rollout boundary: the previous rollout's rules run now
-        segments = self._fit.cadence.segments if self._fit is not None else 0
-        if record.measured and (segments <= 16 or segments % 4 == 0):
+        if record.measured and (self._fit is None or self._fit.cadence.sampled_segment()):
             # the signs of the policy and entropy terms in the loss, read in the coming backward: wiring facts, so
-            # at the measured observes of the first 16 rollouts, then of 1 rollout in 4 (as the first-ratio check)
+            # at the measured observes of the rollouts whose first ratio is read too
             entropy, advantages = term.entropy, term.advantages
             if advantages is not None and new_logp.requires_grad and new_logp.numel() == advantages.numel():
                 self._pending.append(_GradientSign.hook("policy", role.name, record.step, new_logp, advantages))

@@ -119,7 +119,7 @@ class _Fit:
     manual: bool = False  # manual optimization (read once: a LightningModule property)
     infer_rollouts: bool = True  # without rollout ids, a manual batch is taken as a rollout until batches of one
     # observe show it is not (a loop with one minibatch per batch: then windows of observes, as in automatic)
-    single_step_batches: int = 0
+    one_minibatch_batches: int = 0
     fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
 
     @classmethod
@@ -539,8 +539,8 @@ class PPOMonitor(Callback):
             if not inferred:  # manual batches are segments already
                 fit.cadence.start_segment(("rollout", rollout), rollout=True)
             elif prev_observes is not None and prev_observes <= 1:
-                fit.single_step_batches += 1
-                if fit.single_step_batches >= 2:  # two batches of one minibatch each: batches are minibatches
+                fit.one_minibatch_batches += 1
+                if fit.one_minibatch_batches >= 2:  # two batches of one minibatch each: batches are minibatches
                     fit.infer_rollouts = False
                     progress.updates_per_rollout.pop(name, None)
         counts = progress.rollout_observes
@@ -550,7 +550,7 @@ class PPOMonitor(Callback):
         if not (first_in_rollout or measured):
             return None
         # the first minibatch's ratio (PPG105) is read at the first 16 rollouts, then at 1 in 4
-        light = first_in_rollout and (fit.cadence.segments <= 16 or fit.cadence.segments % 4 == 0)
+        light = first_in_rollout and fit.cadence.sampled_segment()
         return _Kept(actor, first_in_rollout, prev_updates, measured, light, rollout, inferred, prev_observes)
 
     def _boundary(self, kept: _Kept) -> None:

@@ -454,8 +454,7 @@ class Diagnoser:
     def check_observe(self, role: str, step: int, f: ObserveFacts) -> list[Finding]:
         cfg, s = self.config, self.state(role)
         out: list[Finding] = []
-        if (f.first_in_rollout and (s.r_observes or _finite(s.r_first_dev))) or (
-                f.rollout is None and s.r_observes >= cfg.window_observes):
+        if (f.first_in_rollout and s.r_observes) or (f.rollout is None and s.r_observes >= cfg.window_observes):
             out += self.end_rollout(role, step, f.prev_updates, f.prev_observes)
         if f.boundary_only:
             return out
