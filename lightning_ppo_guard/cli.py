@@ -24,7 +24,7 @@ _SHOWN = ("grad_norm", "update_ratio", "approx_kl", "clip_fraction", "entropy")
 
 
 def catalog_markdown() -> str:
-    """The catalog as README's diagnoses table (``ppo-guard rules --markdown``; a test holds README to it)."""
+    """The catalog as one Markdown table (``ppo-guard rules --markdown``): README's and the docs' diagnoses table."""
     lines = ["| code | symbol | severity | checklist step | what it means | fix |", "|---|---|---|---|---|---|"]
     for d in CATALOG.values():
         cells = (f"`{d.code}`", f"`{d.symbol}`", d.severity, d.checklist or "-", d.explanation, d.fix)
@@ -55,6 +55,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     print("Fix:\n" + wrap.fill(d.fix))
     if d.checklist:
         print("\nChecklist:\n" + wrap.fill(d.checklist))
+    print(f"\nDocs:\n  {d.url}")
     return 0
 
 

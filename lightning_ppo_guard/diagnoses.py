@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CATALOG", "Diagnosis", "Finding", "get"]
+__all__ = ["CATALOG", "DOCS_URL", "Diagnosis", "Finding", "get"]
+
+#: Base of the docs site; each code has a page at ``{DOCS_URL}codes/PPG###/`` (``Diagnosis.url``).
+DOCS_URL = "https://lightning-ppo-guard.readthedocs.io/en/latest/"
 
 Severity = Literal["error", "warning"]
 
@@ -28,6 +31,11 @@ class Diagnosis:
     fix: str
     checklist: str = ""  # which step of the seed checklist this automates
     retired: bool = False
+
+    @property
+    def url(self) -> str:
+        """This code's page on the docs site (``ppo-guard explain`` prints it, every warning ends with it)."""
+        return f"{DOCS_URL}codes/{self.code}/"
 
 
 @dataclass
@@ -63,7 +71,7 @@ class Finding:
         numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items())
         evidence = f"  evidence: {numbers}\n" if numbers else ""
         return (f"{self.code} {self.symbol} [{self.role}] at step {self.step}: {self.message}\n"
-                f"{evidence}  fix: {self.diagnosis.fix}")
+                f"{evidence}  fix: {self.diagnosis.fix}\n  docs: {self.diagnosis.url}")
 
     def as_dict(self) -> dict[str, Any]:
         """The finding as written to ``ppo_guard_findings.json``: ``rollout`` counts from 1, as the summary does."""
