@@ -1,10 +1,12 @@
-"""Issue 5: the guard's keys reach real Lightning loggers (read back from their files), and the findings JSON
-lands in the first logger's folder. MLflow and W&B run only where those packages are installed."""
+"""The guard's keys reach all four kinds of Lightning logger (TensorBoard, CSV, MLflow, W&B), read back from the
+files each one writes, and the findings JSON lands in the first logger's folder. MLflow (mlflow-skinny, a local
+file store) and W&B (offline mode) are in the ``dev`` extra: these tests import them and never skip."""
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -70,39 +72,100 @@ def test_tensorboard_and_csv_loggers_get_the_same_guard_metrics(tmp_path):
     assert run.series("actor", "grad_norm") == tb_series["ppo_guard/actor/grad_norm"]
 
 
+def _same_rows(series: dict[str, list[tuple[int, float]]], csv_log_dir) -> None:
+    """Each logger's series holds the very rows the CSV logger next to it got (steps and float32-rounded values)."""
+    rows = read_csv(csv_log_dir)
+    for key, got in series.items():
+        want = [(int(r["step"]), r[key]) for r in rows if key in r]
+        assert len(want) >= 15 and [s for s, _ in got] == [s for s, _ in want], key
+        assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+                   for (_, a), (_, b) in zip(got, want, strict=True)), key
+
+
 def test_mlflow_logger_gets_the_guard_metrics(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.x refuses file stores without it
-    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
     from mlflow.tracking import MlflowClient
 
     uri = f"file:{tmp_path / 'mlruns'}"
     logger = MLFlowLogger(experiment_name="ppo_guard", tracking_uri=uri)
-    fit(_module("detached_logits"), [PPOGuard(log_every_n_steps=4)], logger=logger)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    fit(_module("detached_logits"), [PPOGuard(log_every_n_steps=4, dense_steps=10**6)], logger=[logger, csv_logger])
 
+    # the file store on disk: <save_dir>/<experiment>/<run>/metrics/<key>, one "timestamp value step" line per row
+    metrics_dir = Path(logger.save_dir) / logger.experiment_id / logger.run_id / "metrics"
+    on_disk = {}
+    for key in KEYS:
+        lines = (metrics_dir / key).read_text().split()
+        on_disk[key] = [(int(lines[i + 2]), float(lines[i + 1])) for i in range(0, len(lines), 3)]
+        assert all(math.isfinite(v) for _, v in on_disk[key]), key
+    _same_rows(on_disk, csv_logger.log_dir)
+    assert {v for _, v in on_disk["ppo_guard/actor/grad_norm"]} == {0.0}  # detached logits: no actor gradient
+    assert all(v > 0 for _, v in on_disk["ppo_guard/critic/grad_norm"])
+
+    # and MLflow's own client reads the same history back
     client = MlflowClient(tracking_uri=uri)
     for key in KEYS:
-        history = client.get_metric_history(logger.run_id, key)
-        assert len(history) >= 15 and all(math.isfinite(m.value) for m in history), key
-    assert {m.value for m in client.get_metric_history(logger.run_id, "ppo_guard/actor/grad_norm")} == {0.0}
+        history = sorted((m.step, m.value) for m in client.get_metric_history(logger.run_id, key))
+        assert history == on_disk[key], key
     assert _findings(logger.save_dir) == ["PPG101"]  # Trainer.log_dir of a non-file logger is its save_dir
+    assert not (Path(csv_logger.log_dir) / "ppo_guard_findings.json").exists()
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B offline run file (``run-<id>.wandb``): a 7-byte header, then LevelDB-log style blocks
+    of 32 KiB holding chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) of protobuf
+    ``Record`` messages. ``wandb sync`` uploads this file; read here without a server."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, block, pos, chunks, records = path.read_bytes(), 32768, 7, b"", []
+    assert raw[:4] == b":W&B", raw[:7]
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        chunks += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records
 
 
 def test_wandb_offline_logger_gets_the_guard_metrics(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     logger = WandbLogger(project="ppo_guard", save_dir=str(tmp_path), offline=True)
+    csv_logger = CSVLogger(tmp_path, name="csv")
     try:
-        fit(_module("detached_logits"), [PPOGuard(log_every_n_steps=4)], logger=logger)
+        fit(_module("detached_logits"), [PPOGuard(log_every_n_steps=4, dense_steps=10**6)],
+            logger=[logger, csv_logger])
         summary = dict(logger.experiment.summary)
-        for key in KEYS:
-            assert key in summary and math.isfinite(float(summary[key])), key
-        assert float(summary["ppo_guard/actor/grad_norm"]) == 0.0
-        assert _findings(logger.save_dir) == ["PPG101"]
+        run_file = Path(logger.experiment.dir).parent / f"run-{logger.experiment.id}.wandb"
     finally:
-        wandb.finish()
+        wandb.finish()  # flushes the run file
+    for key in KEYS:
+        assert key in summary and math.isfinite(float(summary[key])), key
+    assert float(summary["ppo_guard/actor/grad_norm"]) == 0.0
+
+    # the offline run file on disk holds every row the guard logged
+    series: dict[str, list[tuple[int, float]]] = {key: [] for key in KEYS}
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for key in KEYS:
+            if key in items:
+                series[key].append((int(items["trainer/global_step"]), float(items[key])))
+    _same_rows(series, csv_logger.log_dir)
+    assert {v for _, v in series["ppo_guard/actor/grad_norm"]} == {0.0}
+    assert _findings(logger.save_dir) == ["PPG101"]
