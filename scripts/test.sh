@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check lightning_ppo_guard tests benchmarks notebooks
+.venv/bin/ruff check lightning_ppo_guard tests benchmarks notebooks scripts docs
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
