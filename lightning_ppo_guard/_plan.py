@@ -115,6 +115,7 @@ class StepPlan:
         self.mask = self.masks[True, False]
         self._heads = False  # whether the last block holds the shared trunk's heads' gradients
         self.names = [r.name for r in self.roles]
+        self.actor_names = [r.name for r in self.actors]  # the roles whose steps count for their rollout
         # Probes: each role's small tensors (at most 1/256 of its elements; at least its smallest one). Their
         # norms after the clip give each role's clip coefficient, from which the other tensors' norms follow
         # when the clip scaled the role uniformly (see :meth:`inferred_norms`).

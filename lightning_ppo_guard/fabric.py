@@ -37,7 +37,6 @@ from torch import nn
 
 from lightning_ppo_guard.guard import PPOGuard
 from lightning_ppo_guard.monitor import PPOMonitor
-from lightning_ppo_guard.observe import attach_monitor, detach_monitor
 
 __all__ = ["FabricGuard"]
 
@@ -129,7 +128,6 @@ class FabricGuard:
         self.guard: PPOMonitor = guard if guard is not None else PPOGuard()
         self.log_every_n_batches = log_every_n_batches
         self._loop: _FabricLoop | None = None
-        self._keys: list[Any] = []
 
     # ------------------------------------------------------------------ results
     @property
@@ -153,39 +151,37 @@ class FabricGuard:
             opts = [_unwrap(optimizers, "optimizer")]
         raw = _unwrap(module, "module")
         self._loop = _FabricLoop(fabric, opts, self.guard, self.log_every_n_batches)
-        view = _ModuleView(raw, fabric.device)
-        self.guard._reset()
-        self.guard._resolve(raw)
-        self.guard._attach(self._loop, view)
-        self._loop.count_steps()  # registered after the guard's hooks, so it runs after them
-        self._keys = [raw] if raw is module else [raw, module]
-        for key in self._keys:
-            attach_monitor(key, self.guard)
+        engine = self.guard.engine
+        engine.reset()
+        engine.resolve(raw)
+        # observe(model, ...) reaches the engine through the model given here, what fabric.setup wrapped, or the guard
+        keys = (raw, self.guard) if raw is module else (raw, module, self.guard)
+        engine.attach(self._loop, _ModuleView(raw, fabric.device), keys=keys)
+        self._loop.count_steps()  # registered after the engine's hooks, so it runs after them
 
     attach = on_train_start
 
     def on_train_batch_start(self, batch: Any = None, batch_idx: int = 0) -> None:
         if self._loop is not None:
-            self.guard._batch_start()
+            self.guard.engine.batch_start(batch_idx)
 
     def on_after_backward(self) -> None:
         """After ``fabric.backward`` and before any clipping: the gradient the loss produced."""
         if self._loop is not None:
-            self.guard._after_backward()
+            self.guard.engine.after_backward()
 
     def on_train_batch_end(self, outputs: Any = None, batch: Any = None, batch_idx: int = 0) -> None:
         """End of one PPO iteration: log on the cadence; with ``on_stall`` stop or raise (agreed by all ranks)."""
         if self._loop is not None:
-            self.guard._batch_end()
+            self.guard.engine.batch_end()
+            self.guard.decide(self._loop)
 
     def on_train_end(self) -> None:
         """Flush the last row, remove the optimizer hooks, write the findings (rank zero)."""
         if self._loop is None:
             return
         try:
-            self.guard._train_end()
+            self.guard.finish(self._loop)
         finally:
             self._loop.remove()
-            for key in self._keys:
-                detach_monitor(key)
-            self._keys = []
+            self.guard.engine.detach()

@@ -1,15 +1,17 @@
 """``observe``: the one call a user adds where the PPO loss is computed.
 
-It hands the per-minibatch tensors of the policy term to the :class:`~lightning_ppo_guard.PPOMonitor`
-(or :class:`~lightning_ppo_guard.PPOGuard`) attached to the module's Trainer. Without one it does nothing,
-so the call can stay in the code for good.
+It hands the per-minibatch tensors of the policy term to every :class:`~lightning_ppo_guard.PPOMonitor` (or
+:class:`~lightning_ppo_guard.PPOGuard`, or :class:`~lightning_ppo_guard.FabricGuard`) whose engine is attached to
+the object it is given: each monitor attaches its :class:`~lightning_ppo_guard.engine.MonitorEngine` to the
+LightningModule (and to itself) when training starts, and detaches at the end of the fit. Without one it does
+nothing, so the call can stay in the code for good.
 """
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
@@ -18,44 +20,65 @@ from lightning_ppo_guard._inputs import PolicyTerm
 if TYPE_CHECKING:
     from torch.distributions import Distribution
 
-__all__ = ["attach_monitor", "detach_monitor", "observe"]
+__all__ = ["attach_monitor", "attached", "detach_monitor", "observe"]
 
-# id(module) -> (weak refs to the module and its Trainer, the monitors found in that Trainer's callbacks): a plain
-# dict, as observe() runs once per minibatch; an entry whose module or Trainer is gone is simply not matched
-_CACHE: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}
-# module -> monitor, for loops without a Trainer (Lightning Fabric): see lightning_ppo_guard.fabric.FabricGuard
-_ATTACHED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def attach_monitor(module: Any, monitor: Any) -> None:
-    """Make ``observe(module, ...)`` reach ``monitor`` without a Trainer (``FabricGuard`` does this)."""
-    _ATTACHED[module] = monitor
+# id(key) -> (a weak reference to the key, the engines attached to it in attach order): a plain dict looked up once
+# per minibatch. A key is what the training code hands ``observe``: the LightningModule (attached by every monitor
+# of its Trainer at train start), the callback itself, or a Fabric loop's model. The engines detach at the end of
+# the fit (and on error or teardown), so an entry lives exactly as long as a fit that observes through it.
+_REGISTRY: dict[int, tuple[Callable[[], Any], tuple[Engine, ...]]] = {}
 
 
-def detach_monitor(module: Any) -> None:
-    """Undo :func:`attach_monitor`; ``observe(module, ...)`` is a no-op again."""
-    _ATTACHED.pop(module, None)
+class Engine(Protocol):
+    """What ``observe`` calls on an attached engine (:class:`~lightning_ppo_guard.engine.MonitorEngine`)."""
+
+    def keep(self, role: str, rollout: int | None) -> Any: ...
+
+    def boundary(self, ticket: Any) -> None: ...
+
+    def record(self, term: PolicyTerm, ticket: Any) -> None: ...
 
 
-def _find_monitors(pl_module: Any) -> tuple[Any, ...]:
-    """Every monitor ``observe(pl_module, ...)`` reaches: those in its Trainer's callbacks, else an attached one."""
-    trainer = getattr(pl_module, "_trainer", None)
-    from lightning_ppo_guard.monitor import PPOMonitor
+def _ref(key: Any) -> Callable[[], Any]:
+    """A weak reference to ``key`` whose entry goes with it (a fit that never detached holds nothing alive)."""
+    slot = id(key)
 
-    if isinstance(pl_module, PPOMonitor):
-        return (pl_module,)  # observe(guard, ...): the monitor itself, in any loop
-    if trainer is None:
-        try:
-            found = _ATTACHED.get(pl_module)  # a Fabric loop (or none: observe is a no-op)
-        except TypeError:  # not weak-referenceable
-            return ()
-        return (found,) if found is not None else ()
-    monitors = tuple(cb for cb in trainer.callbacks if isinstance(cb, PPOMonitor))
-    key = id(pl_module)
-    with contextlib.suppress(TypeError):  # not weak-referenceable: no cache
-        # the entry goes with the module, so the monitors it holds are not kept alive by it
-        _CACHE[key] = (weakref.ref(pl_module, lambda _: _CACHE.pop(key, None)), weakref.ref(trainer), monitors)
-    return monitors
+    def gone(ref: Any) -> None:
+        entry = _REGISTRY.get(slot)
+        if entry is not None and entry[0] is ref:
+            del _REGISTRY[slot]
+
+    try:
+        return weakref.ref(key, gone)
+    except TypeError:  # not weak-referenceable: held until detached
+        return lambda: key
+
+
+def attach_monitor(key: Any, engine: Engine) -> None:
+    """Make ``observe(key, ...)`` reach ``engine`` (after any engine attached to ``key`` before it)."""
+    entry = _REGISTRY.get(id(key))
+    if entry is None or entry[0]() is not key:
+        entry = (_ref(key), ())
+    if engine not in entry[1]:
+        _REGISTRY[id(key)] = (entry[0], (*entry[1], engine))
+
+
+def detach_monitor(key: Any, engine: Engine) -> None:
+    """Undo :func:`attach_monitor`; with no engine left, ``observe(key, ...)`` is a no-op again."""
+    entry = _REGISTRY.get(id(key))
+    if entry is None:
+        return
+    engines = tuple(e for e in entry[1] if e is not engine) if entry[0]() is key else ()
+    if engines:
+        _REGISTRY[id(key)] = (entry[0], engines)
+    else:
+        del _REGISTRY[id(key)]
+
+
+def attached(key: Any) -> tuple[Engine, ...]:
+    """The engines ``observe(key, ...)`` reaches now (empty outside a fit)."""
+    entry = _REGISTRY.get(id(key))
+    return entry[1] if entry is not None and entry[0]() is key else ()
 
 
 def observe(
@@ -106,31 +129,27 @@ def observe(
         target_kl: the KL limit the training loop stops an update phase at, if any.
         role: which actor role this policy term belongs to (``"actor"``, ``"agent_2"``, ...).
 
-    Every monitor and guard attached to the Trainer receives the call. It is ignored outside training
+    Every monitor and guard of the Trainer (or Fabric loop) receives the call. It is ignored outside training
     (``validation_step``, sanity checks) and under ``torch.no_grad()``: such a loss is never trained on.
     Only detached numbers are kept; the graph and the batch are never held.
     """
-    cached = _CACHE.get(id(pl_module))
-    if (cached is not None and cached[0]() is pl_module
-            and cached[1]() is getattr(pl_module, "_trainer", None)):  # the hot path: once per minibatch
-        monitors = cached[2]
-    else:
-        monitors = _find_monitors(pl_module)
-    if not monitors:
+    entry = _REGISTRY.get(id(pl_module))  # the hot path: once per minibatch
+    if entry is None or entry[0]() is not pl_module:
         return
+    monitors = entry[1]
     # Every observe counts for the rollout bookkeeping; only kept ones (measured, or a rollout's first minibatch)
     # are checked and read. None is kept outside training (validation, sanity check) or under torch.no_grad().
     rollout_id = rollout if rollout is None or type(rollout) is int else PolicyTerm.rollout_id(rollout)
     kept = None
     for monitor in monitors:
-        note = monitor._keep(role, rollout_id)
+        note = monitor.keep(role, rollout_id)
         if note is not None:
             kept = [*(kept or []), (monitor, note)]
     if not kept:
         return
     if not any(note.measured or note.light for _, note in kept):  # rollout boundaries only: nothing to read
         for monitor, note in kept:
-            monitor._boundary(note)
+            monitor.boundary(note)
         return
     term = PolicyTerm.build(
         new_logp=new_logp, old_logp=old_logp, advantages=advantages, clip_eps=clip_eps, dist=dist, entropy=entropy,
@@ -138,4 +157,4 @@ def observe(
         action_mask=action_mask,
     )
     for monitor, note in kept:
-        monitor._observe(term, note)
+        monitor.record(term, note)

@@ -1,0 +1,415 @@
+"""The guard's listener: turn what the engine measured into findings, with the rules of
+:class:`~lightning_ppo_guard.rules.Diagnoser`.
+
+:class:`Diagnostics` is a :class:`~lightning_ppo_guard.engine.Listener`: it holds the engine's records until a read
+point (a rollout boundary, a logged row, a manual batch's end, training's end, or 64 pending records), reads them
+to the host in one transfer (the row's own, when there is one), runs the rules on the named values and reports the
+findings. It is Lightning-free: the adapters (:class:`~lightning_ppo_guard.PPOGuard`,
+:class:`~lightning_ppo_guard.FabricGuard`) inject how a warning reaches the user and act on the verdict
+(:meth:`Diagnostics.agreed_stall`).
+
+Where a read happens, never inside an optimizer step: so a GPU is not stalled at each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ppo_guard._inputs import PolicyTerm
+from lightning_ppo_guard._plan import COLUMNS
+from lightning_ppo_guard._sharded import global_norms
+from lightning_ppo_guard.config import GuardConfig
+from lightning_ppo_guard.diagnoses import Finding
+from lightning_ppo_guard.engine import MonitorEngine, ObserveRecord, StepRecord
+from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
+from lightning_ppo_guard.roles import Role
+from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, StepFacts, WiringFacts
+
+__all__ = ["Diagnostics", "GradCheck", "GradientSign", "Verdict", "broadcast_pair", "head_ratio", "train_mode_layers"]
+
+GRAPH_WALK_ROLLOUTS = 8  # the graph walk runs at a role's first observe and at its first rollouts' starts
+MAX_PENDING = 64  # records read in one transfer at the latest (bounds the delay of a finding and the memory)
+
+
+@dataclass
+class GradCheck:
+    """The gradient norms, at one step, of a role's tensors that new_logp's graph did not reach."""
+
+    role: str
+    step: int
+    params: list[nn.Parameter]
+    trainable: int
+    norms: Tensor
+
+    @classmethod
+    def of(cls, record: StepRecord, params: list[nn.Parameter], trainable: int) -> GradCheck:
+        grads = [p.grad.coalesce().values() if p.grad is not None and p.grad.is_sparse else p.grad for p in params]
+        with torch.no_grad():  # sharded (FSDP2) gradients: the global norm of each, not the local shard's
+            norms = global_norms(grads, record.values.device)
+        return cls(record.role, record.step, params, trainable, norms)
+
+
+@dataclass
+class GradientSign:
+    """A number the coming backward writes, by a hook on a tensor handed to ``observe`` (NaN until then, and if it
+    never does: the loss does not use that tensor): ``kind="entropy"``, d loss / d entropy summed over the
+    minibatch (PPG502); ``kind="policy"``, sum of d loss / d new_logp times the advantages (PPG107)."""
+
+    kind: str
+    role: str
+    step: int
+    value: Tensor
+    weights: Tensor | None = None  # the advantages (policy kind), dropped once read
+
+    @classmethod
+    def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None) -> GradientSign:
+        item = cls(kind, role, step, torch.full((), math.nan, device=tensor.device),
+                   None if weights is None else weights.detach().reshape(-1).float())
+        tensor.register_hook(item.read)
+        return item
+
+    def read(self, grad: Tensor) -> None:
+        """The tensor hook: write the number from the gradient the backward produced."""
+        g = grad.detach().float()
+        self.value.copy_(g.sum() if self.weights is None else torch.dot(g.reshape(-1), self.weights))
+        self.weights = None
+
+
+Pending = ObserveRecord | list[StepRecord] | GradCheck | GradientSign
+
+
+def _tensors(item: Pending) -> list[Tensor]:
+    if isinstance(item, ObserveRecord):
+        return [item.values] if item.values is not None else []
+    if isinstance(item, GradCheck):
+        return [item.norms]
+    if isinstance(item, GradientSign):
+        return [item.value.reshape(1)]
+    return [record.values for record in item]
+
+
+def broadcast_pair(term: PolicyTerm) -> tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first pair of loss terms that a PPO loss combines and whose shapes broadcast into more elements:
+    new_logp with old_logp and with the advantages (the ratio times the advantages), values with returns."""
+    pairs = (("old_logp", term.old_logp, "new_logp", term.new_logp),
+             ("advantages", term.advantages, "new_logp", term.new_logp),
+             ("values", term.values, "returns", term.returns))
+    for name, a, other, b in pairs:
+        if a is None or b is None or a.shape == b.shape:
+            continue
+        try:
+            shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
+        except RuntimeError:
+            continue
+        if math.prod(shape) > max(a.numel(), b.numel()):
+            return name, tuple(a.shape), other, tuple(b.shape), shape
+    return None
+
+
+def train_mode_layers(root: Any, role: Role) -> str:
+    """The role's layers that make its output differ between two forwards of the same input in train mode (dropout
+    with p > 0, batch norm updating its statistics): a first ratio != 1 suspect, checked where it is observable."""
+    found = []
+    if not isinstance(root, nn.Module):
+        return ""
+    for part in role.modules(root):
+        for name, m in part.named_modules():
+            if not m.training:
+                continue
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                found.append(f"{name or type(part).__name__} ({type(m).__name__} p={m.p:g})")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                found.append(f"{name or type(part).__name__} ({type(m).__name__} in train mode)")
+    return ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+
+
+def head_ratio(v: dict[str, float]) -> float:
+    """The critic head's gradient into a shared trunk over the actor head's (nan when not measured)."""
+    policy, value = v.get("head_grad_policy", math.nan), v.get("head_grad_value", math.nan)
+    if not (math.isfinite(policy) and math.isfinite(value)):
+        return math.nan
+    return value / policy if policy > 0 else (math.inf if value > 0 else math.nan)
+
+
+@dataclass
+class Verdict:
+    """What the guard concluded so far: saved in checkpoints, so a resumed run keeps its findings and decision."""
+
+    findings: list[Finding] = field(default_factory=list)
+    stall: bool = False  # an error-severity finding was named (on_stall acts on it at the batch end)
+    rollouts_started: dict[str, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "findings": [{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence,
+                          "rollout": f.rollout} for f in self.findings],
+            "stall": self.stall,
+            "rollouts_started": dict(self.rollouts_started),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Verdict:
+        findings = [Finding(**f) for f in state.get("findings", [])]
+        stall = bool(state.get("stall", any(f.severity == "error" for f in findings)))
+        return cls(findings, stall, dict(state.get("rollouts_started", {})))
+
+
+class Diagnostics:
+    """Run the rules on the engine's records and report the findings (a :class:`~lightning_ppo_guard.engine.Listener`).
+
+    Args:
+        config: the thresholds.
+        ignore: codes never reported.
+        warn: how a finding reaches the user (the Lightning adapters pass ``rank_zero_warn`` with
+            :class:`~lightning_ppo_guard.PPOGuardWarning`).
+    """
+
+    def __init__(self, config: GuardConfig, ignore: frozenset[str], warn: Callable[[str], None]) -> None:
+        self.config, self.ignore, self.warn = config, ignore, warn
+        self.engine: MonitorEngine | None = None
+        self.diagnoser = Diagnoser(config)
+        self.verdict = Verdict()
+        self.pending: list[Pending] = []  # waiting for the next host read
+        self.walks: dict[str, int] = {}  # graph walks per role in this fit
+        self.unreached: dict[str, list[nn.Parameter]] = {}  # role -> tensors new_logp's graph did not reach
+
+    def bind(self, engine: MonitorEngine) -> None:
+        """The engine whose records this reads (it was built with this listener)."""
+        self.engine = engine
+
+    def _engine(self) -> MonitorEngine:
+        if self.engine is None:
+            raise RuntimeError("Diagnostics.bind(engine) was not called.")
+        return self.engine
+
+    # ------------------------------------------------------------------ results
+    @property
+    def findings(self) -> list[Finding]:
+        return self.verdict.findings
+
+    def report(self, findings: list[Finding]) -> None:
+        for finding in findings:
+            if finding.code in self.ignore:
+                continue
+            if finding.rollout is None:  # a critic or trunk counts the rollouts of the actors it serves
+                started = self.verdict.rollouts_started
+                count = started.get(finding.role, max(started.values(), default=0))
+                finding.rollout = max(count - 1, 0)
+            self.verdict.findings.append(finding)
+            self.warn(str(finding))
+            if finding.severity == "error":
+                self.verdict.stall = True
+
+    def agreed_stall(self, strategy: Any) -> list[Finding]:
+        """The error-severity findings if any rank has one, else ``[]``: a collective (``reduce_boolean_decision``
+        of the Trainer's or Fabric's strategy), so every rank must call it at the same point (each batch end)."""
+        if not strategy.reduce_boolean_decision(self.verdict.stall, all=False):
+            return []
+        return [f for f in self.findings if f.severity == "error"]
+
+    # ------------------------------------------------------------------ the listener
+    def reset(self) -> None:
+        self.diagnoser, self.verdict, self.pending, self.walks, self.unreached = (
+            Diagnoser(self.config), Verdict(), [], {}, {})
+
+    def detached(self) -> None:
+        self.pending, self.unreached = [], {}
+
+    def refreshed(self) -> None:
+        engine = self._engine()
+        if engine.fit is None:
+            return
+        step = engine.current_step
+        for role in engine.roles:
+            b = engine.bindings.get(role.name)
+            if b is not None:
+                self.report(self.diagnoser.check_setup(
+                    role.name, role.kind, step, binding=b.fraction, lr=b.lr, trainable=len(role.params),
+                    frozen=len(role.frozen), stale_tensors=b.stale_tensors, frozen_parts=role.frozen_parts))
+
+    def roles_changed(self, roles: list[Role]) -> None:
+        for role in roles:
+            self.walks.pop(role.name, None)  # check the wiring again at its next observe
+
+    def observed(self, record: ObserveRecord, term: PolicyTerm | None, role: Role) -> None:
+        engine = self._engine()
+        if record.first_in_rollout:
+            self.verdict.rollouts_started[role.name] = self.verdict.rollouts_started.get(role.name, 0) + 1
+        if term is None:  # a rollout boundary only
+            self.pending.append(record)
+            if len(self.pending) > 1:
+                self.process()
+            return
+        if len(self.pending) >= MAX_PENDING:
+            self.process()  # bounded: before this minibatch's backward, not inside an optimizer step
+        new_logp, old_logp = term.new_logp, term.old_logp
+        broadcast = broadcast_pair(term)
+        # The graph walk runs at a role's first observe and again at the start of its first rollouts (a loop
+        # that changes path after warm-up); a new_logp without grad is seen at every observe the guard keeps.
+        walks = self.walks.get(role.name)
+        check_graph = walks is None or (record.first_in_rollout and walks < GRAPH_WALK_ROLLOUTS)
+        if check_graph or old_logp.requires_grad or not new_logp.requires_grad or broadcast is not None:
+            by_hand = ""
+            if new_logp.requires_grad and check_graph:
+                # the actor's tensors, and a shared trunk's: the policy term should reach both
+                trunk = [r for r in engine.roles if r.kind == "shared"]
+                reached = reached_leaves(new_logp, role.ids.union(*(r.ids for r in trunk)))
+                for r in (role, *trunk):
+                    unreached = [p for p in r.params if id(p) not in reached]
+                    if unreached:  # named only if they get no gradient at the step either (see GradCheck)
+                        self.unreached[r.name] = unreached
+                by_hand = logp_by_hand(new_logp)
+            root = engine.fit.module if engine.fit is not None else None
+            facts = WiringFacts(logp_requires_grad=bool(new_logp.requires_grad),
+                                old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand, broadcast=broadcast,
+                                train_mode_layers=train_mode_layers(root, role) if check_graph else None)
+            self.report(self.diagnoser.check_wiring(role.name, record.step, facts))
+            if check_graph:
+                self.walks[role.name] = (walks or 0) + 1
+        self.pending.append(record)
+        if record.first_in_rollout and len(self.pending) > 1:
+            self.process()  # a rollout boundary: the previous rollout's rules run now
+        if record.measured and (engine.fit is None or engine.fit.cadence.sampled_segment()):
+            # the signs of the policy and entropy terms in the loss, read in the coming backward: wiring facts, so
+            # at the measured observes of the rollouts whose first ratio is read too
+            entropy, advantages = term.entropy, term.advantages
+            if advantages is not None and new_logp.requires_grad and new_logp.numel() == advantages.numel():
+                self.pending.append(GradientSign.hook("policy", role.name, record.step, new_logp, advantages))
+            if entropy is not None and entropy.requires_grad:
+                self.pending.append(GradientSign.hook("entropy", role.name, record.step, entropy))
+
+    def step_skipped(self, roles: list[str]) -> None:
+        engine = self._engine()
+        for role in engine.actor_roles:
+            if role.name in roles:
+                self.report(self.diagnoser.check_skipped(role.name, engine.current_step))
+
+    def stepped(self, records: list[StepRecord]) -> None:
+        engine = self._engine()
+        for record in records:
+            unreached = self.unreached.pop(record.role, None)
+            if unreached:
+                self.pending.append(GradCheck.of(record, unreached, len(engine.role(record.role).params)))
+        self.pending.append(records)  # read later, never inside the optimizer step (see observed)
+
+    def read(self, parts: list[Tensor]) -> list[float]:
+        """A logged row's transfer carries the pending records too (one read for both)."""
+        return self.process(parts)
+
+    def row_written(self) -> None:
+        self.process()  # a row with nothing measured made no transfer: a read point all the same
+
+    def batch_ended(self) -> None:
+        fit = self._engine().fit
+        if fit is not None and fit.manual:
+            self.process()  # a manual-optimization batch is usually a whole PPO iteration
+
+    def train_ended(self) -> None:
+        self.process()
+
+    # ------------------------------------------------------------------ reading and the rules
+    def maximizes(self, role: str) -> bool:
+        """Whether an optimizer of ``role`` is built with ``maximize=True`` (it ascends the loss)."""
+        engine = self._engine()
+        binding, fit = engine.bindings.get(role), engine.fit
+        if binding is None or fit is None:
+            return False
+        optimizers = fit.trainer.optimizers
+        return any(optimizers[i].param_groups[j].get("maximize", False) for i, j in binding.groups)
+
+    def process(self, extra: list[Tensor] | None = None) -> list[float]:
+        """Read every pending record to the host in one transfer (with ``extra``, whose values it returns) and
+        run their rules, in the order they came.
+
+        Called at rollout boundaries, batch ends in manual optimization, logged rows (riding on the row's own
+        transfer), the end of training and every 64 pending records: never once per optimizer step, so a GPU is
+        not stalled at each step.
+        """
+        engine = self._engine()
+        pending, self.pending = self.pending, []
+        if not pending:
+            return engine.transfer(extra) if extra else []
+        parts = [t for item in pending for t in _tensors(item)]
+        flat = engine.transfer(parts + (extra or []))
+        extra_values = flat[sum(t.numel() for t in parts):]
+        names = engine.fit.layout.observe_names if engine.fit is not None else ()
+        at = 0
+        for item in pending:
+            if isinstance(item, ObserveRecord) and item.values is None:
+                self.check_observe(item, {}, boundary_only=True)
+            elif isinstance(item, ObserveRecord):
+                self.check_observe(item, dict(zip(names, flat[at:at + len(names)], strict=True)))
+                at += len(names)
+            elif isinstance(item, GradientSign):
+                d = self.diagnoser
+                check = d.check_entropy_sign if item.kind == "entropy" else d.check_gradient_sign
+                # an optimizer built with maximize=True ascends the loss: the signs are the other way round
+                self.report(check(item.role, item.step, -flat[at] if self.maximizes(item.role) else flat[at]))
+                at += 1
+            elif isinstance(item, GradCheck):
+                norms = flat[at:at + len(item.params)]
+                at += len(item.params)
+                missing = sum(1 for n in norms if n == 0.0)
+                self.report(self.diagnoser.check_unreached(item.role, item.step, missing=missing,
+                                                           unreached=len(norms), trainable=item.trainable))
+            else:
+                steps = {}
+                for record in item:
+                    steps[record.role] = dict(zip(COLUMNS, flat[at:at + len(COLUMNS)], strict=True))
+                    at += len(COLUMNS)
+                self.check_steps(item, steps)
+        return extra_values
+
+    def check_steps(self, records: list[StepRecord], steps: dict[str, dict[str, float]]) -> None:
+        engine = self._engine()
+        critic = next((r.name for r in engine.roles if r.kind == "critic"), None)
+        critic_vals = steps.get(critic) if critic else None
+        for record in records:
+            role = engine.role(record.role)
+            v, b = steps[record.role], engine.bindings[record.role]
+            if not role.moves:
+                self.report(self.diagnoser.check_critic_step(record.role, record.step, CriticFacts(
+                    grad_norm=v["grad_norm"], binding=b.fraction, lr_max=record.groups.lr_max,
+                    segment=record.segment)))
+                continue
+            critic_norm = math.nan  # the critic's norm, when it shares the clip (same coefficient)
+            if critic_vals is not None and abs(critic_vals["clip_coef"] - v["clip_coef"]) <= 1e-3 * max(
+                    abs(v["clip_coef"]), 1e-12):
+                critic_norm = critic_vals["grad_norm"]
+            facts = StepFacts(
+                grad_norm=v["grad_norm"], grad_norm_clipped=v["grad_norm_clipped"], clip_coef=v["clip_coef"],
+                nonzero_frac=v["grad_nonzero_frac"], grad_none=record.grad_none, trainable_tensors=len(role.params),
+                nonfinite=v["grad_nonfinite"], update_norm=v["update_norm"], update_ratio=v["update_ratio"],
+                binding=b.fraction, lr=record.groups.lr, critic_grad_norm=critic_norm, lr_max=record.groups.lr_max,
+                segment=record.segment, fraction=record.fraction, opt_eps=record.groups.eps,
+                trainable_numel=role.numel, policy=role.kind == "actor", head_ratio=head_ratio(v),
+            )
+            self.report(self.diagnoser.check_step(record.role, record.step, facts))
+
+    def check_observe(self, record: ObserveRecord, v: dict[str, float], boundary_only: bool = False) -> None:
+        nan = math.nan
+        facts = ObserveFacts(
+            approx_kl=v.get("approx_kl", nan), ratio_dev=v.get("ratio_dev", nan), adv_mean=v.get("adv_mean", nan),
+            adv_std=v.get("adv_std", nan), entropy_norm=v.get("entropy_norm", nan),
+            entropy_drift=v.get("entropy_drift", nan), boundary_only=boundary_only,
+            first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,
+            prev_updates=record.prev_updates, samples=record.samples, adv_given=record.adv_given,
+            precision_eps=record.precision_eps, clip_fraction=v.get("clip_fraction", nan), inferred=record.inferred,
+            log_std=v.get("log_std", nan),
+            prev_observes=record.prev_observes,
+        )
+        self.report(self.diagnoser.check_observe(record.role, record.step, facts))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"diagnoser": self.diagnoser.state_dict(), **self.verdict.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.diagnoser.load_state_dict(state.get("diagnoser", {}))
+        self.verdict = Verdict.from_state(state)
