@@ -8,7 +8,7 @@ at which the guard first named that code for the fault's role (``.`` = not named
 ``(cannot tell)`` marks a fault whose evidence the minimal call does not carry (README: which rules need which
 arguments). Zoo 1 is the reference PPO the guard was first tuned on (40 steps per rollout, manual optimization);
 zoo 2 is code in other styles: CleanRL's ``ppo.py`` / ``ppo_continuous_action.py`` / ``ppo_atari.py`` layouts and an
-SB3-like ``ActorCriticPolicy`` module (:mod:`lightning_ppo_guard.reference.variants`).
+SB3-like ``ActorCriticPolicy`` module (:mod:`tests.zoo`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test zoo: tests/zoo (not installed)
 from fault_detection import run_fault
 
-from lightning_ppo_guard.reference.expected import EXPECTED, EXPECTED_MINIMAL
-from lightning_ppo_guard.reference.variants import all_variants, run_variant
+from tests.zoo import all_variants, run_variant
+from tests.zoo.expected import EXPECTED, EXPECTED_MINIMAL
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

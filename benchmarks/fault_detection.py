@@ -10,8 +10,10 @@ optimizer step and rollout at which the expected code was first named, and the w
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -25,7 +27,9 @@ from lightning_ppo_guard.reference import (
     PPOConfig,
     trainer_kwargs,
 )
-from lightning_ppo_guard.reference.expected import EXPECTED
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test zoo: tests/zoo (not installed)
+from tests.zoo.expected import EXPECTED
 
 
 def run_fault(fault: str | None, iterations: int, seed: int = 0, observe: str = "full",

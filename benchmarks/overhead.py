@@ -40,6 +40,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -325,7 +326,8 @@ def _reference(iterations: int | None) -> tuple[str, Callable[[], tuple[Any, dic
 def _shared_trunk() -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]:
     """CleanRL's shared-trunk layout on CartPole (auto-detected roles: actor, critic and the shared trunk, whose
     heads' gradients are hooked): its label, a maker, and where it calls observe."""
-    from lightning_ppo_guard.reference.variants import cleanrl
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test zoo: tests/zoo (not installed)
+    from tests.zoo import cleanrl
 
     def make() -> tuple[Any, dict[str, Any]]:
         module = cleanrl.CleanRLTrunkPPO(replace(cleanrl.TRUNK, seed=0))

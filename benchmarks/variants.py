@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from lightning_ppo_guard.reference.variants import Variant, all_variants, run_variant
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test zoo: tests/zoo (not installed)
+from tests.zoo import Variant, all_variants, run_variant
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -19,25 +19,29 @@ import torch
 from torch import Tensor
 
 from lightning_ppo_guard._sharded import Shards, local
-from lightning_ppo_guard._trunk import TrunkProbe
+from lightning_ppo_guard._trunk import POLICY, VALUE, TrunkProbe
 from lightning_ppo_guard.metrics import STEP_METRICS, Layout
 from lightning_ppo_guard.roles import Role
 
 __all__ = ["COLUMNS", "ClipInference", "PreClip", "StepPlan", "transfer"]
 
-#: The columns of :meth:`StepPlan.after`'s block, by name (the block's one order; readers map by these names).
-COLUMNS = ("grad_norm", "grad_norm_clipped", "clip_coef", "grad_none", "grad_nonfinite",
-           "grad_nonzero_frac", "update_norm", "update_ratio", "param_norm",
-           "head_grad_policy", "head_grad_value", "value_grad_share")
-#: Columns measured for the roles that move (actors, a shared trunk: the snapshot and the nonzero count), then
-#: for the shared trunk alone (the heads' gradients): the block's last ones, in that order.
-ACTOR_COLUMNS = COLUMNS[5:9]
-SHARED_COLUMNS = COLUMNS[9:]
-if sorted(COLUMNS) != sorted(s.name for s in STEP_METRICS) or set(ACTOR_COLUMNS) != {
-        s.name for s in STEP_METRICS if s.roles == "actor"} or set(SHARED_COLUMNS) != {
-        s.name for s in STEP_METRICS if s.roles == "shared"}:
-    raise RuntimeError("StepPlan.COLUMNS must name every STEP_METRICS entry, the moving roles' ones then the "
-                       "shared trunk's last.")
+#: The columns of every role (gradients), then of the roles that move (actors, a shared trunk: the snapshot and
+#: the nonzero count), then of the shared trunk alone (the heads' gradients): each group named by
+#: ``MetricSpec.roles`` in :data:`~lightning_ppo_guard.metrics.STEP_METRICS`. Blocks are built from named
+#: columns (:func:`_stack`), so this grouping is the one order there is; readers map by these names.
+COMMON_COLUMNS = tuple(s.name for s in STEP_METRICS if s.roles == "all")
+ACTOR_COLUMNS = tuple(s.name for s in STEP_METRICS if s.roles == "actor")
+SHARED_COLUMNS = tuple(s.name for s in STEP_METRICS if s.roles == "shared")
+COLUMNS = COMMON_COLUMNS + ACTOR_COLUMNS + SHARED_COLUMNS
+
+
+def _stack(names: tuple[str, ...], **columns: Tensor) -> Tensor:
+    """A ``[rows, len(names)]`` block from one tensor per named column (every name given, no other)."""
+    if columns.keys() != set(names):
+        raise RuntimeError(f"a step block needs exactly the columns {names}, got {tuple(columns)}")
+    return torch.stack([columns[name] for name in names], dim=1)
+
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Above this many actor elements ``count_nonzero`` per tensor (one memory pass, ~2x faster per element on
 # CPU) beats the single fused ``_foreach_norm(ord=0)`` call (one op: cheaper for small tensors).
@@ -110,7 +114,7 @@ class StepPlan:
                 m = mask.clone()
                 m[:, COLUMNS.index("grad_nonzero_frac")] &= counted
                 if heads and self.shared_row is not None:
-                    m[self.shared_row, len(COLUMNS) - len(SHARED_COLUMNS):] = True
+                    m[self.shared_row, len(COMMON_COLUMNS) + len(ACTOR_COLUMNS):] = True
                 self.masks[counted, heads] = m.reshape(-1)
         self.mask = self.masks[True, False]
         self._heads = False  # whether the last block holds the shared trunk's heads' gradients
@@ -251,7 +255,9 @@ class StepPlan:
         if not both:
             return self._nan_shared
         self._heads = True
-        row = torch.cat([norms, (norms[1] / norms.sum().clamp_min(1e-30)).reshape(1)])
+        policy, value = norms[POLICY], norms[VALUE]
+        row = _stack(SHARED_COLUMNS, head_grad_policy=policy.reshape(1), head_grad_value=value.reshape(1),
+                     value_grad_share=(value / norms.sum().clamp_min(1e-30)).reshape(1)).reshape(-1)
         return torch.where(self._shared_rows, row, self._nan_shared)
 
     @torch.no_grad()
@@ -281,7 +287,8 @@ class StepPlan:
         none = self._none.get(key)
         if none is None:
             none = self._none[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
-        block = torch.stack([grad_norm, post, clip_coef, none, per[:, 1]], dim=1)
+        block = _stack(COMMON_COLUMNS, grad_norm=grad_norm, grad_norm_clipped=post, clip_coef=clip_coef,
+                       grad_none=none, grad_nonfinite=per[:, 1])
         if not self.actors:
             return torch.cat([block, self._pad, self._nan_shared], dim=1), nones
         nonzero = self._nan_actors
@@ -299,7 +306,8 @@ class StepPlan:
             update = _by_role(self._norms(self.snap, 2, self._actors_index).square(), self.actor_seg,
                               n_actors).sqrt()
         param_norm = param_sq.sqrt()
-        actor = torch.stack([nonzero / self.numel, update, update / param_norm.clamp_min(1e-12), param_norm], dim=1)
+        actor = _stack(ACTOR_COLUMNS, grad_nonzero_frac=nonzero / self.numel, update_norm=update,
+                       update_ratio=update / param_norm.clamp_min(1e-12), param_norm=param_norm)
         return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor, self._shared_columns()],
                          dim=1), nones
 

@@ -10,6 +10,7 @@ update, 3xx policy movement, 4xx learning signal, 5xx entropy, 9xx numerics.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ class Diagnosis:
     code: str
     symbol: str
     severity: Severity
-    message: str  # str.format template over the finding's evidence (and ``role``)
+    message: str  # str.format template over the finding's evidence (and ``role``, ``step``)
     explanation: str
     fix: str
     checklist: str = ""  # which step of the seed checklist this automates
@@ -36,6 +37,36 @@ class Diagnosis:
     def url(self) -> str:
         """This code's page on the docs site (``ppo-guard explain`` prints it, every warning ends with it)."""
         return f"{DOCS_URL}codes/{self.code}/"
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The evidence names the message template needs (``role`` and ``step`` come from the finding)."""
+        return frozenset(name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(self.message)
+                         if name) - {"role", "step"}
+
+    def render(self, role: str, step: int, evidence: dict[str, Any], strict: bool = True) -> str:
+        """The message for one finding. ``strict`` raises a ``KeyError`` naming the code and the missing evidence
+        (the catalog test renders every code with what its rule emits); otherwise a missing field reads ``?`` and
+        a value its format spec does not fit is written plainly, so a report never loses the rest of the line."""
+        missing = self.fields - evidence.keys()
+        if missing and strict:
+            raise KeyError(f"{self.code}'s message needs evidence {sorted(missing)}; got {sorted(evidence)}.")
+        values = {**{name: _Unknown() for name in missing}, **evidence, "role": role, "step": step}
+        try:
+            return self.message.format_map(values)
+        except (ValueError, TypeError, IndexError, AttributeError):  # a spec such as {x:.1%} given a str
+            if strict:
+                raise
+            plain = string.Formatter()
+            return "".join(text + ("" if name is None else str(values.get(name.split(".")[0], "?")))
+                           for text, name, _, _ in plain.parse(self.message))
+
+
+class _Unknown:
+    """A missing evidence field: formats as ``?`` under any format spec."""
+
+    def __format__(self, spec: str) -> str:
+        return "?"
 
 
 @dataclass
@@ -62,10 +93,8 @@ class Finding:
 
     @property
     def message(self) -> str:
-        try:
-            return self.diagnosis.message.format(role=self.role, **self.evidence)
-        except (KeyError, IndexError, ValueError):
-            return self.diagnosis.message
+        """The rendered message (never raises: a missing field reads ``?``; the catalog test keeps it complete)."""
+        return self.diagnosis.render(self.role, self.step, self.evidence, strict=False)
 
     def __str__(self) -> str:
         numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items())

@@ -25,11 +25,11 @@ from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import COLUMNS
 from lightning_ppo_guard._sharded import global_norms
 from lightning_ppo_guard.config import GuardConfig
-from lightning_ppo_guard.diagnoses import Finding
+from lightning_ppo_guard.diagnoses import CATALOG, Finding
 from lightning_ppo_guard.engine import MonitorEngine, ObserveRecord, StepRecord
 from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
 from lightning_ppo_guard.roles import Role
-from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, StepFacts, WiringFacts
+from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, StepFacts, WiringFacts, from_fields
 
 __all__ = ["Diagnostics", "GradCheck", "GradientSign", "Verdict", "broadcast_pair", "head_ratio", "train_mode_layers"]
 
@@ -155,7 +155,7 @@ class Verdict:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Verdict:
-        findings = [Finding(**f) for f in state.get("findings", [])]
+        findings = [from_fields(Finding, f) for f in state.get("findings", []) if f.get("code") in CATALOG]
         stall = bool(state.get("stall", any(f.severity == "error" for f in findings)))
         return cls(findings, stall, dict(state.get("rollouts_started", {})))
 
@@ -206,11 +206,15 @@ class Diagnostics:
             if finding.severity == "error":
                 self.verdict.stall = True
 
-    def agreed_stall(self, strategy: Any) -> list[Finding]:
-        """The error-severity findings if any rank has one, else ``[]``: a collective (``reduce_boolean_decision``
-        of the Trainer's or Fabric's strategy), so every rank must call it at the same point (each batch end)."""
-        if not strategy.reduce_boolean_decision(self.verdict.stall, all=False):
-            return []
+    def agreed_stall(self, strategy: Any) -> bool:
+        """Whether any rank named a stall (an error-severity finding): a collective (``reduce_boolean_decision``
+        of the Trainer's or Fabric's strategy), so every rank must call it at the same point (each batch end).
+        A rank that ignores the code, or saw nothing, still gets ``True`` when another rank named it."""
+        return bool(strategy.reduce_boolean_decision(self.verdict.stall, all=False))
+
+    @property
+    def errors(self) -> list[Finding]:
+        """This rank's error-severity findings (may be empty on a rank that agreed to another's stall)."""
         return [f for f in self.findings if f.severity == "error"]
 
     # ------------------------------------------------------------------ the listener

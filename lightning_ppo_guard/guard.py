@@ -124,12 +124,13 @@ class PPOGuard(PPOMonitor):
         ``host.should_stop``, with ``"raise"`` raise :class:`PPOGuardError`, once any rank named an error."""
         if self.on_stall == "warn" or self.engine.fit is None:
             return
-        errors = self.diagnostics.agreed_stall(host.strategy)
-        if not errors:
+        if not self.diagnostics.agreed_stall(host.strategy):
             return
+        errors = self.diagnostics.errors  # this rank's; another rank's stall stops this one too
         if self.on_stall == "stop":
             host.should_stop = True
-            rank_zero_info(f"PPOGuard stopped the run: {', '.join(f'{f.code}[{f.role}]' for f in errors)}")
+            named = ", ".join(f"{f.code}[{f.role}]" for f in errors) or "a stall another rank named"
+            rank_zero_info(f"PPOGuard stopped the run: {named}")
         else:
             raise PPOGuardError(errors)
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import Finding
 
-__all__ = ["CriticFacts", "Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts"]
+__all__ = ["CriticFacts", "Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts", "from_fields"]
 
 #: A finding of these families for a role explains any later stall of that role.
 _ROOT_FAMILIES = ("PPG0", "PPG1", "PPG2", "PPG9")
@@ -94,6 +94,16 @@ class WiringFacts:
     broadcast: tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None = None
     #: the role's dropout / batch-norm layers in train mode when observed (None: not looked at this time)
     train_mode_layers: str | None = None
+
+
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], values: dict[str, Any]) -> T:
+    """A dataclass restored from a checkpoint tolerantly: keys it no longer has are ignored, fields the checkpoint
+    lacks keep their defaults (a renamed or added field never fails a resume; that field restarts)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
@@ -194,7 +204,7 @@ class RoleState:
         for name in ("trunk", "critic"):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, SegmentVote(**value))
+                setattr(self, name, from_fields(SegmentVote, value))
 
     def reset_rollout(self) -> None:
         for name, value in _ROLLOUT_DEFAULTS:
@@ -629,4 +639,4 @@ class Diagnoser:
         return {"states": {role: dataclasses.asdict(s) for role, s in self.states.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.states = {role: RoleState(**values) for role, values in state.get("states", {}).items()}
+        self.states = {role: from_fields(RoleState, values) for role, values in state.get("states", {}).items()}

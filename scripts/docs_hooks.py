@@ -33,7 +33,7 @@ FAMILIES = {
 }
 
 # code -> how to see it: ``demo`` lists reference faults (``ppo-guard demo --fault NAME``) that are named with
-# this code; ``variants`` names fits of the variant zoo (lightning_ppo_guard/reference/variants) that are;
+# this code; ``variants`` names fits of the variant zoo (tests/zoo) that are;
 # ``tests`` names the test files that plant it otherwise; ``snippet`` is the bug, as a user writes it.
 EXAMPLES: dict[str, dict[str, Any]] = {
     "PPG001": dict(demo=["actor_not_in_optimizer"],

@@ -187,7 +187,7 @@ class _Tracked(CartPolePPO):
         self.refs = []
         self.live.append(sum(isinstance(o, torch.Tensor) for o in gc.get_objects()))
         guard = next(cb for cb in self.trainer.callbacks if isinstance(cb, PPOGuard))
-        self.queued.append(len(guard._fit.rows.queued))
+        self.queued.append(len(guard.engine.fit.rows.queued))
 
 
 def test_memory_stays_flat_no_batch_or_graph_is_retained():
@@ -240,3 +240,25 @@ def test_observe_outside_training_or_under_no_grad_is_ignored(monkeypatch):
     guard = PPOGuard(dense_steps=PER)  # every observe kept, to count them
     fit(CartPolePPO(cfg), [guard])
     assert calls["n"] == PER and guard.observes == PER and guard.findings == []
+
+
+def test_without_gymnasium_the_package_imports_and_the_demo_names_its_extra():
+    """gymnasium is the ``demo`` extra: the package and its reference modules import without it, and building
+    the environment says which extra to install (a fresh interpreter with the import blocked)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['gymnasium'] = None\n"
+        "import lightning_ppo_guard, lightning_ppo_guard.reference as r\n"
+        "try:\n"
+        "    r.CartPolePPO(r.PPOConfig(num_envs=2)).setup('fit')\n"
+        "    r._common.VecCartPole(2, 0)\n"
+        "except ImportError as err:\n"
+        "    print('ERR', err)\n"
+        "else:\n"
+        "    print('NO ERROR')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and 'pip install "lightning_ppo_guard[demo]"' in out.stdout, out.stdout

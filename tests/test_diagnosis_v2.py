@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from lightning_ppo_guard.reference.variants import Variant, run_variant
-from lightning_ppo_guard.reference.variants import cleanrl as C
+from tests.zoo import Variant, run_variant
+from tests.zoo import cleanrl as C
 
 GAUSS = {"actors": {"actor": ["agent.actor_mean", "agent.actor_logstd"]}, "critic": "agent.critic"}
 

@@ -129,9 +129,9 @@ def test_generated_pages_come_from_the_catalog():
 
 
 def test_every_code_has_an_example_and_its_faults_and_variants_name_it():
-    from lightning_ppo_guard.reference.expected import EXPECTED
     from lightning_ppo_guard.reference.faults import MANUAL_FAULTS
-    from lightning_ppo_guard.reference.variants import all_variants
+    from tests.zoo import all_variants
+    from tests.zoo.expected import EXPECTED
 
     names = {v.name: {code for code, _ in v.expect} | set(v.allowed) for v in all_variants()}
     assert set(docs_hooks.EXAMPLES) == set(CATALOG)

@@ -6,7 +6,7 @@ import pytest
 
 from lightning_ppo_guard import PPOGuard, PPOGuardError, PPOGuardWarning
 from lightning_ppo_guard.reference import CartPolePPO, CartPolePPOAuto, MAPPOConfig, MultiCartPoleMAPPO, PPOConfig
-from lightning_ppo_guard.reference.expected import EXPECTED, EXPECTED_MINIMAL
+from tests.zoo.expected import EXPECTED, EXPECTED_MINIMAL
 
 from .conftest import fit
 

@@ -12,9 +12,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_ppo_guard._trunk import POLICY, VALUE, TrunkProbe
-from lightning_ppo_guard.reference.variants import run_variant
-from lightning_ppo_guard.reference.variants.cleanrl import VARIANTS
 from lightning_ppo_guard.rules import Diagnoser, StepFacts
+from tests.zoo import run_variant
+from tests.zoo.cleanrl import VARIANTS
 
 from .conftest import read_csv
 

@@ -65,8 +65,8 @@ def test_no_host_read_inside_an_optimizer_step(monkeypatch, dense_steps, epochs)
     would stall the step. The second case measures 128 steps of a 160-step batch, so the pending list fills."""
     guard = PPOGuard(dense_steps=dense_steps)
     inside = {"depth": 0, "reads": 0, "reads_inside": 0}
-    for name in ("on_after_backward", "on_before_optimizer_step", "_optimizer_pre_step", "_optimizer_post_step"):
-        method = getattr(guard, name)
+    for name in ("after_backward", "before_optimizer_step", "pre_step", "post_step"):  # the engine's step hooks
+        method = getattr(guard.engine, name)
 
         def wrapped(*args, _method=method, **kwargs):
             inside["depth"] += 1
@@ -75,7 +75,7 @@ def test_no_host_read_inside_an_optimizer_step(monkeypatch, dense_steps, epochs)
             finally:
                 inside["depth"] -= 1
 
-        monkeypatch.setattr(guard, name, wrapped)
+        monkeypatch.setattr(guard.engine, name, wrapped)
     for name in ("item", "tolist"):
         original = getattr(torch.Tensor, name)
 

@@ -1,6 +1,6 @@
 """CleanRL-style PPO (code the guard was not tuned on): silent on healthy runs, planted faults named by the deadline.
 
-Every variant of :mod:`lightning_ppo_guard.reference.variants.cleanrl` is one real ``Trainer.fit``. The short ones
+Every variant of :mod:`tests.zoo.cleanrl` is one real ``Trainer.fit``. The short ones
 (a few seconds each) run by default with seed 0; the full trainings are ``slow`` and run on seeds 0, 1 and 2.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_ppo_guard.reference.variants import Variant, run_variant
-from lightning_ppo_guard.reference.variants.cleanrl import RETURN_TO_REACH, VARIANTS
+from tests.zoo import Variant, run_variant
+from tests.zoo.cleanrl import RETURN_TO_REACH, VARIANTS
 
 BY_NAME = {v.name: v for v in VARIANTS}
 CASES = [

@@ -1,6 +1,6 @@
 """The user-style variants: a healthy fit raises no finding, a planted fault is named by its deadline.
 
-Each variant is one real ``Trainer.fit`` of :mod:`lightning_ppo_guard.reference.variants.styles` (about a second
+Each variant is one real ``Trainer.fit`` of :mod:`tests.zoo.styles` (about a second
 each). Also: the logged entropy of a multi-categorical policy is the entropy of the whole action, and an actor
 held as an ``nn.ModuleList`` of layers is refused at fit start with the fix.
 """
@@ -17,8 +17,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_ppo_guard import PPOGuard
-from lightning_ppo_guard.reference.variants import run_variant
-from lightning_ppo_guard.reference.variants.styles import (
+from tests.zoo import run_variant
+from tests.zoo.styles import (
     RETURN_TO_REACH,
     VARIANTS,
     LayerListPPO,

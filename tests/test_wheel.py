@@ -57,6 +57,8 @@ def test_the_wheel_holds_the_package_and_no_tests(wheel):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"lightning_ppo_guard", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert not any(n.startswith(("tests/", "docs/", "benchmarks/", "scripts/")) for n in names)
+    # the test fixtures (the variant zoo, the fault zoo's expectations) live in tests/zoo, not in the package
+    assert not any("variants" in n or n.endswith("/expected.py") or "/zoo/" in n for n in names), names
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     metadata = zipfile.ZipFile(wheel).read(meta).decode()
     for extra in ("demo", "report", "mlflow", "wandb", "docs", "dev"):

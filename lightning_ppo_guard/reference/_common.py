@@ -15,10 +15,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+
+def gymnasium() -> Any:
+    """The ``gymnasium`` module, imported when an environment is built: it is the ``demo`` extra, not a
+    dependency, so importing the package (or the reference modules) never needs it."""
+    try:
+        import gymnasium as gym
+    except ImportError as err:  # tests/test_bad_input.py blocks the import to check this message
+        raise ImportError(
+            "The reference PPO modules step Gymnasium's CartPole: install the demo extra, "
+            'pip install "lightning_ppo_guard[demo]" (or pip install gymnasium).') from err
+    return gym
 
 __all__ = [
     "LossTerms",
@@ -64,7 +75,7 @@ class VecCartPole:
 
     def __init__(self, num_envs: int, seed: int) -> None:
         self.num_envs = num_envs
-        self.env = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
+        self.env = gymnasium().make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
         self.obs, _ = self.env.reset(seed=seed)
         self._prev_done = np.zeros(num_envs, dtype=bool)
         self._running_return = np.zeros(num_envs, dtype=np.float64)

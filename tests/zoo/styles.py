@@ -33,7 +33,7 @@ from lightning_ppo_guard import observe
 from lightning_ppo_guard.reference import CartPolePPOAuto, PPOConfig
 from lightning_ppo_guard.reference import trainer_kwargs as reference_kwargs
 from lightning_ppo_guard.reference._common import VecCartPole, compute_gae, layer_init
-from lightning_ppo_guard.reference.variants import Variant
+from tests.zoo import Variant
 
 __all__ = [
     "VARIANTS",

@@ -10,9 +10,9 @@ the expected code(s) for the expected role on a faulty one.
 
 Modules:
 
-* :mod:`~lightning_ppo_guard.reference.variants.cleanrl`: CleanRL-style loops (discrete, continuous Gaussian,
+* :mod:`~tests.zoo.cleanrl`: CleanRL-style loops (discrete, continuous Gaussian,
   a shared ``network`` trunk), any number of steps per rollout, late stalls.
-* :mod:`~lightning_ppo_guard.reference.variants.styles`: layouts, schedules, optimizers, precisions and
+* :mod:`~tests.zoo.styles`: layouts, schedules, optimizers, precisions and
   Trainer features users have.
 
 ``python benchmarks/variants.py`` runs every variant and prints the table (codes named, first step).
@@ -65,7 +65,7 @@ class Variant:
 
 def all_variants() -> list[Variant]:
     """Every variant of every module, in a stable order (modules import lazily: they need gymnasium)."""
-    from lightning_ppo_guard.reference.variants import cleanrl, styles
+    from tests.zoo import cleanrl, styles
 
     return [*cleanrl.VARIANTS, *styles.VARIANTS]
 

@@ -62,7 +62,7 @@ from torch.distributions import Categorical, Distribution, Normal
 from torch.utils.data import DataLoader
 
 from lightning_ppo_guard import observe
-from lightning_ppo_guard.reference.variants import Variant
+from tests.zoo import Variant
 
 __all__ = [
     "RETURN_TO_REACH",
