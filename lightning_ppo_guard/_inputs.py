@@ -214,5 +214,5 @@ class PolicyTerm:
             except NotImplementedError:
                 entropy = None
         if n_actions is None and self.dist is not None and getattr(self.dist, "_num_events", None) is not None:
-            n_actions = int(self.dist.param_shape[-1])
+            n_actions = int(self.dist.param_shape[-1])  # type: ignore[attr-defined]  # a Categorical
         return entropy, n_actions

@@ -52,7 +52,7 @@ _LARGE = 1 << 17
 _PARAM_NORM_EVERY = 8
 
 
-def _norms(tensors: Sequence[Tensor], ord: float, low_precision: bool) -> Tensor:
+def _norms(tensors: list[Tensor], ord: float, low_precision: bool) -> Tensor:
     """Per-tensor norms as one float32 vector (one fused call; accumulated in float32 for half tensors)."""
     out = torch._foreach_norm(tensors, ord, dtype=torch.float32) if low_precision else torch._foreach_norm(
         tensors, ord)
@@ -78,7 +78,7 @@ class StepPlan:
                  device: torch.device) -> None:
         self.roles = sorted(roles, key=lambda r: not r.moves)  # stable: actors and a shared trunk, then the critic
         self.actors = [r for r in self.roles if r.moves]  # the roles whose update is measured
-        self.params = [p for r in self.roles for p in r.params]
+        self.params: list[Tensor] = [p for r in self.roles for p in r.params]
         self._owner = [i for i, r in enumerate(self.roles) for _ in r.params]
         n_roles, n_actors = len(self.roles), len(self.actors)
         self.actor_params = self.params[:sum(len(r.params) for r in self.actors)]
@@ -140,7 +140,7 @@ class StepPlan:
         self._param_sq: Tensor | None = None  # the actors' last squared parameter norms, and measured steps since
         self._param_age = 0
 
-    def _norms(self, tensors: Sequence[Tensor], ord: float, index: Sequence[int] | slice | None = None) -> Tensor:
+    def _norms(self, tensors: list[Tensor], ord: float, index: Sequence[int] | slice | Tensor | None = None) -> Tensor:
         """Per-tensor norms of ``tensors`` (which are ``self.params[index]`` or their gradients, snapshots...):
         one fused call; with sharded parameters, of the local shards, then summed over the ranks (squares for
         ``ord=2``, counts for ``ord=0``; one ``all_reduce``)."""
@@ -157,15 +157,19 @@ class StepPlan:
     def grads(self) -> tuple[list[Tensor], list[int]]:
         """Every tensor's gradient (a zero scalar where ``.grad is None``; the stored values of a sparse one,
         whose norms and nonzero count they share) and the ``None`` count per role."""
-        grads = [p.grad for p in self.params]
+        raw = [p.grad for p in self.params]
         nones = [0] * len(self.roles)
-        if any(g is None or g.is_sparse for g in grads):
-            for k, g in enumerate(grads):
-                if g is None:
-                    nones[self._owner[k]] += 1
-                    grads[k] = self._zero
-                elif g.is_sparse:  # nn.Embedding(sparse=True): no fused kernel takes sparse tensors
-                    grads[k] = g.coalesce().values()
+        if not any(g is None or g.is_sparse for g in raw):
+            return raw, nones  # type: ignore[return-value]  # no None among them
+        grads: list[Tensor] = []
+        for k, g in enumerate(raw):
+            if g is None:
+                nones[self._owner[k]] += 1
+                grads.append(self._zero)
+            elif g.is_sparse:  # nn.Embedding(sparse=True): no fused kernel takes sparse tensors
+                grads.append(g.coalesce().values())
+            else:
+                grads.append(g)
         return grads, nones
 
     def grad_state(self) -> tuple[tuple[int, int], ...]:
@@ -242,8 +246,8 @@ class StepPlan:
         """At the step post-hook of a measured step: :meth:`after`, with the pre-clip norms taken from ``pre``
         (once) and the post-clip norms reused, inferred or measured by :attr:`clip`; and the block's mask."""
         post = self.clip.post_norms(self, pre)
-        norms = pre.take(self) if pre is not None else None
-        block, nones = self.after(param_sq, norms, pre.inv_scale if norms is not None else 1.0, count_nonzero, post)
+        norms, inv_scale = (pre.take(self), pre.inv_scale) if pre is not None else (None, 1.0)
+        block, nones = self.after(param_sq, norms, inv_scale if norms is not None else 1.0, count_nonzero, post)
         return block, nones, self.masks[count_nonzero, self._heads]
 
     def _shared_columns(self) -> Tensor:

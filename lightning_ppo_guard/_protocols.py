@@ -25,8 +25,8 @@ class TrainerLike(Protocol):
     @property
     def loggers(self) -> Sequence[Any]: ...
 
-    @property
-    def log_every_n_steps(self) -> int: ...
+    # ``log_every_n_steps`` and ``current_epoch`` are read with ``getattr`` (the Trainer sets the first at init, a
+    # Fabric loop's view may lack the second): the engine falls back to logging every batch, resp. no fit fraction.
 
     @property
     def global_step(self) -> int: ...  # finished optimizer steps

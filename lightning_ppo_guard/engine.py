@@ -145,9 +145,16 @@ class FitState:
     infer_rollouts: bool = True  # without rollout ids, a manual batch is taken as a rollout until batches of one
     # observe show it is not (a loop with one minibatch per batch: then windows of observes, as in automatic)
     one_minibatch_batches: int = 0
-    fraction: float | None = None  # share of the fit's planned batches (or steps) done; None when unknown
+    batch_idx: int = 0  # the current training batch's index in its epoch
+    log_every_batches: int = 1  # the host's log_every_n_steps (read once: a Trainer argument)
     steps_since_row: int = 0
     batches_since_row: int = 0
+
+    @property
+    def fraction(self) -> float | None:
+        """The share of the fit's planned batches (or steps) done; None when unknown. Read at measured steps only
+        (the Trainer's progress properties cost microseconds each)."""
+        return fit_fraction(self.trainer, self.batch_idx)
 
     @classmethod
     def start(cls, trainer: TrainerLike, module: ModuleLike, prefix: str, roles: list[Role],
@@ -158,6 +165,7 @@ class FitState:
                  for name, o in layout.observe_offset.items()}
         fit = cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
         fit.manual = not module.automatic_optimization
+        fit.log_every_batches = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
         # the trunk probe hooks the heads' inputs only in training forwards of measured steps
         fit.cache.armed = lambda: fit.training and fit.cadence.measuring(fit.cache.keys.get("shared", 0))
         return fit
@@ -279,7 +287,7 @@ def fit_fraction(trainer: TrainerLike, batch_idx: int) -> float | None:
     batches, epochs = getattr(trainer, "num_training_batches", math.inf), getattr(trainer, "max_epochs", None)
     if not isinstance(epochs, int) or epochs <= 0 or not math.isfinite(batches) or batches <= 0:
         return None
-    return (trainer.current_epoch * batches + batch_idx + 1) / (epochs * batches)
+    return (getattr(trainer, "current_epoch", 0) * batches + batch_idx + 1) / (epochs * batches)
 
 
 def validate(log_every_n_steps: Any, dense_steps: Any, measure_every_n_steps: Any, prefix: Any) -> None:
@@ -429,7 +437,7 @@ class MonitorEngine:
         if fit is None:
             return
         fit.batches += 1
-        fit.fraction = fit_fraction(fit.trainer, batch_idx)
+        fit.batch_idx = batch_idx
         if fit.manual:  # a manual-optimization batch is usually one PPO iteration
             fit.cadence.start_segment(("batch", fit.batches), rollout=False)
         if fit.cadence.any_measuring():  # binding and lr are re-read on the cadence of the measurements
@@ -532,7 +540,7 @@ class MonitorEngine:
             self.skipped(opt_id)
         if self.log_every is None:
             fit.batches_since_row += 1
-            if fit.batches_since_row >= max(1, int(fit.trainer.log_every_n_steps)):
+            if fit.batches_since_row >= fit.log_every_batches:
                 self.write_row()
         if self.listener is not None:
             self.listener.batch_ended()

@@ -158,7 +158,7 @@ class PPOMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.resolve(pl_module)
-        _warn_shared_prefix(trainer.callbacks, self)
+        _warn_shared_prefix(getattr(trainer, "callbacks", []), self)  # set by the Trainer at init
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

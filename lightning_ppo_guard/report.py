@@ -140,8 +140,8 @@ def find_run(logdir: str | os.PathLike[str], prefix: str = "ppo_guard") -> RunLo
     if not any(k.startswith(f"{prefix}/") for k in metrics):
         raise ReportError(f"the logs in {run_dir} have no '{prefix}/' metrics: was PPOGuard (or PPOMonitor) "
                           "among the Trainer's callbacks?")
-    findings_path = run_dir / FINDINGS_FILE
-    if not findings_path.is_file():
+    findings_path: Path | None = run_dir / FINDINGS_FILE
+    if findings_path is not None and not findings_path.is_file():
         # with several loggers, the findings sit in the first logger's folder: look next to this run
         near = [p / FINDINGS_FILE for p in ordered if (p / FINDINGS_FILE).is_file() and p.parent == run_dir.parent]
         findings_path = near[0] if near else None

@@ -256,7 +256,9 @@ def _sb3(path: str, module: nn.Module) -> Detected:
     ``share_features_extractor=False`` gave the critic its own."""
     children = dict(module.named_children())
     own = dict(module.named_parameters(recurse=False))
-    actor, critic, shared = [], [], []
+    actor: list[str] = []
+    critic: list[str] = []
+    shared: list[str] = []
     mlp = children.get("mlp_extractor")
     if mlp is not None:
         branches = dict(mlp.named_children())
@@ -323,9 +325,9 @@ def detect(root: nn.Module) -> Detected:
             if found is not None:
                 levels[depth].append(found)
     for with_critic in (True, False):
-        for depth, found in enumerate(levels):
-            matches = [r for r in found if isinstance(r, Detected) and (bool(r.critic) or not with_critic)]
-            ambiguous = [r for r in found if isinstance(r, str)]
+        for depth, level in enumerate(levels):
+            matches = [r for r in level if isinstance(r, Detected) and (bool(r.critic) or not with_critic)]
+            ambiguous = [r for r in level if isinstance(r, str)]
             if not matches and not (ambiguous and with_critic):
                 continue
             if len(matches) == 1 and not ambiguous:

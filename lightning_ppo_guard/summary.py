@@ -42,7 +42,7 @@ def findings_table(findings: Sequence[Finding], *, optimizer_steps: int, observe
     return _plain(title, rows, width)
 
 
-def _rich(title: str, rows: list[tuple[str, ...]], width: int) -> str:
+def _rich(title: str, rows: Sequence[tuple[str, ...]], width: int) -> str:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -55,13 +55,14 @@ def _rich(title: str, rows: list[tuple[str, ...]], width: int) -> str:
         # Text, not markup: messages and fixes hold brackets such as [len(g['params']) ...]
         table.add_row(*(Text(c) for c in cells[:5]), Text(f"{symbol}: {message}\nfix: {fix}"))
     # force_jupyter=False: in a notebook rich would otherwise display the table, not write it
-    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False, emoji=False,
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, highlight=False, emoji=False,
                       soft_wrap=False, force_jupyter=False, force_terminal=False)
     console.print(table)
-    return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
+    return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip().splitlines())
 
 
-def _plain(title: str, rows: list[tuple[str, ...]], width: int) -> str:
+def _plain(title: str, rows: Sequence[tuple[str, ...]], width: int) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADER)]
 
     def cols(cells: Iterable[str]) -> str:

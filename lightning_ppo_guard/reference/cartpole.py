@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 from torch.distributions import Categorical
 from torch.utils.data import DataLoader, IterableDataset
@@ -304,7 +305,8 @@ class CartPolePPO(_CartPolePPOBase):
         self.automatic_optimization = False
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.cfg.num_iterations), batch_size=None)
+        # one batch per PPO iteration: a range is a map-style dataset (len, getitem) to torch, not to its stubs
+        return DataLoader(range(self.cfg.num_iterations), batch_size=None)  # type: ignore[arg-type]
 
     def extra_trainer_kwargs(self) -> dict[str, Any]:
         return {}
@@ -321,7 +323,7 @@ class CartPolePPO(_CartPolePPOBase):
 
     def update(self, data: dict[str, Tensor], iteration: int) -> list[LossTerms]:
         """The PPO update phase of one rollout; returns the terms of the minibatches that were applied."""
-        cfg, opt = self.cfg, self.optimizers()
+        cfg, opt = self.cfg, cast(LightningOptimizer, self.optimizers())  # one optimizer
         applied: list[LossTerms] = []
         for _epoch in range(cfg.update_epochs):
             for idx in self.minibatch_indices(len(data["obs"])):
@@ -331,7 +333,8 @@ class CartPolePPO(_CartPolePPOBase):
                 self.manual_backward(terms.loss)
                 if self.fault == "zero_grad_before_step":
                     opt.zero_grad()  # misplaced: clears the gradients the backward just produced
-                self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm,  # type: ignore[arg-type]  # (as documented)
+                                    gradient_clip_algorithm="norm")
                 opt.step()
                 opt.zero_grad()
                 applied.append(terms)

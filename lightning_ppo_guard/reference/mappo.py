@@ -19,11 +19,12 @@ so DDP's averaged gradient is the one-process gradient of the same minibatch (``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 from torch.distributions import Categorical
 from torch.utils.data import DataLoader
@@ -128,7 +129,8 @@ class MultiCartPoleMAPPO(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.cfg.num_iterations), batch_size=None)
+        # one batch per PPO iteration: a range is a map-style dataset (len, getitem) to torch, not to its stubs
+        return DataLoader(range(self.cfg.num_iterations), batch_size=None)  # type: ignore[arg-type]
 
     def extra_trainer_kwargs(self) -> dict[str, Any]:
         return {}
@@ -244,7 +246,7 @@ class MultiCartPoleMAPPO(L.LightningModule):
         cfg = self.cfg
         epoch = self._trainer.current_epoch if self._trainer is not None else 0
         iteration = epoch * cfg.num_iterations + int(batch)  # keeps increasing over epochs
-        opt = self.optimizers()
+        opt = cast(LightningOptimizer, self.optimizers())  # one optimizer
         data = self.collect_rollout()
 
         per_agent: list[list[LossTerms]] = [[] for _ in range(cfg.n_agents)]
@@ -261,7 +263,8 @@ class MultiCartPoleMAPPO(L.LightningModule):
                 terms = [self.agent_losses(data, a, chunks[a][k], iteration) for a in range(cfg.n_agents)]
                 loss = torch.stack([t.loss for t in terms]).sum()
                 self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm,  # type: ignore[arg-type]  # (as documented)
+                                    gradient_clip_algorithm="norm")
                 opt.step()
                 opt.zero_grad()
                 for agent, t in enumerate(terms):
