@@ -155,9 +155,20 @@ HOOKS = {
     "naive": ("on_before_optimizer_step", "on_train_batch_end"),
     "grad_norm": ("on_before_optimizer_step",),
     "floor": ("_pre", "_post"),
-    "exact": ("on_train_batch_start", "on_train_batch_end", "on_after_backward", "on_before_optimizer_step",
-              "_optimizer_pre_step", "_optimizer_post_step"),
+    "exact": ("on_train_batch_start", "on_train_batch_end", "on_after_backward", "on_before_optimizer_step"),
 }
+#: The optimizer step pre/post hooks: the guard's engine registers its own ``pre_step``/``post_step`` at train
+#: start (wrapped on the engine before the fit), the no-op arm its namesakes.
+STEP_HOOKS = ("pre_step", "post_step")
+
+
+def wrap_arm(clock: _HookClock, cb: Any, arm: str) -> None:
+    """Time the per-step methods of one arm's callback (its Lightning hooks, and its optimizer hooks)."""
+    clock.wrap(cb, HOOKS[arm])
+    if isinstance(cb, PPOGuard):
+        clock.wrap(cb.engine, STEP_HOOKS)
+    elif isinstance(cb, _NoopHooks):
+        clock.wrap(cb, STEP_HOOKS)
 #: The guard arms also pay for ``observe()`` itself (finding the guards, checking the inputs, the statistics):
 #: the module-level function is timed where the training code calls it.
 OBSERVES = {"exact", "default"}
@@ -216,7 +227,7 @@ def time_steps(size: str, arm: str, steps: int) -> tuple[float, float, int]:
     callbacks = ARMS[arm]()
     clock = _HookClock()
     for cb in callbacks:
-        clock.wrap(cb, HOOKS[arm])
+        wrap_arm(clock, cb, arm)
     restore = clock.wrap_function(sys.modules[__name__], "observe") if arm in OBSERVES else lambda: None
     timer = _StepTimer(warmup=3, clock=clock)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -293,8 +304,8 @@ class _NoopHooks(Callback):
 
     def on_train_start(self, trainer: Any, *args: Any) -> None:
         for opt in trainer.optimizers:
-            opt.register_step_pre_hook(lambda *a: self._optimizer_pre_step(*a))
-            opt.register_step_post_hook(lambda *a: self._optimizer_post_step(*a))
+            opt.register_step_pre_hook(lambda *a: self.pre_step(*a))
+            opt.register_step_post_hook(lambda *a: self.post_step(*a))
 
     def on_train_batch_start(self, *args: Any) -> None: ...
 
@@ -304,9 +315,9 @@ class _NoopHooks(Callback):
 
     def on_before_optimizer_step(self, *args: Any) -> None: ...
 
-    def _optimizer_pre_step(self, *args: Any) -> None: ...
+    def pre_step(self, *args: Any) -> None: ...
 
-    def _optimizer_post_step(self, *args: Any) -> None: ...
+    def post_step(self, *args: Any) -> None: ...
 
 
 def _reference(iterations: int | None) -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]:
@@ -338,7 +349,7 @@ def _shared_trunk() -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]
 
 def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any],
               hooks_only: bool = False, **guard_kwargs: Any) -> None:
-    from lightning_ppo_guard import guard as guard_module
+    from lightning_ppo_guard import diagnostics
     from lightning_ppo_guard._trunk import TrunkProbe
 
     label, make, namespace = workload
@@ -350,14 +361,12 @@ def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[st
         clock = _HookClock()
         restores: list[Callable[[], Any]] = []
         if timed_hooks:  # a run of its own: the wrappers' own cost stays out of the wall-time arms
-            clock.wrap(guard, HOOKS["default"])
+            wrap_arm(clock, guard, "default")
             restores.append(clock.wrap_function(namespace, "observe"))
             # the trunk probe's module and tensor hooks run inside the model's forward and backward
             restores += [clock.wrap_function(TrunkProbe, name) for name in ("_trunk_out", "_head_in", "_grad")]
             # the tensor hooks that read the policy and entropy terms' signs run inside the backward
-            sign = getattr(guard_module, "_GradientSign", None)
-            if sign is not None:
-                restores.append(clock.wrap_function(sign, "_read"))
+            restores.append(clock.wrap_function(diagnostics.GradientSign, "read"))
         logger = CSVLogger(tempfile.mkdtemp(prefix="ppo_guard_bench_"), name="fit")
         trainer = L.Trainer(**kwargs, logger=logger, enable_checkpointing=False,
                             callbacks=[guard] if with_guard else [])

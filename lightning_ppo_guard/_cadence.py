@@ -48,11 +48,15 @@ class Cadence:
         self.segments = 0  # segments started so far
         self.segment_id: object = None  # what identifies the current segment (a rollout id, a batch count)
         self.by_rollout = False  # segments come from observe(rollout=...), not from batches
+        # True once :meth:`any_measuring` found no optimizer's coming step measured, until a step or a segment
+        # changes that: the one cached decision the hooks of an unmeasured step read (an attribute, no call)
+        self.quiet = False
 
     def clock(self, key: int) -> Clock:
         clock = self.clocks.get(key)
         if clock is None:
             clock = self.clocks[key] = Clock()
+            self.quiet = False
         return clock
 
     def start_segment(self, segment_id: object, *, rollout: bool) -> bool:
@@ -66,6 +70,7 @@ class Cadence:
             return False
         self.segment_id = segment_id
         self.segments += 1
+        self.quiet = False
         for clock in self.clocks.values():
             if clock.segment:  # an optimizer that did not step in the segment keeps its last length
                 clock.previous, clock.late_before = clock.segment, clock.late
@@ -73,19 +78,25 @@ class Cadence:
         return True
 
     def any_measuring(self) -> bool:
-        """Whether the coming step of some optimizer is measured."""
-        for key, clock in self.clocks.items():
-            if clock.decision if clock.decision is not None else self.measuring(key):
+        """Whether the coming step of some optimizer is measured (every hook of an unmeasured step asks: flat)."""
+        for clock in self.clocks.values():
+            decision = clock.decision
+            if decision is None:
+                decision = clock.decision = self._decide(clock)
+            if decision:
+                self.quiet = False
                 return True
+        self.quiet = True
         return False
 
     def measuring(self, key: int) -> bool:
         """Whether the coming step of optimizer ``key`` is measured (decided once per step: every hook of the
         step asks, and the answer must not change between them)."""
         clock = self.clocks.get(key) or self.clock(key)
-        if clock.decision is None:
-            clock.decision = self._decide(clock)
-        return clock.decision
+        decision = clock.decision
+        if decision is None:
+            decision = clock.decision = self._decide(clock)
+        return decision
 
     def _decide(self, clock: Clock) -> bool:
         if clock.steps < self.dense_steps or self.every == 1:
@@ -98,7 +109,7 @@ class Cadence:
             return True
         return pos == 1 and not clock.late_before  # the last segment ended before its predicted last step
 
-    def stepped(self, key: int, measured: bool) -> None:
+    def stepped(self, key: int, measured: bool = False) -> None:
         """Count a step of optimizer ``key`` (``measured``: whether it was)."""
         clock = self.clocks.get(key) or self.clock(key)
         if measured:
@@ -107,6 +118,7 @@ class Cadence:
         clock.steps += 1
         clock.segment += 1
         clock.decision = None
+        self.quiet = False
 
     def sampled_segment(self) -> bool:
         """Whether the current segment gets the per-rollout wiring reads (the first minibatch's ratio, the backward

@@ -310,9 +310,10 @@ class Diagnostics:
         self.process()  # a row with nothing measured made no transfer: a read point all the same
 
     def batch_ended(self) -> None:
-        fit = self._engine().fit
-        if fit is not None and fit.manual:
-            self.process()  # a manual-optimization batch is usually a whole PPO iteration
+        if self.pending:  # a manual-optimization batch is usually a whole PPO iteration: a read point
+            fit = self._engine().fit
+            if fit is not None and fit.manual:
+                self.process()
 
     def train_ended(self) -> None:
         self.process()

@@ -438,16 +438,19 @@ class MonitorEngine:
             return
         fit.batches += 1
         fit.batch_idx = batch_idx
-        if fit.manual:  # a manual-optimization batch is usually one PPO iteration
-            fit.cadence.start_segment(("batch", fit.batches), rollout=False)
-        if fit.cadence.any_measuring():  # binding and lr are re-read on the cadence of the measurements
+        cadence = fit.cadence
+        if fit.manual and not cadence.by_rollout:  # a manual-optimization batch is usually one PPO iteration
+            cadence.start_segment(("batch", fit.batches), rollout=False)
+        if cadence.any_measuring():  # binding and lr are re-read on the cadence of the measurements
             self.refresh()
 
     def after_backward(self) -> None:
         """Manual optimization: the user clips between backward and step, so the pre-clip gradient is read here
         (AMP-scaled: undone with the scaler's current scale). With accumulation, the last backward wins."""
         fit = self.fit
-        if fit is not None and fit.manual and fit.cache.all_plan is not None and fit.cadence.any_measuring():
+        if fit is None or not fit.manual or fit.cadence.quiet:
+            return
+        if fit.cache.all_plan is not None and fit.cadence.any_measuring():
             scaler = fit.trainer.scaler
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self.flight.pre_clip = PreClip(fit.cache.all_plan, 1.0 / scale)
@@ -462,13 +465,15 @@ class MonitorEngine:
             self.skipped(key)
         awaiting.add(key)
         # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
-        if not fit.manual and fit.cache.all_plan is not None and fit.cadence.measuring(key):
+        if fit.manual or fit.cadence.quiet:
+            return
+        if fit.cache.all_plan is not None and fit.cadence.measuring(key):
             self.flight.pre_clip = PreClip(fit.cache.all_plan, 1.0)
 
     def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """The optimizer's step pre-hook: snapshot the moving roles before a measured step."""
         fit = self.fit
-        if fit is None or not fit.cadence.measuring(id(optimizer)):
+        if fit is None or fit.cadence.quiet or not fit.cadence.measuring(id(optimizer)):
             return
         if fit.cache.lazy:  # lazy parameters materialise at the first forward: measure them from now on
             self.refresh()
@@ -493,17 +498,18 @@ class MonitorEngine:
         counts = progress.rollout_steps
         for name in plan.actor_names:
             counts[name] = counts.get(name, 0) + 1
-        fit.steps_since_row += 1
         param_sq = flight.param_sq.pop(key, None) if flight.param_sq else None
         cadence = fit.cadence
         if param_sq is None:
-            cadence.stepped(key, measured=False)
+            cadence.stepped(key)
         else:
             self.measured(fit, plan, key, param_sq)
         if fit.cache.trunk is not None:
             fit.cache.hook_trunk(cadence)
-        if self.log_every is not None and fit.steps_since_row >= self.log_every:
-            self.write_row()
+        if self.log_every is not None:
+            fit.steps_since_row += 1
+            if fit.steps_since_row >= self.log_every:
+                self.write_row()
 
     def measured(self, fit: FitState, plan: Any, key: int, param_sq: Tensor) -> None:
         """The measured step's work (the post-hook's rare branch)."""
@@ -536,8 +542,9 @@ class MonitorEngine:
         fit = self.fit
         if fit is None:
             return
-        for opt_id in list(self.flight.awaiting):  # a batch ended with a step announced but never run
-            self.skipped(opt_id)
+        if self.flight.awaiting:  # a batch ended with a step announced but never run
+            for opt_id in list(self.flight.awaiting):
+                self.skipped(opt_id)
         if self.log_every is None:
             fit.batches_since_row += 1
             if fit.batches_since_row >= fit.log_every_batches:

@@ -85,7 +85,7 @@ class PPOMonitor(Callback):
                                     dense_steps=dense_steps, measure_every_n_steps=measure_every_n_steps,
                                     prefix=prefix, name=type(self).__name__, warn=warn, info=rank_zero_info,
                                     listener=listener)
-        self._state_key: tuple[str | None, str] = (None, "")
+        self._state_key = self._generate_state_key(prefix=prefix)  # Lightning reads it at every hook: built once
 
     # ------------------------------------------------------------------ public reads (the engine's)
     dense_steps = property(lambda self: self.engine.dense_steps, doc="Steps measured densely from the start.")
@@ -145,9 +145,7 @@ class PPOMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        if self._state_key[0] != self.prefix:  # Lightning reads it at every hook (a profiler label): cached
-            self._state_key = (self.prefix, self._generate_state_key(prefix=self.prefix))
-        return self._state_key[1]
+        return self._state_key
 
     # ------------------------------------------------------------------ Lightning hooks (thin)
     @override
