@@ -40,9 +40,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overhead  # noqa: E402  (the synthetic PPO update of benchmarks/overhead.py)
+import overhead  # the synthetic PPO update of benchmarks/overhead.py
 
-from lightning_ppo_guard import PPOGuard, PPOGuardWarning  # noqa: E402
+from lightning_ppo_guard import PPOGuard, PPOGuardWarning
 
 warnings.filterwarnings("ignore", category=PPOGuardWarning)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -72,32 +72,6 @@ class AutomaticPPO(overhead.SyntheticPPO):
         overhead.observe(self, new_logp=new_logp, old_logp=self.old, advantages=self.adv, clip_eps=0.2, dist=dist,
                          values=values, returns=self.ret, rollout=batch_idx // 16)
         return loss
-
-
-class NoopCallback(Callback):
-    """The guard's per-step hooks, each doing nothing (and an optimizer step pre/post pair)."""
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.handles = []
-        for opt in trainer.optimizers:
-            self.handles.append(opt.register_step_pre_hook(self.pre_step))
-            self.handles.append(opt.register_step_post_hook(self.post_step))
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def on_train_batch_start(self, *args: Any) -> None: ...
-
-    def on_after_backward(self, *args: Any) -> None: ...
-
-    def on_before_optimizer_step(self, *args: Any) -> None: ...
-
-    def on_train_batch_end(self, *args: Any) -> None: ...
-
-    def pre_step(self, *args: Any) -> None: ...
-
-    def post_step(self, *args: Any) -> None: ...
 
 
 class Clock:
@@ -145,7 +119,7 @@ def run(mode: str, arm: str, steps: int) -> tuple[float, float]:
     clock = Clock()
     callbacks: list[Callback] = []
     if arm == "noop":
-        cb: Callback = NoopCallback()
+        cb: Callback = overhead.NoopHooks()  # the same hooks as the guard, doing nothing
         targets: list[tuple[Any, str]] = [(cb, name) for name in (*STEP_HOOKS, "pre_step", "post_step")]
         callbacks.append(cb)
     elif arm == "guard":
