@@ -61,17 +61,7 @@ class AutomaticPPO(overhead.SyntheticPPO):
         self.automatic_optimization = True
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        from torch.distributions import Categorical
-
-        dist = Categorical(logits=self.actor(self.x))
-        new_logp = dist.log_prob(self.a)
-        ratio = (new_logp - self.old).exp()
-        values = self.critic(self.x).squeeze(-1)
-        loss = (-torch.min(ratio * self.adv, ratio.clamp(0.8, 1.2) * self.adv).mean()
-                + 0.5 * (values - self.ret).pow(2).mean() - 0.01 * dist.entropy().mean())
-        overhead.observe(self, new_logp=new_logp, old_logp=self.old, advantages=self.adv, clip_eps=0.2, dist=dist,
-                         values=values, returns=self.ret, rollout=batch_idx // 16)
-        return loss
+        return self.ppo_loss(batch_idx)
 
 
 class Clock:

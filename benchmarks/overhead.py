@@ -92,8 +92,8 @@ class SyntheticPPO(L.LightningModule):
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=1e-4, eps=1e-5)
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt = self.optimizers()
+    def ppo_loss(self, batch_idx: int) -> torch.Tensor:
+        """The clipped PPO loss of the fixed batch, handed to ``observe`` (16 updates per rollout id)."""
         dist = Categorical(logits=self.actor(self.x))
         new_logp = dist.log_prob(self.a)
         ratio = (new_logp - self.old).exp()
@@ -102,6 +102,11 @@ class SyntheticPPO(L.LightningModule):
                 + 0.5 * (values - self.ret).pow(2).mean() - 0.01 * dist.entropy().mean())
         observe(self, new_logp=new_logp, old_logp=self.old, advantages=self.adv, clip_eps=0.2, dist=dist,
                 values=values, returns=self.ret, rollout=batch_idx // 16)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        loss = self.ppo_loss(batch_idx)
         opt.zero_grad()
         self.manual_backward(loss)
         self.clip_gradients(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
