@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,6 @@ warnings.filterwarnings("ignore", category=PPOGuardWarning)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
-#: The Lightning hooks the guard implements that run at every training step (batch start and end, after
-#: backward, before the optimizer step); its optimizer step pre/post hooks are timed on its engine.
-STEP_HOOKS = ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
-
 
 class AutomaticPPO(overhead.SyntheticPPO):
     """The same update with Lightning's automatic optimization (its loop calls backward and step)."""
@@ -64,27 +59,10 @@ class AutomaticPPO(overhead.SyntheticPPO):
         return self.ppo_loss(batch_idx)
 
 
-class Clock:
-    """Wall time accumulated inside wrapped callables."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-
-    def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.total += time.perf_counter() - t0
-
-        return wrapper
-
-
 class StepClock(Callback):
     """First callback: marks each batch start (wall time and the hooks' clock). ``StepEnd`` is the last one."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: overhead.HookClock) -> None:
         self.clock, self.t0, self.whole, self.hooks, self.mark = clock, 0.0, [], [], 0.0
 
     def on_train_batch_start(self, *args: Any) -> None:
@@ -106,23 +84,15 @@ def run(mode: str, arm: str, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     obs, hidden, layers, batch = overhead.SIZES["10k"]
     module = (AutomaticPPO if mode == "automatic" else overhead.SyntheticPPO)(obs, hidden, layers, batch, steps)
-    clock = Clock()
+    clock = overhead.HookClock()
     callbacks: list[Callback] = []
     if arm == "noop":
-        cb: Callback = overhead.NoopHooks()  # the same hooks as the guard, doing nothing
-        targets: list[tuple[Any, str]] = [(cb, name) for name in (*STEP_HOOKS, "pre_step", "post_step")]
-        callbacks.append(cb)
+        callbacks.append(overhead.NoopHooks())  # the same hooks as the guard, doing nothing
     elif arm == "guard":
-        cb = PPOGuard(dense_steps=0, verbose=False)
-        # the engine registers its own pre_step/post_step as the optimizer's hooks at train start: wrapped first
-        targets = [(cb, name) for name in STEP_HOOKS] + [(cb.engine, "pre_step"), (cb.engine, "post_step")]
-        callbacks.append(cb)
-    else:
-        targets = []
-    for obj, name in targets:
-        setattr(obj, name, clock.timed(getattr(obj, name)))
-    original = overhead.observe
-    overhead.observe = clock.timed(original) if arm != "none" else original
+        callbacks.append(PPOGuard(dense_steps=0, verbose=False))
+    for cb in callbacks:  # its Lightning hooks, and its optimizer step pair (the guard's: on its engine)
+        overhead.wrap_arm(clock, cb, "default")
+    restore = clock.wrap_function(overhead, "observe") if arm != "none" else lambda: None
     start = StepClock(clock)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
@@ -130,7 +100,7 @@ def run(mode: str, arm: str, steps: int) -> tuple[float, float]:
     try:
         trainer.fit(module)
     finally:
-        overhead.observe = original
+        restore()
     warm = steps // 10
     return statistics.median(start.whole[warm:]), statistics.median(start.hooks[warm:])
 

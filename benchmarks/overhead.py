@@ -167,7 +167,7 @@ HOOKS = {
 STEP_HOOKS = ("pre_step", "post_step")
 
 
-def wrap_arm(clock: _HookClock, cb: Any, arm: str) -> None:
+def wrap_arm(clock: HookClock, cb: Any, arm: str) -> None:
     """Time the per-step methods of one arm's callback (its Lightning hooks, and its optimizer hooks)."""
     clock.wrap(cb, HOOKS[arm])
     if isinstance(cb, PPOGuard):
@@ -180,7 +180,7 @@ OBSERVES = {"exact", "default"}
 HOOKS["default"] = HOOKS["exact"]
 
 
-class _HookClock:
+class HookClock:
     """Accumulates wall time spent inside the wrapped methods."""
 
     def __init__(self) -> None:
@@ -230,7 +230,7 @@ def time_steps(size: str, arm: str, steps: int) -> tuple[float, float, int]:
     torch.manual_seed(0)
     module = SyntheticPPO(obs, hidden, layers, batch, steps)
     callbacks = ARMS[arm]()
-    clock = _HookClock()
+    clock = HookClock()
     for cb in callbacks:
         wrap_arm(clock, cb, arm)
     restore = clock.wrap_function(sys.modules[__name__], "observe") if arm in OBSERVES else lambda: None
@@ -250,7 +250,7 @@ class _StepTimer(Callback):
     """Step wall time (batch start to batch end), and hook time between consecutive batch starts. First in the
     callbacks list; ``_StepEnd`` is last, so a step includes every callback's batch-end work (the guard's row)."""
 
-    def __init__(self, warmup: int, clock: _HookClock) -> None:
+    def __init__(self, warmup: int, clock: HookClock) -> None:
         self.warmup, self.clock, self.times, self.t0 = warmup, clock, [], 0.0
         self.marks: list[float] = []
 
@@ -363,7 +363,7 @@ def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[st
         L.seed_everything(0, verbose=False)
         module, kwargs = make()
         guard: Callback = NoopHooks() if noop else PPOGuard(verbose=False, **guard_kwargs)
-        clock = _HookClock()
+        clock = HookClock()
         restores: list[Callable[[], Any]] = []
         if timed_hooks:  # a run of its own: the wrappers' own cost stays out of the wall-time arms
             wrap_arm(clock, guard, "default")
