@@ -553,12 +553,6 @@ class MonitorEngine:
             self.listener.batch_ended()
 
     # ------------------------------------------------------------------ observe
-    def observe(self, **inputs: Any) -> None:
-        """Record one minibatch of the policy term; the arguments are those of :func:`lightning_ppo_guard.observe`."""
-        ticket = self.keep(inputs.get("role", "actor"), PolicyTerm.rollout_id(inputs.get("rollout")))
-        if ticket is not None:
-            self.record(PolicyTerm.build(**inputs), ticket)
-
     def keep(self, role: str, rollout: int | None) -> Ticket | None:
         """The bookkeeping every ``observe`` gets (its rollout), and whether this one is kept: measured, or a
         rollout's first minibatch. None outside training (validation) or under ``torch.no_grad()``."""

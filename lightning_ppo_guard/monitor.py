@@ -20,6 +20,7 @@ from lightning_ppo_guard._protocols import TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.engine import Listener, MonitorEngine, ObserveRecord, Progress, StepRecord, validate
 from lightning_ppo_guard.metrics import Layout
+from lightning_ppo_guard.observe import observe
 from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec
 
 __all__ = ["Binding", "ObserveRecord", "PPOMonitor", "Progress", "StepRecord"]
@@ -132,8 +133,9 @@ class PPOMonitor(Callback):
         self.engine.refresh()
 
     def observe(self, **inputs: Any) -> None:
-        """Record one minibatch of the policy term; the arguments are those of :func:`lightning_ppo_guard.observe`."""
-        self.engine.observe(**inputs)
+        """Record one minibatch of the policy term: ``observe(self, **inputs)`` (the monitor is one of the keys its
+        engine attaches to); the arguments are those of :func:`lightning_ppo_guard.observe`."""
+        observe(self, **inputs)
 
     def decide(self, host: TrainerLike) -> None:
         """At a batch end, after the engine's: act on what was concluded (the monitor concludes nothing)."""
