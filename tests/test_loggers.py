@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,19 @@ def test_mlflow_logger_gets_the_guard_metrics(tmp_path, monkeypatch):
     assert not (Path(csv_logger.log_dir) / "ppo_guard_findings.json").exists()
 
 
+def _wandb_series(run_file: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per guard key, the ``(global_step, value)`` rows of the history records in a W&B offline run file."""
+    series: dict[str, list[tuple[int, float]]] = {key: [] for key in KEYS}
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for key in KEYS:
+            if key in items:
+                series[key].append((int(items["trainer/global_step"]), float(items[key])))
+    return series
+
+
 def _wandb_records(path: Path) -> list:
     """The records of a W&B offline run file (``run-<id>.wandb``): a 7-byte header, then LevelDB-log style blocks
     of 32 KiB holding chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) of protobuf
@@ -157,15 +171,15 @@ def test_wandb_offline_logger_gets_the_guard_metrics(tmp_path, monkeypatch):
         assert key in summary and math.isfinite(float(summary[key])), key
     assert float(summary["ppo_guard/actor/grad_norm"]) == 0.0
 
-    # the offline run file on disk holds every row the guard logged
-    series: dict[str, list[tuple[int, float]]] = {key: [] for key in KEYS}
-    for record in _wandb_records(run_file):
-        if record.WhichOneof("record_type") != "history":
-            continue
-        items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-        for key in KEYS:
-            if key in items:
-                series[key].append((int(items["trainer/global_step"]), float(items[key])))
+    # the offline run file on disk holds every row the guard logged. W&B's writer process may still be appending
+    # its last blocks when finish() returns (seen on a loaded 2-core machine: 20 of 30 rows): read it again until
+    # it holds as many rows as the CSV logger got, for up to 30 s; the comparison below stays exact.
+    wanted = sum(1 for r in read_csv(csv_logger.log_dir) if KEYS[0] in r)
+    for _ in range(150):
+        series = _wandb_series(run_file)
+        if len(series[KEYS[0]]) >= wanted:
+            break
+        time.sleep(0.2)
     _same_rows(series, csv_logger.log_dir)
     assert {v for _, v in series["ppo_guard/actor/grad_norm"]} == {0.0}
     assert _findings(logger.save_dir) == ["PPG101"]
