@@ -184,7 +184,8 @@ class PolicyTerm:
             return policy_stats(log_ratio)
         entropy, num_actions = self.entropy_and_actions()
         return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
-                            returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std())
+                            returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
+                            logp=self.new_logp)
 
     def log_std(self) -> Tensor | None:
         """log of a Gaussian policy's std per sample and dimension (None for other distributions)."""

@@ -42,6 +42,16 @@ class GuardConfig:
     frozen_ratio_dev: float = 1e-3
     #: ... for this many consecutive rollouts.
     frozen_rollouts: int = 3
+    #: PPG108: a rollout whose max |ratio - 1| over every measured minibatch (after the actor stepped in it) is at
+    #: most this: two float32 rounding steps of a log-prob near 1, what recomputing the same forward gives (exactly 0
+    #: on the same minibatch). Healthy PPO: above 1e-2; a policy whose logits barely depend on its parameters
+    #: (PPG301/PPG501, logits / 1e4): 6e-7..1e-5 ...
+    exact_ratio_dev: float = 2.5e-7
+    #: ... while the actor's relative update per step is at least this (a step that small moves float32 logits by
+    #: well above ``exact_ratio_dev``) ...
+    exact_ratio_update_ratio: float = 1e-5
+    #: ... on this many consecutive rollouts: old_logp is recomputed from the current policy.
+    exact_ratio_rollouts: int = 2
     #: PPG302: an update phase that ends with approx_kl above target_kl after as few actor steps as any rollout had
     #: (its first check: a minibatch in SB3, an epoch in CleanRL) in this many consecutive rollouts.
     early_stop_rollouts: int = 3
@@ -117,7 +127,8 @@ class GuardConfig:
                     raise ValueError(f"GuardConfig.{f.name} must be an int >= 1, got {value!r}.")
             elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"GuardConfig.{f.name} must be a positive number, got {value!r}.")
-        for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev", "annealed_lr", "annealed_fraction"):
+        for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev", "exact_ratio_dev", "annealed_lr",
+                     "annealed_fraction"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"GuardConfig.{name} must be below 1, got {getattr(self, name)!r}.")
 

@@ -19,7 +19,7 @@ __all__ = ["CATALOG", "DOCS_URL", "Diagnosis", "Finding", "get"]
 #: Base of the docs site; each code has a page at ``{DOCS_URL}codes/PPG###/`` (``Diagnosis.url``).
 DOCS_URL = "https://lightning-ppo-guard.readthedocs.io/en/latest/"
 
-Severity = Literal["error", "warning"]
+Severity = Literal["error", "warning", "info"]
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,24 @@ _ALL = (
         "the backward of the new_logp handed to observe, with the advantages handed with it.",
         "Write the surrogate as CleanRL does: ratio = (new_logp - old_logp).exp(); pg_loss = torch.max(-adv * ratio, "
         "-adv * ratio.clamp(1 - clip, 1 + clip)).mean(), with adv = returns - values (then normalised).",
+        checklist="step 3",
+    ),
+    Diagnosis(
+        "PPG108", "old-logp-from-current-policy", "warning",
+        "{role}'s ratio is exactly 1 on every measured minibatch of {rollouts} rollouts (max |r-1| {ratio_dev:.2g} "
+        "after {updates} updates) while its parameters move (update_ratio {update_ratio:.2g}): old_logp is not the "
+        "rollout's",
+        "After the first optimizer step of an update phase the policy is no longer the one that collected the "
+        "rollout, so the later minibatches must have a ratio != 1. A ratio of exactly 1 throughout, while the actor's "
+        "parameters move at a healthy rate, means old_logp is recomputed from the current policy at update time: a "
+        "detached recompute in the update loop, a buffer whose log-probs are refreshed before each epoch, or "
+        "TorchRL's ClipPPOLoss computing action_log_prob itself because the collector did not store it. The loss is "
+        "then a plain policy gradient on stale data: clipping never acts, the trust region is gone, and approx_kl "
+        "and clip_fraction read 0 however far the policy moves. Not 'steps too small' (PPG301): the parameters "
+        "move.",
+        "Store the log-prob at rollout time, under torch.no_grad(), from the policy that sampled the action, and use "
+        "that stored value as old_logp in every epoch (TorchRL: a ProbabilisticActor with return_log_prob=True in "
+        "the collector; SB3-style buffers: the log_prob saved with the action).",
         checklist="step 3",
     ),
     # ---------------------------------------------------------------- 2xx gradient and update

@@ -401,6 +401,7 @@ class Diagnostics:
         nan = math.nan
         facts = ObserveFacts(
             approx_kl=v.get("approx_kl", nan), ratio_dev=v.get("ratio_dev", nan), adv_mean=v.get("adv_mean", nan),
+            logp_mean=v.get("logp_mean", nan),
             adv_std=v.get("adv_std", nan), entropy_norm=v.get("entropy_norm", nan),
             entropy_drift=v.get("entropy_drift", nan), boundary_only=boundary_only,
             first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,

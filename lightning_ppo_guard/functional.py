@@ -41,7 +41,8 @@ __all__ = [
 
 #: Every name :func:`policy_stats` can return, each computed only from the inputs it needs.
 POLICY_STATS = ("approx_kl", "approx_kl_k1", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max",
-                "ratio_dev", "entropy", "entropy_norm", "adv_mean", "adv_std", "explained_variance", "log_std")
+                "ratio_dev", "logp_mean", "entropy", "entropy_norm", "adv_mean", "adv_std", "explained_variance",
+                "log_std")
 
 
 def per_sample(t: Tensor, n: int) -> Tensor:
@@ -67,6 +68,7 @@ def policy_stats(
     entropy: Tensor | None = None,
     num_actions: int | Tensor | None = None,
     log_std: Tensor | None = None,
+    logp: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Every statistic of one minibatch of the policy term that its inputs allow, by name (0-d tensors).
 
@@ -74,7 +76,9 @@ def policy_stats(
     with ``clip_eps`` also ``clip_fraction``; ``advantages`` give ``adv_mean``/``adv_std``; ``values`` and
     ``returns`` give ``explained_variance``; ``entropy`` (per sample, or per sample and component) gives
     ``entropy`` and, with ``num_actions`` (an int, or per-sample valid-action counts), ``entropy_norm``; a
-    Gaussian's ``log_std`` (per sample and dimension) gives its mean, ``log_std``.
+    Gaussian's ``log_std`` (per sample and dimension) gives its mean, ``log_std``; the update's log-probs ``logp``
+    (new_logp) give ``logp_mean`` (exactly 0: every taken action has probability 1 in float32, a deterministic
+    policy whose ratio is 1 by saturation).
 
     Every per-sample series is one row of a stacked tensor whose means and variances are one ``var_mean``
     call, so the whole minibatch costs a fixed handful of ops whatever is given. Names whose inputs are
@@ -91,6 +95,8 @@ def policy_stats(
         if clip_eps is not None:
             rows["clipped"] = (ratio_m1.abs() > clip_eps).float()
         rows["ratio_m1"] = ratio_m1
+    if logp is not None and logp.numel() == n:
+        rows["logp"] = logp.detach().reshape(-1).float()
     if advantages is not None:
         rows["adv"] = advantages.reshape(-1).float()
     if values is not None and returns is not None:
@@ -115,6 +121,8 @@ def policy_stats(
             out["ratio_mean"] = m[at["ratio_m1"]] + 1.0
             out["ratio_min"], out["ratio_max"] = lo + 1.0, hi + 1.0
             out["ratio_dev"] = torch.maximum(-lo, hi)
+        if "logp" in at:
+            out["logp_mean"] = m[at["logp"]]
         if "adv" in at:
             out["adv_mean"], out["adv_std"] = m[at["adv"]], v[at["adv"]].sqrt()
         if "residual" in at:

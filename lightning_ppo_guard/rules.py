@@ -58,6 +58,7 @@ class ObserveFacts:
     approx_kl: float
     ratio_dev: float
     adv_mean: float = math.nan
+    logp_mean: float = math.nan  # mean new_logp: exactly 0 for a deterministic (saturated) policy
     adv_std: float = math.nan
     entropy_norm: float = math.nan
     entropy_drift: float = math.nan
@@ -176,8 +177,11 @@ class RoleState:
     r_first_dev: float = math.nan  # max |r - 1| of the rollout's first minibatch (inferred rollouts: judged at its end)
     r_first_tol: float = math.nan  # ... and its tolerance
     r_log_std: float = math.nan  # a Gaussian's mean log std, at the rollout's last measured observe
+    r_logp_max: float = -math.inf  # the largest minibatch mean of new_logp (0: the policy is deterministic)
+    r_known: bool = False  # the rollout's start is known (a rollout id, or an inferred manual batch): not a window
     # consecutive-rollout streaks
     frozen_rollouts: int = 0
+    exact_rollouts: int = 0  # PPG108: rollouts whose ratio stayed exactly 1 while the actor moved
     early_stop_rollouts: int = 0
     min_updates: int | None = None  # fewest actor steps any finished rollout had
     max_updates: int = 0  # ... and most
@@ -478,6 +482,9 @@ class Diagnoser:
             out += self._emit(role, "PPG105", step, where=f"rollout {f.rollout}", ratio_dev=f.ratio_dev,
                               tolerance=tolerance, rollout=f.rollout, **self._suspects(role))
         s.r_observes += 1
+        s.r_known = s.r_known or f.rollout is not None or f.inferred
+        if _finite(f.logp_mean):
+            s.r_logp_max = max(s.r_logp_max, f.logp_mean)
         if not f.first_in_rollout:
             s.r_kl_sum += f.approx_kl
             s.r_kl_n += 1
@@ -522,6 +529,8 @@ class Diagnoser:
             s.last_adv_std = adv_std
 
         out += self._unstable(role, step) + self._std_collapse(role, step)
+        exact = self._exact_ratio(role, step, upd, updates)
+        out += exact
         frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
         # PPG402: tiny advantages that are not normalised (normalised ones have std 1 per minibatch).
@@ -542,7 +551,7 @@ class Diagnoser:
             elif s.tiny_adv_rollouts >= cfg.weak_rollouts:
                 out += self._emit(role, "PPG402", step, adv_std=adv_std, approx_kl=kl,
                                   rollouts=s.tiny_adv_rollouts)
-        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not (
+        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not s.exact_rollouts and not (
                 {"PPG302", "PPG402", "PPG403", "PPG502"} & set(s.raised)):
             moving = _finite(upd) and upd >= cfg.tiny_update_ratio
             if (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
@@ -558,6 +567,23 @@ class Diagnoser:
                                   ratio_dev=s.r_ratio_dev, update_ratio=upd)
         s.reset_rollout()
         return out
+
+    def _exact_ratio(self, role: str, step: int, upd: float, updates: int | None) -> list[Finding]:
+        """PPG108: the ratio stayed exactly 1 (to float32 rounding) on every measured minibatch of a rollout, later
+        ones included, while the actor's parameters moved at a healthy rate: old_logp follows the current policy.
+        Only where the rollout's start is known (a window of observes may be one minibatch per rollout, whose
+        ratio is 1 by right) and a minibatch after the first was measured."""
+        cfg, s = self.config, self.state(role)
+        # a deterministic policy (log-probs of 0, entropy collapsed) has a ratio of 1 by saturation: PPG503's case
+        saturated = s.r_logp_max >= -cfg.exact_ratio_dev or (
+            _finite(s.r_ent_norm) and s.r_ent_norm < cfg.entropy_collapsed)
+        exact = (s.r_known and s.r_kl_n > 0 and s.r_ratio_dev <= cfg.exact_ratio_dev and s.r_upd_n > 0
+                 and _finite(upd) and upd >= cfg.exact_ratio_update_ratio and not saturated)
+        s.exact_rollouts = s.exact_rollouts + 1 if exact else 0
+        if s.exact_rollouts < cfg.exact_ratio_rollouts or self._has_root(role):
+            return []
+        return self._emit(role, "PPG108", step, rollouts=s.exact_rollouts, ratio_dev=s.r_ratio_dev,
+                          update_ratio=upd, updates=updates if updates is not None else s.r_upd_n)
 
     def _unstable(self, role: str, step: int) -> list[Finding]:
         """PPG303: the policy moves too far per rollout, on most recent rollouts (judged on the largest KL of a later

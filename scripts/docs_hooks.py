@@ -77,6 +77,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                    old_logp = Categorical(logits=self.actor(obs)).log_prob(actions)  # recomputed, with grad
                    ratio = (new_logp - old_logp).exp()  # identically 1
                    """),
+    "PPG108": dict(demo=["old_logp_recomputed"], variants=["cleanrl-4x4-old-logp-recomputed"], snippet="""
+                   with torch.no_grad():  # "the old policy's log-probs", from the current actor
+                       old_logp = Categorical(logits=self.actor(obs)).log_prob(actions)
+                   ratio = (new_logp - old_logp).exp()  # exactly 1 on every minibatch: clipping never acts
+                   """),
     "PPG104": dict(tests=["tests/test_bad_input.py"], snippet="""
                    values = self.critic(obs)                   # (B, 1)
                    v_loss = ((values - returns) ** 2).mean()   # (B, 1) - (B,) broadcasts to (B, B)

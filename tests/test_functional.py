@@ -35,8 +35,9 @@ def test_policy_stats_names_every_quantity_it_can_and_only_those():
     assert set(F.policy_stats(lr)) == {"approx_kl", "approx_kl_k1", "ratio_mean", "ratio_min", "ratio_max",
                                        "ratio_dev"}
     full = F.policy_stats(lr, clip_eps=0.2, advantages=adv, values=adv, returns=lr, entropy=adv.abs(),
-                          num_actions=4, log_std=adv.reshape(-1, 1).expand(-1, 3))
+                          num_actions=4, log_std=adv.reshape(-1, 1).expand(-1, 3), logp=-lr.abs())
     assert set(full) == set(F.POLICY_STATS)
+    assert full["logp_mean"] == -lr.abs().mean()
     assert set(F.policy_stats(values=adv, returns=lr)) == {"explained_variance"}
     assert full["log_std"].item() == pytest.approx(adv.mean().item(), rel=1e-5, abs=1e-7)
 

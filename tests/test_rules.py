@@ -410,3 +410,33 @@ def test_gaussian_std_collapse_is_relative_to_its_start_and_needs_consecutive_ro
     assert first.evidence["std_ratio"] == pytest.approx(math.exp(-5.5))
     d = Diagnoser()  # a healthy slow fall (std 0.2 after a long run) says nothing
     assert "PPG504" not in codes(run(d, 8, obs_kw=lambda r, u: {"log_std": -0.2 * r}))
+
+
+def test_a_ratio_exactly_one_while_the_actor_moves_is_old_logp_recomputed_not_a_frozen_policy():
+    """PPG108: old_logp recomputed from the current policy gives a ratio of exactly 1 on every minibatch, later ones
+    included, while the parameters move at a healthy rate: named as such, never as PPG301 (larger steps)."""
+    exact = dict(approx_kl=0.0, ratio_dev=0.0, entropy_norm=0.9, entropy_drift=-0.02)
+    found = run(Diagnoser(), 5, obs_kw=exact)
+    assert codes(found) == ["PPG108"] and found[0].evidence["rollouts"] == 2
+    assert "{" not in found[0].message and "nan" not in found[0].message
+    # float32 rounding of a recompute on another batch shape (2 ulps) is still "exactly 1"
+    assert codes(run(Diagnoser(), 5, obs_kw=dict(exact, ratio_dev=2e-7))) == ["PPG108"]
+    # a policy whose logits barely depend on its parameters moves a little: PPG301, not PPG108
+    assert codes(run(Diagnoser(), 5, obs_kw=dict(exact, approx_kl=1e-12, ratio_dev=7e-7))) == ["PPG301"]
+    # parameters that do not move: a ratio of 1 proves nothing about old_logp (PPG204 names the step size)
+    assert "PPG108" not in codes(run(Diagnoser(), 5, obs_kw=exact, step_kw=dict(update_ratio=1e-8)))
+    # a deterministic policy: every log-prob is 0 in float32 and the ratio 1 by saturation (PPG503's case)
+    assert "PPG108" not in codes(run(Diagnoser(), 5, obs_kw=dict(exact, logp_mean=0.0)))
+    assert "PPG108" not in codes(run(Diagnoser(), 5, obs_kw=dict(exact, entropy_norm=1e-4)))
+    # one update per rollout (A2C-like): every minibatch is a rollout's first, whose ratio is 1 by right
+    assert run(Diagnoser(), 5, updates=1, obs_kw=exact) == []
+
+
+def test_exact_ratio_in_windows_of_observes_is_no_evidence():
+    """Without rollout ids (automatic optimization, windows of observes) a ratio of 1 may be a loop of one minibatch
+    per rollout: PPG108 cannot be told there."""
+    diag, out = Diagnoser(), []
+    for n in range(200):
+        out += diag.check_observe("actor", n, obs(rollout=None, approx_kl=0.0, ratio_dev=0.0))
+        out += diag.check_step("actor", n, step(segment=None))
+    assert "PPG108" not in codes(out)

@@ -258,6 +258,9 @@ class _CartPolePPOBase(L.LightningModule):
         old_logp = mb["logp"]
         if fault == "old_logp_not_detached":
             old_logp = dist.log_prob(actions)  # "recompute old log-probs for the ratio"
+        elif fault == "old_logp_recomputed":
+            with torch.no_grad():  # "the old policy's log-probs", taken from the current actor
+                old_logp = self.make_dist(self.actor(obs)).log_prob(actions)
         logratio = new_logp - old_logp
         values, returns = self.critic(obs), mb["returns"]
         advantages, terms = ppo_objective(cfg, logratio, mb["advantages"], values, mb["values"], returns, entropy)

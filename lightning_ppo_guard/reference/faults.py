@@ -33,6 +33,8 @@ FAULTS: dict[str, str] = {
     "target_kl_tiny": "target_kl=1e-6: the KL early stop ends every update phase after its first minibatch",
     "old_logp_not_detached": "old_logp is recomputed from the live forward without detach: ratio == 1 "
     "identically and the policy gradient is 0",
+    "old_logp_recomputed": "old_logp is recomputed from the current actor at update time, under no_grad: the "
+    "ratio is exactly 1 on every minibatch, clipping never acts",
     "logp_by_hand": "new_logp = log(softmax(logits).gather(a)) instead of Categorical.log_prob",
     "tiny_advantages": "rewards scaled by 1e-5 and advantages not normalised: the entropy bonus dominates "
     "the policy term",

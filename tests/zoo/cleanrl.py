@@ -30,6 +30,8 @@ Faults (``CleanRLArgs.fault``), each a single ``if`` in the place a user would w
   ``stall_step=0`` is the classic early bug, a later one a "critic-only phase" switched on by a step counter.
 * ``"old_logp_not_detached"``: the old log-probs are recomputed from the live agent in the update, without
   ``no_grad``, so ``ratio == 1`` identically and the clipped surrogate has no gradient.
+* ``"old_logp_recomputed"``: the old log-probs are recomputed from the current agent in the update under
+  ``no_grad`` (detached): every minibatch's ratio is exactly 1, clipping never acts, the policy still learns.
 * ``"target_kl_tiny"``: ``target_kl=1e-7``; CleanRL's per-epoch break then ends every update phase after its
   first epoch (``num_minibatches`` steps, not 1).
 * ``"trunk_unbound"`` / ``"trunk_frozen"`` (shared trunk): ``agent.network`` is left out of the optimizer /
@@ -85,7 +87,8 @@ STALL_LR = {"lr_zero": 0.0, "lr_tiny": 1e-9}
 #: Fault -> the agent's parameters (by name prefix) it freezes, or leaves out of the optimizer.
 FROZEN = {"trunk_frozen": "network.", "logstd_frozen": "actor_logstd"}
 UNBOUND = {"trunk_unbound": "network.", "logstd_unbound": "actor_logstd"}
-FAULTS = ("lr_zero", "lr_tiny", "detached", "old_logp_not_detached", "target_kl_tiny", "entropy_sign", "dropout",
+FAULTS = ("lr_zero", "lr_tiny", "detached", "old_logp_not_detached", "old_logp_recomputed", "target_kl_tiny",
+          "entropy_sign", "dropout",
           "ratio_inverted",
           *FROZEN, *UNBOUND)
 
@@ -504,6 +507,9 @@ class CleanRLPPO(L.LightningModule):
                 if args.fault == "old_logp_not_detached":
                     # planted: "recompute the old log-probs for the ratio", without no_grad
                     _, oldlogprob, _, _ = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                elif args.fault == "old_logp_recomputed":
+                    with torch.no_grad():  # planted: "the old policy's log-probs", from the current agent
+                        _, oldlogprob, _, _ = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
                 logratio = newlogprob - oldlogprob
                 ratio = logratio.exp()
                 if args.fault == "ratio_inverted":
@@ -712,6 +718,8 @@ def _variants() -> list[Variant]:
     early = [
         ("detached", "PPG101", "logits detached from the first update: no policy gradient"),
         ("old_logp_not_detached", "PPG103", "old log-probs recomputed with grad: ratio == 1, zero policy gradient"),
+        ("old_logp_recomputed", "PPG108", "old log-probs recomputed from the current agent under no_grad: ratio "
+         "exactly 1 on every minibatch while the agent learns (not 'steps too small', PPG301)"),
         ("target_kl_tiny", "PPG302", "target_kl=1e-7 with CleanRL's per-epoch break: every update phase stops after "
          "its first epoch (4 steps instead of 16)"),
         ("entropy_sign", "PPG502", "the entropy bonus added to the loss instead of subtracted (an entropy penalty)"),

@@ -15,6 +15,7 @@ EXPECTED: dict[str, tuple[str, str, int]] = {
     "actor_replaced": ("actor", "PPG002", 0),
     "lr_zero": ("actor", "PPG003", 1),
     "old_logp_not_detached": ("actor", "PPG103", 0),
+    "old_logp_recomputed": ("actor", "PPG108", 2),
     "logp_by_hand": ("actor", "PPG106", 0),
     "zero_grad_before_step": ("actor", "PPG202", 0),
     "lr_tiny": ("actor", "PPG204", 4),
