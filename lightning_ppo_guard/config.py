@@ -103,6 +103,16 @@ class GuardConfig:
     gradient_sign_observes: int = 2
     #: PPG502: consecutive measured observes whose entropy tensor got a positive gradient from the loss.
     entropy_sign_observes: int = 2
+    #: PPG104: consecutive measured observes whose gradient follows a loss broadcast to (B, B) rather than a
+    #: per-sample one (the shapes handed to observe only say which pair to check).
+    broadcast_observes: int = 2
+    #: PPG104 for values and returns: the value gradient must fit values - mean(returns) to within this (1 - cosine;
+    #: a broadcast MSE fits it to float rounding, 1e-12) and its magnitudes spread more than this (a saturated Huber
+    #: loss's gradient is a sign, spread 0).
+    broadcast_fit: float = 1e-6
+    #: "cannot tell" (a notice, no finding): a hook on a tensor handed to observe got no gradient in this many
+    #: consecutive measured backward passes, and never did.
+    unreadable_observes: int = 4
     #: PPG105 on rollouts inferred from manual-optimization batches: this many consecutive batches must start with
     #: a deviating ratio (and none ever with a ratio of 1).
     first_ratio_batches: int = 2
@@ -128,7 +138,7 @@ class GuardConfig:
             elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"GuardConfig.{f.name} must be a positive number, got {value!r}.")
         for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev", "exact_ratio_dev", "annealed_lr",
-                     "annealed_fraction"):
+                     "annealed_fraction", "broadcast_fit"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"GuardConfig.{name} must be below 1, got {getattr(self, name)!r}.")
 

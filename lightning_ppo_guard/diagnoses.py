@@ -216,11 +216,16 @@ _ALL = (
     ),
     Diagnosis(
         "PPG104", "loss-broadcast", "error",
-        "{name} has shape {shape} but {other} has shape {other_shape}: together they broadcast to {broadcast}",
+        "{name} has shape {shape} but {other} has shape {other_shape}, and the loss's gradient shows they broadcast to "
+        "{broadcast}: each sample's gradient follows the mean of the other term, not its own (fit {shared:.3f} "
+        "against {own:.3f}, {observes} observes)",
         "A (B,) tensor times a (B, 1) tensor broadcasts to (B, B): every advantage multiplies every ratio (or "
         "every value meets every return), the loss averages over the wrong pairs and its gradient is mostly "
-        "noise. Checked for the pairs a PPO loss combines: new_logp with old_logp and with the advantages, and "
-        "values with returns.",
+        "noise: each sample's policy gradient is its ratio times the mean advantage (about 0 when normalised). "
+        "Named from the backward, not from shapes: TorchRL keeps advantages (B, 1) and unsqueezes its log-ratio, "
+        "which is fine. The shapes handed to observe say which pair to check (new_logp with old_logp and with the "
+        "advantages, values with returns); the gradient of new_logp (or of the values) says whether the loss "
+        "combined them per sample (own) or all against all (shared).",
         "Give the terms the same shape: advantages.reshape(-1), values.squeeze(-1), or new_logp.view_as(...).",
         checklist="step 3",
     ),

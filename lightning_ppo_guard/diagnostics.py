@@ -55,30 +55,91 @@ class GradCheck:
         return cls(record.role, record.step, params, trainable, norms)
 
 
+def hook_point(tensor: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Where a hook reads ``tensor``'s gradient, and how it takes ``tensor``'s part of what it reads.
+
+    A view (a slice ``new_logp[:, i]``, a reshape, a transpose of the tensor the loss uses) gets no gradient of its
+    own when the loss uses the whole tensor: its hook would never fire. So a view is read at its base, whose
+    gradient always comes (whether the loss uses the base or the view), and its part is the same view of that
+    gradient (``as_strided`` with the view's geometry). Anything else is read where it is."""
+    base = tensor._base
+    if base is None or not base.requires_grad:
+        return tensor, _same
+    size, stride, offset = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset() - base.storage_offset()
+    base_shape, base_stride = tuple(base.shape), tuple(base.stride())
+
+    def part(grad: Tensor) -> Tensor:
+        if tuple(grad.stride()) != base_stride:  # lay the gradient out as the base is, so the view's strides apply
+            grad = torch.empty_strided(base_shape, base_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return grad.as_strided(size, stride, grad.storage_offset() + offset)
+
+    return base, part
+
+
+def _same(grad: Tensor) -> Tensor:
+    return grad
+
+
+#: What each kind of :class:`GradientSign` writes (its ``value``, in this order).
+SIGN_FIELDS: dict[str, tuple[str, ...]] = {
+    "entropy": ("slope",),
+    "policy": ("alignment", "own", "shared"),
+    "value": ("own", "shared", "spread"),
+}
+
+
 @dataclass
 class GradientSign:
-    """A number the coming backward writes, by a hook on a tensor handed to ``observe`` (NaN until then, and if it
-    never does: the loss does not use that tensor): ``kind="entropy"``, d loss / d entropy summed over the
-    minibatch (PPG502); ``kind="policy"``, sum of d loss / d new_logp times the advantages (PPG107)."""
+    """Numbers the coming backward writes, by a hook on a tensor handed to ``observe`` (NaN until then, and if it
+    never does: the loss does not use that tensor). The kinds and their fields (:data:`SIGN_FIELDS`):
+
+    * ``"entropy"``: ``slope``, d loss / d entropy summed over the minibatch (PPG502);
+    * ``"policy"``: ``alignment``, sum of d loss / d new_logp times the advantages (PPG107); ``own``, the cosine of
+      that gradient with -advantages (each sample's gradient follows its own advantage, as in every policy-gradient
+      loss); ``shared``, its cosine with a constant (what a loss whose (B,) and (B, 1) terms broadcast to (B, B)
+      gives: every sample's gradient is the ratio times the *mean* advantage) (PPG104);
+    * ``"value"``: ``own``, the cosine of d loss / d values with values - returns (a per-sample value loss);
+      ``shared``, with values - mean(returns) (a value loss broadcast to (B, B)); ``spread``, the relative spread of
+      the gradient's magnitudes (0: a saturated Huber loss, whose sign-only gradient fits both) (PPG104).
+    """
 
     kind: str
     role: str
     step: int
     value: Tensor
-    weights: Tensor | None = None  # the advantages (policy kind), dropped once read
+    weights: Tensor | None = None  # the advantages (policy kind) or values - returns (value kind), dropped once read
+    alt: Tensor | None = None  # values - mean(returns) (value kind)
+    part: Callable[[Tensor], Tensor] = _same
 
     @classmethod
-    def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None) -> GradientSign:
-        item = cls(kind, role, step, torch.full((), math.nan, device=tensor.device),
-                   None if weights is None else weights.detach().reshape(-1).float())
-        tensor.register_hook(item.read)
+    def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None,
+             alt: Tensor | None = None) -> GradientSign:
+        target, part = hook_point(tensor)
+        item = cls(kind, role, step, torch.full((len(SIGN_FIELDS[kind]),), math.nan, device=tensor.device),
+                   None if weights is None else weights.detach().reshape(-1).float(),
+                   None if alt is None else alt.detach().reshape(-1).float(), part)
+        target.register_hook(item.read)
         return item
 
     def read(self, grad: Tensor) -> None:
-        """The tensor hook: write the number from the gradient the backward produced."""
-        g = grad.detach().float()
-        self.value.copy_(g.sum() if self.weights is None else torch.dot(g.reshape(-1), self.weights))
-        self.weights = None
+        """The tensor hook: write the numbers from the gradient the backward produced."""
+        g = self.part(grad.detach()).reshape(-1).float()
+        if self.kind == "entropy":
+            self.value.copy_(g.sum().reshape(1))
+        elif self.kind == "policy" and self.weights is not None:
+            w = self.weights
+            dot, norm = torch.dot(g, w), g.norm() * w.norm()
+            self.value.copy_(torch.stack((dot, -dot / norm, g.sum().abs() / (g.norm() * g.numel() ** 0.5))))
+        elif self.kind == "value" and self.weights is not None and self.alt is not None:
+            mag = g.abs()
+            hi = mag.max()
+            self.value.copy_(torch.stack((torch.dot(g, self.weights) / (g.norm() * self.weights.norm()),
+                                          torch.dot(g, self.alt) / (g.norm() * self.alt.norm()),
+                                          (hi - mag.min()) / hi)))
+        self.weights = self.alt = None
+
+    def fields(self, values: list[float]) -> dict[str, float]:
+        return dict(zip(SIGN_FIELDS[self.kind], values, strict=True))
 
 
 Pending = ObserveRecord | list[StepRecord] | GradCheck | GradientSign
@@ -90,11 +151,33 @@ def _tensors(item: Pending) -> list[Tensor]:
     if isinstance(item, GradCheck):
         return [item.norms]
     if isinstance(item, GradientSign):
-        return [item.value.reshape(1)]
+        return [item.value]
     return [record.values for record in item]
 
 
-def broadcast_pair(term: PolicyTerm) -> tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None:
+#: (name, its shape, the other name, its shape, the shape they broadcast to)
+Broadcast = tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]]
+
+_SHAPES_ONLY = ("{pair[0]} has shape {pair[1]} and {pair[2]} {pair[3]}, which would broadcast to {pair[4]} if the "
+                "loss combined them as they are; shapes alone are no evidence (TorchRL keeps advantages (B, 1) and "
+                "unsqueezes its log-ratio), and the gradient that would be cannot be read without advantages= and a "
+                "new_logp that requires grad. Pass them, or reshape the inputs to one value per sample.")
+_UNREAD = {
+    "policy": ("PPG107", "the new_logp handed to observe() got no gradient in {n} backward passes: the loss uses "
+               "another tensor (a copy such as new_logp[mask], new_logp.float(), or a log-prob recomputed for "
+               "observe), so the policy term's sign (PPG107) and whether the loss broadcasts (PPG104) cannot be "
+               "read. Pass observe() the very tensor the loss uses (a slice or view of it is fine)."),
+    "entropy": ("PPG502", "the entropy handed to observe() got no gradient in {n} backward passes: the loss has no "
+                "entropy term (ent_coef 0: then nothing is wrong) or uses another tensor (a copy, or an entropy "
+                "recomputed for observe), so the entropy term's sign (PPG502) cannot be read. Pass the entropy tensor "
+                "the loss uses (a slice or view of it is fine), or leave entropy= out when there is no bonus."),
+    "value": ("PPG104", "the values handed to observe() got no gradient in {n} backward passes: the value loss uses "
+              "another tensor, so whether it broadcasts values against returns (PPG104) cannot be read. Pass the "
+              "values tensor the value loss uses."),
+}
+
+
+def broadcast_pair(term: PolicyTerm) -> Broadcast | None:
     """The first pair of loss terms that a PPO loss combines and whose shapes broadcast into more elements:
     new_logp with old_logp and with the advantages (the ratio times the advantages), values with returns."""
     pairs = (("old_logp", term.old_logp, "new_logp", term.new_logp),
@@ -144,9 +227,12 @@ class Verdict:
     findings: list[Finding] = field(default_factory=list)
     stall: bool = False  # an error-severity finding was named (on_stall acts on it at the batch end)
     rollouts_started: dict[str, int] = field(default_factory=dict)
+    #: what the guard could not read ({"role", "rule", "step", "message"}): said once, no finding
+    notices: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "notices": [dict(n) for n in self.notices],
             "findings": [{"code": f.code, "role": f.role, "step": f.step, "evidence": f.evidence,
                           "rollout": f.rollout} for f in self.findings],
             "stall": self.stall,
@@ -157,7 +243,8 @@ class Verdict:
     def from_state(cls, state: dict[str, Any]) -> Verdict:
         findings = [from_fields(Finding, f) for f in state.get("findings", []) if f.get("code") in CATALOG]
         stall = bool(state.get("stall", any(f.severity == "error" for f in findings)))
-        return cls(findings, stall, dict(state.get("rollouts_started", {})))
+        notices = [dict(n) for n in state.get("notices", []) if isinstance(n, dict)]
+        return cls(findings, stall, dict(state.get("rollouts_started", {})), notices)
 
 
 class Diagnostics:
@@ -178,6 +265,9 @@ class Diagnostics:
         self.pending: list[Pending] = []  # waiting for the next host read
         self.walks: dict[str, int] = {}  # graph walks per role in this fit
         self.unreached: dict[str, list[nn.Parameter]] = {}  # role -> tensors new_logp's graph did not reach
+        self.suspects: dict[str, Broadcast] = {}  # role -> a pair of observe's inputs whose shapes could broadcast
+        self.readable: set[str] = set()  # "role:kind" of the hooks that fired at least once
+        self.unread: dict[str, int] = {}  # ... and of those that never did: consecutive reads without a gradient
 
     def bind(self, engine: MonitorEngine) -> None:
         """The engine whose records this reads (it was built with this listener)."""
@@ -221,6 +311,7 @@ class Diagnostics:
     def reset(self) -> None:
         self.diagnoser, self.verdict, self.pending, self.walks, self.unreached = (
             Diagnoser(self.config), Verdict(), [], {}, {})
+        self.suspects, self.readable, self.unread = {}, set(), {}
 
     def detached(self) -> None:
         self.pending, self.unreached = [], {}
@@ -258,7 +349,9 @@ class Diagnostics:
         # that changes path after warm-up); a new_logp without grad is seen at every observe the guard keeps.
         walks = self.walks.get(role.name)
         check_graph = walks is None or (record.first_in_rollout and walks < GRAPH_WALK_ROLLOUTS)
-        if check_graph or old_logp.requires_grad or not new_logp.requires_grad or broadcast is not None:
+        if broadcast is not None:  # a pair of shapes that could broadcast: the gradient tells whether the loss does
+            self.suspects[role.name] = broadcast
+        if check_graph or old_logp.requires_grad or not new_logp.requires_grad:
             by_hand = ""
             if new_logp.requires_grad and check_graph:
                 # the actor's tensors, and a shared trunk's: the policy term should reach both
@@ -271,7 +364,7 @@ class Diagnostics:
                 by_hand = logp_by_hand(new_logp)
             root = engine.fit.module if engine.fit is not None else None
             facts = WiringFacts(logp_requires_grad=bool(new_logp.requires_grad),
-                                old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand, broadcast=broadcast,
+                                old_requires_grad=bool(old_logp.requires_grad), by_hand=by_hand,
                                 train_mode_layers=train_mode_layers(root, role) if check_graph else None)
             self.report(self.diagnoser.check_wiring(role.name, record.step, facts))
             if check_graph:
@@ -282,11 +375,18 @@ class Diagnostics:
         if record.measured and (engine.fit is None or engine.fit.cadence.sampled_segment()):
             # the signs of the policy and entropy terms in the loss, read in the coming backward: wiring facts, so
             # at the measured observes of the rollouts whose first ratio is read too
-            entropy, advantages = term.entropy, term.advantages
+            entropy, advantages, values, returns = term.entropy, term.advantages, term.values, term.returns
             if advantages is not None and new_logp.requires_grad and new_logp.numel() == advantages.numel():
                 self.pending.append(GradientSign.hook("policy", role.name, record.step, new_logp, advantages))
             if entropy is not None and entropy.requires_grad:
                 self.pending.append(GradientSign.hook("entropy", role.name, record.step, entropy))
+            if broadcast is not None and broadcast[0] == "values" and values is not None and returns is not None \
+                    and values.requires_grad:
+                v, ret = values.detach().reshape(-1).float(), returns.detach().reshape(-1).float()
+                self.pending.append(GradientSign.hook("value", role.name, record.step, values, v - ret,
+                                                      v - ret.mean()))
+            elif broadcast is not None and (advantages is None or not new_logp.requires_grad):
+                self.notice(role.name, "PPG104", record.step, _SHAPES_ONLY.format(role=role.name, pair=broadcast))
 
     def step_skipped(self, roles: list[str]) -> None:
         engine = self._engine()
@@ -352,11 +452,9 @@ class Diagnostics:
                 self.check_observe(item, dict(zip(names, flat[at:at + len(names)], strict=True)))
                 at += len(names)
             elif isinstance(item, GradientSign):
-                d = self.diagnoser
-                check = d.check_entropy_sign if item.kind == "entropy" else d.check_gradient_sign
-                # an optimizer built with maximize=True ascends the loss: the signs are the other way round
-                self.report(check(item.role, item.step, -flat[at] if self.maximizes(item.role) else flat[at]))
-                at += 1
+                n = item.value.numel()
+                self.check_sign(item, flat[at:at + n])
+                at += n
             elif isinstance(item, GradCheck):
                 norms = flat[at:at + len(item.params)]
                 at += len(item.params)
@@ -370,6 +468,42 @@ class Diagnostics:
                     at += len(COLUMNS)
                 self.check_steps(item, steps)
         return extra_values
+
+    def check_sign(self, item: GradientSign, values: list[float]) -> None:
+        """The rules on what a backward wrote through a hook, and a one-time notice when it never writes."""
+        v, d, role = item.fields(values), self.diagnoser, item.role
+        key = f"{role}:{item.kind}"
+        read = math.isfinite(next(iter(v.values())))
+        if read:
+            self.readable.add(key)
+            self.unread.pop(key, None)
+        elif key not in self.readable:
+            self.unread[key] = self.unread.get(key, 0) + 1
+            if self.unread[key] >= self.config.unreadable_observes and not d.rooted(role):
+                rule, text = _UNREAD[item.kind]
+                self.notice(role, rule, item.step, text.format(role=role, n=self.unread[key]))
+            return
+        # an optimizer built with maximize=True ascends the loss: the signs are the other way round
+        sign = -1.0 if self.maximizes(role) else 1.0
+        if item.kind == "entropy":
+            self.report(d.check_entropy_sign(role, item.step, sign * v["slope"]))
+            return
+        if item.kind == "policy":
+            self.report(d.check_gradient_sign(role, item.step, sign * v["alignment"]))
+            own, shared, spread = sign * v["own"], v["shared"], math.nan
+        else:
+            own, shared, spread = sign * v["own"], sign * v["shared"], v["spread"]
+        suspect = self.suspects.get(role)
+        if suspect is not None and (suspect[0] == "values") == (item.kind == "value"):
+            self.report(d.check_broadcast(role, item.step, suspect, own=own, shared=shared, spread=spread))
+
+    def notice(self, role: str, rule: str, step: int, message: str) -> None:
+        """Say once per role and rule that the rule cannot read its evidence (never silence): kept in
+        :attr:`Verdict.notices`, warned like a finding, but no finding (a healthy run may have it)."""
+        if any(n["role"] == role and n["rule"] == rule for n in self.verdict.notices):
+            return
+        self.verdict.notices.append({"role": role, "rule": rule, "step": step, "message": message})
+        self.warn(f"cannot tell [{rule}, {role}, step {step}]: {message}")
 
     def check_steps(self, records: list[StepRecord], steps: dict[str, dict[str, float]]) -> None:
         engine = self._engine()

@@ -134,6 +134,11 @@ class FabricGuard:
     def findings(self) -> list[Any]:
         return list(getattr(self.guard, "findings", []))
 
+    @property
+    def notices(self) -> list[dict[str, Any]]:
+        """What the guard could not read (see :attr:`PPOGuard.notices`)."""
+        return list(getattr(self.guard, "notices", []))
+
     def codes(self, role: str | None = None) -> set[str]:
         return self.guard.codes(role) if isinstance(self.guard, PPOGuard) else set()
 

@@ -98,6 +98,13 @@ class PPOGuard(PPOMonitor):
         return self.diagnostics.findings
 
     @property
+    def notices(self) -> list[dict[str, Any]]:
+        """What the guard could not read ("cannot tell"), once per role and rule: ``{"role", "rule", "step",
+        "message"}`` (the message names what to pass). Warned like a finding, but no finding: a healthy run may
+        have one."""
+        return self.diagnostics.verdict.notices
+
+    @property
     def diagnoser(self) -> Diagnoser:
         """The rules' state (per role)."""
         return self.diagnostics.diagnoser
@@ -114,8 +121,10 @@ class PPOGuard(PPOMonitor):
     def summary(self, style: Style = "auto", width: int | None = None) -> str:
         """A readable table of the findings of this fit, one row per finding (see
         :func:`lightning_ppo_guard.summary.findings_table`)."""
-        return findings_table(self.findings, optimizer_steps=self.optimizer_steps, observes=self.observes,
-                              style=style, width=width)
+        table = findings_table(self.findings, optimizer_steps=self.optimizer_steps, observes=self.observes,
+                               style=style, width=width)
+        blind = [f"cannot tell [{n['rule']}, {n['role']}]: {n['message']}" for n in self.notices]
+        return "\n".join([table, *blind])
 
     # ------------------------------------------------------------------ decisions, agreed across ranks
     @override
@@ -151,6 +160,9 @@ class PPOGuard(PPOMonitor):
                 os.makedirs(log_dir, exist_ok=True)
                 with open(os.path.join(log_dir, "ppo_guard_findings.json"), "w") as fh:
                     json.dump([f.as_dict() for f in self.findings], fh, indent=2, default=str)
+                if self.notices:
+                    with open(os.path.join(log_dir, "ppo_guard_notices.json"), "w") as fh:
+                        json.dump(self.notices, fh, indent=2, default=str)
 
     # ------------------------------------------------------------------ state
     @override

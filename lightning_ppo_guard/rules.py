@@ -91,8 +91,6 @@ class WiringFacts:
     logp_requires_grad: bool
     old_requires_grad: bool
     by_hand: str = ""  # graph pattern when log() of gathered probabilities was found
-    #: (name, shape, other name, other shape, broadcast shape) of two loss terms that multiply into a bigger shape
-    broadcast: tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, ...]] | None = None
     #: the role's dropout / batch-norm layers in train mode when observed (None: not looked at this time)
     train_mode_layers: str | None = None
 
@@ -199,6 +197,8 @@ class RoleState:
     first_ok: bool = False
     # PPG502: consecutive measured observes whose entropy term had a positive gradient in the loss
     entropy_penalised: int = 0
+    # PPG104: consecutive measured observes whose gradient followed a broadcast loss, not a per-sample one
+    broadcast_reads: int = 0
     critic: SegmentVote = field(default_factory=SegmentVote)  # PPG406: rollouts of an exactly-zero critic gradient
     trunk: SegmentVote = field(default_factory=SegmentVote)  # PPG404: rollouts the value term owned the trunk
     train_mode_layers: str = ""  # PPG105's suspects seen in the role's modules (see WiringFacts)
@@ -252,6 +252,10 @@ class Diagnoser:
         state.raised.append(code)
         return [Finding(code, role, step, evidence)]
 
+    def rooted(self, role: str) -> bool:
+        """Whether a root cause (set-up, wiring, gradient, numerics) is named for ``role``: it explains the rest."""
+        return self._has_root(role)
+
     def _has_root(self, role: str) -> bool:
         return any(code.startswith(_ROOT_FAMILIES) for code in self.state(role).raised)
 
@@ -282,10 +286,6 @@ class Diagnoser:
         out: list[Finding] = []
         if facts.train_mode_layers is not None:
             self.state(role).train_mode_layers = facts.train_mode_layers
-        if facts.broadcast is not None:
-            name, shape, other, other_shape, broadcast = facts.broadcast
-            out += self._emit(role, "PPG104", step, name=name, shape=shape, other=other, other_shape=other_shape,
-                              broadcast=broadcast)
         if facts.old_requires_grad:
             out += self._emit(role, "PPG103", step, old_logp_requires_grad=True)
         if "PPG005" in self.state(role).raised:
@@ -429,6 +429,30 @@ class Diagnoser:
         PPO, PG and A2C loss), positive when the policy term is upside down. Named after consecutive observes."""
         return self._positive(role, step, "PPG107", "backwards", alignment, "alignment",
                               self.config.gradient_sign_observes)
+
+    def check_broadcast(self, role: str, step: int, pair: tuple[Any, ...], *, own: float, shared: float,
+                        spread: float = math.nan) -> list[Finding]:
+        """PPG104 from the gradient, never from shapes alone. ``pair`` is two inputs of observe whose shapes would
+        broadcast ((B,) and (B, 1)); the backward tells whether the loss did. A per-sample loss gives each sample's
+        gradient from its own term (``own``: the cosine of d loss / d new_logp with -advantages, or of d loss /
+        d values with values - returns, near 1); a loss broadcast to (B, B) gives each the *mean* of the other's
+        (``shared``: the cosine with a constant, or with values - mean(returns), near 1). Named when the gradient
+        follows the shared model better than the own one on consecutive measured observes; for values only where it
+        fits it exactly (a saturated Huber loss's sign-only gradient, ``spread`` 0, fits both approximately)."""
+        cfg, s = self.config, self.state(role)
+        if not (_finite(own) and _finite(shared)):
+            return []
+        if pair[0] == "values":
+            hit = shared >= 1.0 - cfg.broadcast_fit and own < shared and _finite(spread) and spread > cfg.broadcast_fit
+        else:
+            hit = shared > own
+        s.broadcast_reads = s.broadcast_reads + 1 if hit else 0
+        if s.broadcast_reads < cfg.broadcast_observes:
+            return []
+        name, shape, other, other_shape, broadcast = pair
+        return self._emit(role, "PPG104", step, name=name, shape=tuple(shape), other=other,
+                          other_shape=tuple(other_shape), broadcast=tuple(broadcast), own=own, shared=shared,
+                          observes=s.broadcast_reads)
 
     def _positive(self, role: str, step: int, code: str, counter: str, value: float, name: str,
                   needed: int) -> list[Finding]:

@@ -46,14 +46,45 @@ def test_mismatched_lengths_are_a_value_error(monkeypatch):
         _run(monkeypatch, lambda kw: {**kw, "advantages": kw["advantages"][:-1]})
 
 
-def test_broadcasting_shapes_are_a_finding(monkeypatch):
-    guard = _run(monkeypatch, lambda kw: {**kw, "advantages": kw["advantages"].unsqueeze(-1)})
+def _broadcasting_loss(monkeypatch, which):
+    """The reference loss with ``which`` ("advantages" or "values") made (B, 1) inside it: a real broadcast."""
+    original = cartpole.ppo_objective
+
+    def objective(cfg, logratio, advantages, values, old_values, returns, entropy, **kw):
+        if which == "advantages":
+            advantages = advantages.unsqueeze(-1)  # (B, 1) * (B,) ratio: the surrogate is (B, B)
+        else:
+            values, old_values = values.unsqueeze(-1), old_values.unsqueeze(-1)  # (B, 1) - (B,) returns
+        return original(cfg, logratio, advantages, values, old_values, returns, entropy, **kw)
+
+    monkeypatch.setattr(cartpole, "ppo_objective", objective)
+
+
+def test_a_policy_loss_that_broadcasts_is_named_from_its_gradient(monkeypatch):
+    _broadcasting_loss(monkeypatch, "advantages")
+    guard = _run(monkeypatch, lambda kw: kw)  # observe gets the (B, 1) advantages the loss used
     found = [f for f in guard.findings if f.code == "PPG104"]
     assert found, guard.findings
     evidence = found[0].evidence
     (b,) = evidence["other_shape"]
     assert evidence["broadcast"] == (b, b) and evidence["shape"] == (b, 1)
     assert (evidence["name"], evidence["other"]) == ("advantages", "new_logp")
+    assert evidence["shared"] > 0.9 > evidence["own"], evidence  # each sample's gradient: the mean advantage's
+
+
+def test_shapes_that_could_broadcast_are_no_finding_when_the_loss_does_not(monkeypatch):
+    """TorchRL's convention: advantages (B, 1) beside (B,) log-probs, the loss unsqueezing its log-ratio. Shapes alone
+    are no evidence: the gradient follows each sample's own advantage, so nothing is named (and nothing is blind)."""
+    guard = _run(monkeypatch, lambda kw: {**kw, "advantages": kw["advantages"].unsqueeze(-1)})
+    assert guard.findings == [] and guard.notices == [], guard.summary()
+
+
+def test_shapes_that_could_broadcast_without_advantages_say_they_cannot_tell(monkeypatch):
+    with pytest.warns(PPOGuardWarning, match=r"cannot tell \[PPG104, actor"):
+        guard = _run(monkeypatch, lambda kw: {**kw, "advantages": None, "old_logp": kw["old_logp"].unsqueeze(-1)},
+                     quiet=False)
+    assert guard.findings == [] and [n["rule"] for n in guard.notices] == ["PPG104"], guard.summary()
+    assert "advantages=" in guard.notices[0]["message"] and "cannot tell [PPG104" in guard.summary()
 
 
 def test_value_shapes_that_never_meet_the_log_probs_are_no_finding(monkeypatch):
@@ -64,9 +95,15 @@ def test_value_shapes_that_never_meet_the_log_probs_are_no_finding(monkeypatch):
 
 
 def test_values_and_returns_that_broadcast_together_are_a_finding(monkeypatch):
-    guard = _run(monkeypatch, lambda kw: {**kw, "values": kw["values"].unsqueeze(-1)})
+    _broadcasting_loss(monkeypatch, "values")
+    guard = _run(monkeypatch, lambda kw: {**kw, "values": kw["values"].unsqueeze(-1)})  # (B, 1) as the loss's
     found = [f for f in guard.findings if f.code == "PPG104"]
-    assert found and (found[0].evidence["name"], found[0].evidence["other"]) == ("values", "returns")
+    assert found and (found[0].evidence["name"], found[0].evidence["other"]) == ("values", "returns"), guard.findings
+
+
+def test_values_of_another_shape_than_returns_in_observe_only_are_no_finding(monkeypatch):
+    guard = _run(monkeypatch, lambda kw: {**kw, "values": kw["values"].unsqueeze(-1)})
+    assert guard.findings == [] and guard.notices == [], guard.summary()
 
 
 def test_empty_tensors_warn_and_are_skipped(monkeypatch):

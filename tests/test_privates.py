@@ -21,6 +21,7 @@ THIRD_PARTY = {
     "_foreach_copy_": "torch's fused multi-tensor copy (the actor snapshot before a step)",
     "_foreach_sub_": "torch's fused multi-tensor subtract (the update after a step)",
     "_version": "a tensor's in-place version counter (has the gradient been written since the last read)",
+    "_base": "a view's base tensor (a slice handed to observe is read at the tensor the loss uses)",
     "_DropoutNd": "torch's base class of every dropout layer (train-mode layers make the ratio noisy)",
     "_BatchNorm": "torch's base class of every batch-norm layer (same)",
     "_num_events": "set by torch's Categorical alone: is the Distribution a categorical over param_shape[-1]",

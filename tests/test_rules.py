@@ -87,10 +87,31 @@ def test_wiring_rules():
     f = d.check_wiring("actor", 0, WiringFacts(logp_requires_grad=False, old_requires_grad=False))
     assert codes(f) == ["PPG101"] and f[0].evidence
     f = d.check_wiring("b", 0, WiringFacts(logp_requires_grad=True, old_requires_grad=True,
-                                           by_hand="LogBackward0 <- GatherBackward0 <- SoftmaxBackward0",
-                                           broadcast=("advantages", (8, 1), "new_logp", (8,), (8, 8))))
-    assert codes(f) == ["PPG103", "PPG104", "PPG106"]
-    assert "advantages has shape (8, 1) but new_logp has shape (8,)" in f[0].message
+                                           by_hand="LogBackward0 <- GatherBackward0 <- SoftmaxBackward0"))
+    assert codes(f) == ["PPG103", "PPG106"]
+
+
+def test_a_broadcast_is_named_from_the_gradient_never_from_shapes_alone():
+    """PPG104 needs the backward to show that each sample's gradient follows the other term's mean (a loss broadcast
+    to (B, B)), on consecutive observes: shapes that could broadcast, with a per-sample gradient (TorchRL's (B, 1)
+    advantages and an unsqueezed log-ratio), are no finding."""
+    pair = ("advantages", (8, 1), "new_logp", (8,), (8, 8))
+    d = Diagnoser()
+    assert all(d.check_broadcast("actor", n, pair, own=0.97, shared=0.05) == [] for n in range(20))
+    # unnormalised advantages (mean >> std): a constant fits a per-sample gradient well, its own advantages better
+    assert all(d.check_broadcast("actor", n, pair, own=1.0, shared=0.95) == [] for n in range(20))
+    assert d.check_broadcast("actor", 20, pair, own=0.02, shared=0.999) == []  # one observe is not enough
+    f = d.check_broadcast("actor", 21, pair, own=0.01, shared=0.998)
+    assert codes(f) == ["PPG104"] and "advantages has shape (8, 1) but new_logp has shape (8,)" in f[0].message
+    assert "{" not in f[0].message
+    # values against returns: only an exact fit to values - mean(returns) (a broadcast MSE), never a saturated Huber
+    pair = ("values", (8, 1), "returns", (8,), (8, 8))
+    d = Diagnoser()
+    assert all(d.check_broadcast("critic", n, pair, own=0.9, shared=0.99999, spread=0.0) == [] for n in range(9))
+    assert all(d.check_broadcast("critic", n, pair, own=0.9, shared=0.99998, spread=0.4) == [] for n in range(9))
+    assert all(d.check_broadcast("critic", n, pair, own=1.0, shared=0.6, spread=0.4) == [] for n in range(9))
+    assert codes(d.check_broadcast("critic", 9, pair, own=0.3, shared=1.0, spread=0.4)
+                 + d.check_broadcast("critic", 10, pair, own=0.3, shared=1.0, spread=0.4)) == ["PPG104"]
 
 
 def test_unreached_tensors_are_missing_only_when_they_get_no_gradient_either():
