@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, TransformedDistribution
 
 from lightning_ppo_guard.functional import policy_stats
 
@@ -105,13 +105,15 @@ class PolicyTerm:
     rollout: int | None = None
     target_kl: float | None = None
     role: str = "actor"
+    log_ratio: Tensor | None = None  # the loss's own new_logp - old_logp (then new_logp is that tensor, if not given)
 
     @classmethod
     def build(
         cls,
         *,
-        new_logp: Tensor,
+        new_logp: Tensor | None,
         old_logp: Tensor,
+        log_ratio: Tensor | None = None,
         advantages: Tensor | None = None,
         clip_eps: Any = None,
         dist: Distribution | None = None,
@@ -129,7 +131,16 @@ class PolicyTerm:
         Raises:
             TypeError, ValueError: with the argument's name and the fix.
         """
+        if log_ratio is not None:
+            log_ratio = _logp("log_ratio", log_ratio)
+            new_logp = log_ratio if new_logp is None else new_logp  # the tensor the loss uses: hooks, graph
+        elif new_logp is None:
+            raise TypeError("observe(): pass new_logp (the update's log-probs), or log_ratio (the loss's own "
+                            "new_logp - old_logp) where the loss computes the log-probs itself.")
         new_logp, old_logp = _logp("new_logp", new_logp), _logp("old_logp", old_logp)
+        if log_ratio is not None and log_ratio.numel() != old_logp.numel():
+            raise ValueError(f"observe(): log_ratio has shape {tuple(log_ratio.shape)} but old_logp has shape "
+                             f"{tuple(old_logp.shape)}; pass one value per sample of the same minibatch.")
         if new_logp.device != old_logp.device:
             raise ValueError(f"observe(): old_logp is on {old_logp.device} but new_logp on {new_logp.device}.")
         if new_logp.numel() != old_logp.numel():
@@ -138,7 +149,14 @@ class PolicyTerm:
                 f"{tuple(old_logp.shape)}; they must hold one log-prob per sample of the same minibatch."
             )
         if dist is not None and not isinstance(dist, Distribution):
-            raise TypeError(f"observe(): dist must be a torch.distributions.Distribution, got {type(dist).__name__}.")
+            inner = getattr(dist, "distribution", None)  # a library's wrapper (SB3's CategoricalDistribution ...)
+            if isinstance(inner, Distribution):
+                dist = inner
+            elif isinstance(inner, (list, tuple)) and inner and all(isinstance(d, Distribution) for d in inner):
+                dist = None  # SB3's MultiCategorical: one torch distribution per head; pass entropy= instead
+            else:
+                raise TypeError(f"observe(): dist must be a torch.distributions.Distribution (or a wrapper holding "
+                                f"one as .distribution, as SB3's do), got {type(dist).__name__}.")
         if not isinstance(role, str) or not role:
             raise TypeError(f"observe(): role must be a role name such as 'actor' or 'agent_2', got {role!r}.")
         if action_mask is not None:
@@ -158,6 +176,7 @@ class PolicyTerm:
             rollout=cls.rollout_id(rollout),
             target_kl=None if target_kl is None else as_number("target_kl", target_kl),
             role=role,
+            log_ratio=log_ratio,
         )
 
     @staticmethod
@@ -179,17 +198,22 @@ class PolicyTerm:
     def statistics(self, full: bool = True) -> dict[str, Tensor]:
         """The minibatch's statistics by name (:func:`~lightning_ppo_guard.functional.policy_stats`): every one
         the inputs allow, or with ``full=False`` those of the ratio alone (KL, ratio range)."""
-        log_ratio = self.new_logp.reshape(-1).float() - self.old_logp.reshape(-1).float()
+        given = self.log_ratio
+        log_ratio = (given.reshape(-1).float() if given is not None
+                     else self.new_logp.reshape(-1).float() - self.old_logp.reshape(-1).float())
         if not full:
             return policy_stats(log_ratio)
         entropy, num_actions = self.entropy_and_actions()
         return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
                             returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
-                            logp=self.new_logp)
+                            logp=self.new_logp if given is None or given is not self.new_logp else None)
 
     def log_std(self) -> Tensor | None:
-        """log of a Gaussian policy's std per sample and dimension (None for other distributions)."""
-        dist = self.dist.base_dist if isinstance(self.dist, Independent) else self.dist
+        """log of a Gaussian policy's std per sample and dimension, squashed (tanh) or not (None for other
+        distributions)."""
+        dist = self.dist
+        while isinstance(dist, (Independent, TransformedDistribution)):  # TorchRL's TanhNormal, a squashed Gaussian
+            dist = dist.base_dist
         if isinstance(dist, Normal):
             return dist.scale.detach().log()
         if isinstance(dist, MultivariateNormal):

@@ -116,6 +116,9 @@ class GuardConfig:
     #: PPG105 on rollouts inferred from manual-optimization batches: this many consecutive batches must start with
     #: a deviating ratio (and none ever with a ratio of 1).
     first_ratio_batches: int = 2
+    #: PPG105 with rollout ids: this many consecutive rollouts (of those whose first ratio is read) must start with a
+    #: deviating ratio (one sample's spike in one rollout is no systematic mismatch).
+    first_ratio_rollouts: int = 2
     #: PPG105: max |ratio - 1| on a rollout's first minibatch above this (float32 log-probs) ...
     first_ratio_dev: float = 1e-3
     #: ... or above this many machine epsilons of the lowest precision new_logp was computed in (bf16 autocast:

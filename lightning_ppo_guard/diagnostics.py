@@ -180,7 +180,8 @@ _UNREAD = {
 def broadcast_pair(term: PolicyTerm) -> Broadcast | None:
     """The first pair of loss terms that a PPO loss combines and whose shapes broadcast into more elements:
     new_logp with old_logp and with the advantages (the ratio times the advantages), values with returns."""
-    pairs = (("old_logp", term.old_logp, "new_logp", term.new_logp),
+    # a log_ratio handed over is the loss's own: it combined new_logp and old_logp already (TorchRL: (B, 1) and (B,))
+    pairs = (("old_logp", term.old_logp if term.log_ratio is None else None, "new_logp", term.new_logp),
              ("advantages", term.advantages, "new_logp", term.new_logp),
              ("values", term.values, "returns", term.returns))
     for name, a, other, b in pairs:

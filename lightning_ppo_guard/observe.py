@@ -84,8 +84,9 @@ def attached(key: Any) -> tuple[Engine, ...]:
 def observe(
     pl_module: Any,
     *,
-    new_logp: Tensor,
+    new_logp: Tensor | None = None,
     old_logp: Tensor,
+    log_ratio: Tensor | None = None,
     advantages: Tensor | None = None,
     clip_eps: float | None = None,
     dist: Distribution | None = None,
@@ -108,6 +109,9 @@ def observe(
             ``FabricGuard``'s ``on_train_start`` (or the guard itself).
         new_logp: log pi_theta(a|s) of the taken actions, built from the live logits (requires grad).
         old_logp: log-probs recorded at rollout time (detached).
+        log_ratio: the loss's own ``new_logp - old_logp``, where the loss computes it inside (a library loss such
+            as TorchRL's ``ClipPPOLoss``: see :mod:`lightning_ppo_guard.integrations.torchrl`); then ``new_logp``
+            may be left out, and the guard reads the ratio, the gradient signs and the graph from this tensor.
         advantages: the advantages exactly as they enter the policy loss (after any normalisation). With them the
             guard also reads, in the coming backward, whether the loss's gradient raises the log-prob of the
             better actions (PPG107).
@@ -152,7 +156,8 @@ def observe(
             monitor.boundary(note)
         return
     term = PolicyTerm.build(
-        new_logp=new_logp, old_logp=old_logp, advantages=advantages, clip_eps=clip_eps, dist=dist, entropy=entropy,
+        new_logp=new_logp, old_logp=old_logp, log_ratio=log_ratio, advantages=advantages, clip_eps=clip_eps, dist=dist,
+        entropy=entropy,
         num_actions=num_actions, values=values, returns=returns, rollout=rollout_id, target_kl=target_kl, role=role,
         action_mask=action_mask,
     )

@@ -41,10 +41,11 @@ RoleKind = Literal["actor", "critic", "shared"]
 
 #: Attribute names of an actor (in order of preference) that auto-detection looks for.
 ACTOR_NAMES = ("actors", "actor", "policies", "policy", "policy_net", "pi", "actor_net", "actor_mean",
-               "policy_head", "actor_head", "pi_head", "action_head")
+               "policy_head", "actor_head", "pi_head", "action_head", "policy_module", "actor_module",
+               "actor_network", "policy_network")
 #: Attribute names of a critic.
 CRITIC_NAMES = ("critic", "value", "value_net", "value_function", "vf", "v", "critic_net", "value_head",
-                "critic_head", "v_head")
+                "critic_head", "v_head", "value_module", "critic_module", "critic_network", "value_network")
 #: Attribute names of a trunk shared by the actor and the critic.
 TRUNK_NAMES = ("network", "trunk", "torso", "shared", "shared_net", "body", "backbone", "encoder", "base",
                "features_extractor", "feature_extractor", "features", "core")

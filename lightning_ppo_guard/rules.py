@@ -194,6 +194,7 @@ class RoleState:
     # PPG105 on inferred rollouts (manual batches): consecutive batches whose first ratio deviated, and whether
     # any batch's first ratio was 1 (then a batch is not always a rollout, and inferred boundaries prove nothing)
     first_bad: int = 0
+    first_bad_rollouts: int = 0  # PPG105 with rollout ids: consecutive read rollouts whose first ratio deviated
     first_ok: bool = False
     # PPG502: consecutive measured observes whose entropy term had a positive gradient in the loss
     entropy_penalised: int = 0
@@ -438,10 +439,12 @@ class Diagnoser:
         d values with values - returns, near 1); a loss broadcast to (B, B) gives each the *mean* of the other's
         (``shared``: the cosine with a constant, or with values - mean(returns), near 1). Named when the gradient
         follows the shared model better than the own one on consecutive measured observes; for values only where it
-        fits it exactly (a saturated Huber loss's sign-only gradient, ``spread`` 0, fits both approximately)."""
+        fits it exactly (a saturated Huber loss's sign-only gradient, ``spread`` 0, fits both approximately). A
+        gradient the wrong way round (``own`` near -1, PPG107's case) is per-sample too."""
         cfg, s = self.config, self.state(role)
         if not (_finite(own) and _finite(shared)):
             return []
+        own = abs(own)  # a term upside down (PPG107) still follows its own samples: the sign is not this rule's
         if pair[0] == "values":
             hit = shared >= 1.0 - cfg.broadcast_fit and own < shared and _finite(spread) and spread > cfg.broadcast_fit
         else:
@@ -502,9 +505,14 @@ class Diagnoser:
         tolerance = max(cfg.first_ratio_dev, cfg.first_ratio_eps * f.precision_eps)
         if f.first_in_rollout and f.inferred:
             s.r_first_dev, s.r_first_tol = f.ratio_dev, tolerance  # judged when the batch ends (see end_rollout)
-        elif f.first_in_rollout and f.ratio_dev > tolerance:
-            out += self._emit(role, "PPG105", step, where=f"rollout {f.rollout}", ratio_dev=f.ratio_dev,
-                              tolerance=tolerance, rollout=f.rollout, **self._suspects(role))
+        elif f.first_in_rollout:
+            # on consecutive rollouts whose first ratio was read: one sample's spike in one rollout (a squashed
+            # Gaussian's saturated action, recomputed through atanh) is no mismatch of the rollout and the update
+            s.first_bad_rollouts = s.first_bad_rollouts + 1 if f.ratio_dev > tolerance else 0
+            if s.first_bad_rollouts >= cfg.first_ratio_rollouts:
+                out += self._emit(role, "PPG105", step, where=f"rollout {f.rollout}", ratio_dev=f.ratio_dev,
+                                  tolerance=tolerance, rollout=f.rollout, rollouts=s.first_bad_rollouts,
+                                  **self._suspects(role))
         s.r_observes += 1
         s.r_known = s.r_known or f.rollout is not None or f.inferred
         if _finite(f.logp_mean):

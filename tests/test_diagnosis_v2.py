@@ -49,7 +49,8 @@ def test_the_entropy_sign_needs_the_loss_s_own_entropy_tensor(observe):
 @pytest.mark.parametrize("observe", ["full", "minimal"])
 def test_first_ratio_names_the_dropout_layers_it_saw_in_train_mode(observe):
     """The reference actor with dropout (p=0.1) in the rollout and the update: PPG105 in the first rollout with
-    rollout=, after two batches without it (a batch taken as a rollout), and its evidence names the layers."""
+    rollout= (the second of two deviating rollouts), after two batches without it (a batch taken as a rollout), and
+    its evidence names the layers."""
     from lightning_ppo_guard import PPOGuard
     from lightning_ppo_guard.reference import CartPolePPO, PPOConfig
 
@@ -60,7 +61,7 @@ def test_first_ratio_names_the_dropout_layers_it_saw_in_train_mode(observe):
     guard = PPOGuard()
     fit(CartPolePPO(cfg), [guard])
     (finding,) = guard.findings
-    assert finding.code == "PPG105" and finding.rollout == (0 if observe == "full" else 2)
+    assert finding.code == "PPG105" and finding.rollout == (1 if observe == "full" else 2)
     assert finding.evidence["train_mode_layers"] == "net.2 (Dropout p=0.1), net.5 (Dropout p=0.1)"
 
 

@@ -100,6 +100,8 @@ def test_a_broadcast_is_named_from_the_gradient_never_from_shapes_alone():
     assert all(d.check_broadcast("actor", n, pair, own=0.97, shared=0.05) == [] for n in range(20))
     # unnormalised advantages (mean >> std): a constant fits a per-sample gradient well, its own advantages better
     assert all(d.check_broadcast("actor", n, pair, own=1.0, shared=0.95) == [] for n in range(20))
+    # a policy term upside down (PPG107) still follows each sample's own advantage
+    assert all(d.check_broadcast("actor", n, pair, own=-0.97, shared=0.05) == [] for n in range(20))
     assert d.check_broadcast("actor", 20, pair, own=0.02, shared=0.999) == []  # one observe is not enough
     f = d.check_broadcast("actor", 21, pair, own=0.01, shared=0.998)
     assert codes(f) == ["PPG104"] and "advantages has shape (8, 1) but new_logp has shape (8,)" in f[0].message
@@ -225,10 +227,17 @@ def test_rollout_rules():
 def test_nonfinite_logp_and_first_ratio():
     d = Diagnoser()
     assert codes(d.check_observe("actor", 0, obs(approx_kl=float("nan")))) == ["PPG902"]
-    assert codes(d.check_observe("actor", 1, obs(first=True, ratio_dev=0.2))) == ["PPG105"]
+    # a deviating first ratio on two consecutive rollouts; one rollout's spike (one sample) is not enough
+    assert d.check_observe("actor", 1, obs(first=True, rollout=1, ratio_dev=0.2)) == []
+    assert d.check_observe("actor", 2, obs(first=True, rollout=2, ratio_dev=1e-6)) == []
+    assert d.check_observe("actor", 3, obs(first=True, rollout=3, ratio_dev=0.2)) == []
+    assert codes(d.check_observe("actor", 4, obs(first=True, rollout=4, ratio_dev=0.2))) == ["PPG105"]
     # bf16 autocast: rounding alone moves a recomputed log-prob by a few eps (7.8e-3)
-    assert d.check_observe("b", 1, obs(first=True, ratio_dev=2.5e-3, precision_eps=7.8e-3)) == []
-    assert codes(d.check_observe("b", 2, obs(first=True, ratio_dev=0.4, precision_eps=7.8e-3))) == ["PPG105"]
+    assert all(d.check_observe("b", r, obs(first=True, rollout=r, ratio_dev=2.5e-3, precision_eps=7.8e-3)) == []
+               for r in range(4))
+    bf16 = dict(first=True, ratio_dev=0.4, precision_eps=7.8e-3)
+    assert codes(d.check_observe("b", 5, obs(rollout=5, **bf16))
+                 + d.check_observe("b", 6, obs(rollout=6, **bf16))) == ["PPG105"]
 
 
 def test_advantages_nan_or_without_spread_but_not_one_sample():

@@ -26,7 +26,7 @@ EXPECTED: dict[str, tuple[str, str, int]] = {
     "entropy_sign": ("actor", "PPG502", 0),
     "lr_huge": ("actor", "PPG303", 4),
     "critic_clip_unscaled": ("critic", "PPG406", 4),
-    "dropout_policy": ("actor", "PPG105", 0),
+    "dropout_policy": ("actor", "PPG105", 1),  # on two consecutive rollouts' first minibatches
 }
 
 #: With the minimal observe (new_logp, old_logp, advantages), the faults whose expectation differs: None when the
