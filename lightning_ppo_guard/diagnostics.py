@@ -162,6 +162,11 @@ _SHAPES_ONLY = ("{pair[0]} has shape {pair[1]} and {pair[2]} {pair[3]}, which wo
                 "loss combined them as they are; shapes alone are no evidence (TorchRL keeps advantages (B, 1) and "
                 "unsqueezes its log-ratio), and the gradient that would be cannot be read without advantages= and a "
                 "new_logp that requires grad. Pass them, or reshape the inputs to one value per sample.")
+_WINDOWS = ("observe() gets no rollout id, and the loop shows no rollout boundary (automatic optimization, or one "
+            "minibatch per training batch): the rollout-level rules judge windows of 16 observes, and PPG105 (the "
+            "first ratio of a rollout), PPG108 (old log-probs from the current policy) and PPG302 (an early stop at "
+            "its first check) cannot be judged. Pass rollout= (the PPO iteration number, e.g. "
+            "rollout=int(batch['rollout'])).")
 _UNREAD = {
     "policy": ("PPG107", "the new_logp handed to observe() got no gradient in {n} backward passes: the loss uses "
                "another tensor (a copy such as new_logp[mask], new_logp.float(), or a log-prob recomputed for "
@@ -342,6 +347,8 @@ class Diagnostics:
             if len(self.pending) > 1:
                 self.process()
             return
+        if record.rollout is None and not record.inferred:  # no rollout id, and no batch taken as a rollout
+            self.notice(role.name, "rollout=", record.step, _WINDOWS)
         if len(self.pending) >= MAX_PENDING:
             self.process()  # bounded: before this minibatch's backward, not inside an optimizer step
         new_logp, old_logp = term.new_logp, term.old_logp

@@ -125,3 +125,20 @@ def test_every_step_skipped_by_the_grad_scaler_is_named():
     finding = guard.findings[0]
     assert finding.role == "actor" and finding.evidence["skipped"] == 25  # named at the 25th skip in a row
     assert guard.steps_skipped["actor"] == 2 * PER
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+@pytest.mark.parametrize("cls", ["CartPolePPO", "CartPolePPOAuto", "MultiCartPoleMAPPO"])
+def test_the_reference_modules_train_in_true_precisions_without_a_finding(precision, cls):
+    """Issue 23's leftover: the reference modules crashed under "bf16-true" / "64-true" (observations, and the
+    automatic module's DataLoader-side rollout, were float32 beside converted weights). Now they run in the module's
+    dtype, and the guard, measuring in that dtype, names nothing on a healthy run."""
+    from lightning_ppo_guard import PPOGuard
+    from lightning_ppo_guard import reference as ref
+
+    module_cls = getattr(ref, cls)
+    cfg = (ref.MAPPOConfig if cls == "MultiCartPoleMAPPO" else ref.PPOConfig)(seed=0)
+    cfg.total_timesteps = 3 * (cfg.num_envs * cfg.num_steps)
+    guard = PPOGuard()
+    fit(module_cls(cfg), [guard], precision=precision)
+    assert guard.findings == [] and guard.optimizer_steps > 0, guard.summary()

@@ -77,3 +77,26 @@ def test_a_view_reads_its_part_of_its_base_gradient(make):
     (view._base * leaf_grad).sum().backward()
     expected = make(leaf_grad)
     assert len(seen) == 1 and torch.equal(seen[0], expected)
+
+
+def test_automatic_optimization_without_rollout_ids_says_once_what_it_cannot_judge():
+    """The reference automatic module with the minimal call: old log-probs recomputed from the current policy
+    (PPG108) cannot be told in windows of observes, and the guard says so once, naming rollout=."""
+    from lightning_ppo_guard.reference import CartPolePPOAuto, PPOConfig
+
+    cfg = PPOConfig(seed=0, fault="old_logp_recomputed", observe="minimal")
+    cfg.total_timesteps = 4 * cfg.batch_size
+    guard = PPOGuard()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(CartPolePPOAuto(cfg), [guard], quiet=False)
+    assert guard.findings == [], guard.summary()
+    assert [(n["role"], n["rule"]) for n in guard.notices] == [("actor", "rollout=")]
+    assert "PPG108" in guard.notices[0]["message"] and "Pass rollout=" in guard.notices[0]["message"]
+    assert sum("cannot tell [rollout=" in str(w.message) for w in caught) == 1
+    # with rollout ids (the full call) it is named, and nothing is said about rollouts
+    cfg = PPOConfig(seed=0, fault="old_logp_recomputed")
+    cfg.total_timesteps = 4 * cfg.batch_size
+    guard = PPOGuard()
+    fit(CartPolePPOAuto(cfg), [guard])
+    assert guard.codes() == {"PPG108"} and guard.notices == []

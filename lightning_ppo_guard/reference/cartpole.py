@@ -188,9 +188,11 @@ class _CartPolePPOBase(L.LightningModule):
             self._env = VecCartPole(cfg.num_envs, seed=cfg.seed)
         env, device = self._env, self.device
         shape = (cfg.num_steps, cfg.num_envs)
-        obs = torch.zeros((*shape, self.obs_dim), device=device)
+        # in the module's precision (a "bf16-true" / "64-true" Trainer), also where a DataLoader collects (automatic)
+        dtype = cast(torch.dtype, self.dtype)
+        obs = torch.zeros((*shape, self.obs_dim), device=device, dtype=dtype)
         actions = torch.zeros(shape, dtype=torch.long, device=device)
-        logp, values, rewards = (torch.zeros(shape, device=device) for _ in range(3))
+        logp, values, rewards = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(3))
         terminated, truncated, valid = (torch.zeros(shape, dtype=torch.bool, device=device) for _ in range(3))
 
         for t in range(cfg.num_steps):
@@ -205,7 +207,7 @@ class _CartPolePPOBase(L.LightningModule):
             terminated[t] = torch.as_tensor(out["terminated"], device=device)
             truncated[t] = torch.as_tensor(out["truncated"], device=device)
             valid[t] = torch.as_tensor(out["valid"], device=device)
-        next_value = self.critic(torch.as_tensor(env.obs, device=device))
+        next_value = self.critic(torch.as_tensor(env.obs, device=device, dtype=obs.dtype))  # the module's precision
 
         gamma, lam = cfg.gamma, cfg.gae_lambda
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, gamma, lam)

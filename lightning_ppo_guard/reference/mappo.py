@@ -154,9 +154,10 @@ class MultiCartPoleMAPPO(L.LightningModule):
             self._envs = [VecCartPole(num_envs, seed=cfg.seed * 100 + i) for i in range(n_agents)]
         envs = self._envs
         shape = (cfg.num_steps, num_envs, n_agents)
-        obs = torch.zeros((*shape, self.obs_dim), device=device)
+        dtype = cast(torch.dtype, self.dtype)  # the module's precision ("bf16-true", "64-true")
+        obs = torch.zeros((*shape, self.obs_dim), device=device, dtype=dtype)
         actions = torch.zeros(shape, dtype=torch.long, device=device)
-        logp, values, rewards = (torch.zeros(shape, device=device) for _ in range(3))
+        logp, values, rewards = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(3))
         terminated, truncated, valid = (torch.zeros(shape, dtype=torch.bool, device=device) for _ in range(3))
 
         for t in range(cfg.num_steps):
@@ -172,7 +173,7 @@ class MultiCartPoleMAPPO(L.LightningModule):
                 terminated[t, :, i] = torch.as_tensor(out["terminated"], device=device)
                 truncated[t, :, i] = torch.as_tensor(out["truncated"], device=device)
                 valid[t, :, i] = torch.as_tensor(out["valid"], device=device)
-        next_obs = torch.as_tensor(np.stack([env.obs for env in envs], axis=1), device=device)
+        next_obs = torch.as_tensor(np.stack([env.obs for env in envs], axis=1), device=device, dtype=obs.dtype)
         next_value = self.critic(next_obs.reshape(num_envs, -1))
 
         gamma, lam = cfg.gamma, cfg.gae_lambda
