@@ -1,7 +1,7 @@
 """What the guard costs: whole-fit wall time and per-update-step time, arms alternated, medians printed.
 
     python benchmarks/overhead.py [--fit-repeats 5] [--step-repeats 5] [--sizes 10k,1M,25M] [--skip-fit]
-                                  [--short-fit 10] [--short-dense 16,128] [--shared 1]
+                                  [--short-fit 10] [--short-dense 16,128] [--shared 1] [--peers 0|1|2]
 
 (a) Whole ``Trainer.fit`` of the reference CartPole PPO (default config, env included, a CSVLogger in both
     arms, as a user has), with and without ``PPOGuard()`` at default settings: wall time, and the time spent
@@ -9,7 +9,8 @@
     Then a short fit (``--short-fit`` iterations: 400 optimizer steps by default, where the dense start weighs
     most), once per ``dense_steps`` value given. Then (``--shared 1``) CleanRL's shared-trunk PPO with its roles
     auto-detected (actor, critic and the shared trunk, whose heads' gradients are hooked; the probe's module and
-    tensor hooks are timed with the guard's).
+    tensor hooks are timed with the guard's). With ``--peers``, first PPO built with the real TorchRL
+    (``ClipPPOLoss`` read by ``watch_loss``) and SB3 (``ActorCriticPolicy``) on CartPole and Pendulum.
 (b) Per PPO update step (manual optimization: loss, observe, backward, clip, step) on actor-critic MLPs of
     about 10k, 1M and 25M parameters, for these arms:
 
@@ -352,6 +353,26 @@ def _shared_trunk() -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]
     return "CleanRL's shared-trunk PPO (roles actor, critic, shared)", make, cleanrl
 
 
+def _peer(library: str, env: str) -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]:
+    """PPO built with the real TorchRL (ClipPPOLoss read by watch_loss) or SB3 (ActorCriticPolicy), 40 rollouts of
+    8 envs x 64 steps, 4 epochs x 4 minibatches: its label, a maker, and where it calls observe."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test zoo: tests/zoo (not installed)
+    from tests.zoo import sb3_ppo, torchrl_ppo
+
+    def make() -> tuple[Any, dict[str, Any]]:
+        if library == "torchrl":
+            module: Any = torchrl_ppo.TorchRLPPO(torchrl_ppo.TorchRLArgs(env=env, iterations=40))
+        else:
+            module = sb3_ppo.SB3PPO(sb3_ppo.SB3Args(env=env, iterations=40))
+        return module, torchrl_ppo.trainer_kwargs(module)
+
+    if library == "torchrl":
+        from lightning_ppo_guard.integrations import torchrl as namespace
+    else:
+        namespace = sb3_ppo  # type: ignore[assignment]
+    return f"{library} PPO on {env}", make, namespace
+
+
 def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any],
               hooks_only: bool = False, **guard_kwargs: Any) -> None:
     from lightning_ppo_guard import diagnostics
@@ -423,11 +444,18 @@ def main() -> None:
                         "steps each; 0 skips it)")
     parser.add_argument("--short-dense", default="16,128", help="dense_steps values to time the short fit with")
     parser.add_argument("--shared", type=int, default=1, help="also time the shared-trunk fit (0 skips it)")
+    parser.add_argument("--peers", type=int, default=0, help="also time the TorchRL and SB3 fits (1), or only them (2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
     parser.add_argument("--hooks-only", action="store_true", help="time the guard's hooks only (no wall-time arms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    if args.peers:
+        for library in ("torchrl", "sb3"):
+            for env in ("CartPole-v1", "Pendulum-v1"):
+                bench_fit(args.fit_repeats, _peer(library, env), args.hooks_only)
+        if args.peers == 2:
+            return
     if not args.skip_fit:
         only = args.hooks_only
         bench_fit(args.fit_repeats, _reference(None), only)
