@@ -23,12 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_ppo_guard import observe
+from tests.zoo.gym_loop import GymLoopPPO
 
 FAULTS = ("entropy_sign", "ratio_inverted", "old_logp_recomputed", "lr_tiny", "log_std_unbound", "tiny_rewards")
 
@@ -53,18 +52,17 @@ class SB3Args:
     observe: str = "full"
 
 
-class SB3PPO(L.LightningModule):
+class SB3PPO(GymLoopPPO):
     """PPO on SB3's ``ActorCriticPolicy`` (see the module docstring)."""
 
     def __init__(self, args: SB3Args) -> None:
-        super().__init__()
+        super().__init__(args.env, args.num_envs, args.iterations, args.seed)
         import gymnasium as gym
         from stable_baselines3.common.policies import ActorCriticPolicy
 
         if args.fault not in (None, *FAULTS):
             raise ValueError(f"fault must be one of {FAULTS} or None, got {args.fault!r}")
         self.args = args
-        self.automatic_optimization = False
         probe = gym.make(args.env)
         self.continuous = isinstance(probe.action_space, gym.spaces.Box)
         lr = 1e-9 if args.fault == "lr_tiny" else args.lr
@@ -74,11 +72,6 @@ class SB3PPO(L.LightningModule):
                                             net_arch=dict(pi=[64, 64], vf=[64, 64]))
         self.action_space = probe.action_space
         probe.close()
-        self.recent_returns: list[float] = []
-        self._env: Any = None
-        self._obs: np.ndarray | None = None
-        self._ep_return: np.ndarray | None = None
-        self._rng = np.random.default_rng(args.seed)
 
     def configure_optimizers(self) -> Any:
         if self.args.fault == "log_std_unbound":
@@ -86,44 +79,29 @@ class SB3PPO(L.LightningModule):
             return torch.optim.Adam(params, lr=self.args.lr, eps=1e-5)
         return self.policy.optimizer  # the one SB3 built: Adam over every policy parameter
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.args.iterations), batch_size=None)  # type: ignore[arg-type]
-
     @torch.no_grad()
     def collect(self) -> dict[str, torch.Tensor]:
-        import gymnasium as gym
-
         a = self.args
-        if self._env is None:
-            self._env = gym.make_vec(a.env, num_envs=a.num_envs, vectorization_mode="sync",
-                                     vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
-            self._obs, _ = self._env.reset(seed=a.seed)
-            self._ep_return = np.zeros(a.num_envs)
         T, N = a.num_steps, a.num_envs
-        buf = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "dones", "next_values")}
+        buf: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "dones",
+                                                              "next_values")}
         scale = 1e-5 if a.fault == "tiny_rewards" else (0.1 if self.continuous else 1.0)
         for _ in range(T):
-            obs = torch.as_tensor(self._obs, dtype=torch.float32)
+            obs = torch.as_tensor(self.env_obs(), dtype=torch.float32)
             actions, values, logp = self.policy(obs)
             env_actions = actions.numpy()
             if self.continuous:
                 env_actions = np.clip(env_actions, self.action_space.low, self.action_space.high)
-            next_obs, reward, terminated, truncated, info = self._env.step(env_actions)
-            self._ep_return += reward
+            _, reward, terminated, truncated, final = self.env_step(env_actions)
             reward = reward * scale
             # bootstrap a truncated episode with the value of its final observation (as SB3 does)
-            next_values = self.policy.predict_values(torch.as_tensor(next_obs, dtype=torch.float32)).squeeze(-1)
-            for i in np.nonzero(terminated | truncated)[0]:
-                final = torch.as_tensor(info["final_obs"][i], dtype=torch.float32)[None]
-                next_values[i] = 0.0 if terminated[i] else self.policy.predict_values(final).squeeze()
-                self.recent_returns = [*self.recent_returns, float(self._ep_return[i])][-100:]
-                self._ep_return[i] = 0.0
+            next_values = self.policy.predict_values(torch.as_tensor(final, dtype=torch.float32)).squeeze(-1)
+            next_values[torch.as_tensor(terminated)] = 0.0
             for k, v in (("obs", obs), ("actions", actions), ("logp", logp), ("values", values.squeeze(-1)),
                          ("rewards", torch.as_tensor(reward, dtype=torch.float32)),
                          ("dones", torch.as_tensor(terminated | truncated, dtype=torch.float32)),
                          ("next_values", next_values)):
                 buf[k].append(v)
-            self._obs = next_obs
         data = {k: torch.stack(v) for k, v in buf.items()}  # (T, N, ...)
         adv = torch.zeros(T, N)
         last = torch.zeros(N)
@@ -168,10 +146,4 @@ class SB3PPO(L.LightningModule):
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=a.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
-        if self.recent_returns:
-            self.log("train/episode_return", float(np.mean(self.recent_returns[-20:])))
-
-    def on_fit_end(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        self.log_returns()

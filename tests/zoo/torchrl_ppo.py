@@ -29,13 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-import lightning as L
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_ppo_guard import observe
+from tests.zoo.gym_loop import GymLoopPPO
 
 FAULTS = ("old_logp_recomputed", "loss_negated", "entropy_sign", "lr_tiny", "actor_not_in_optimizer", "tiny_rewards")
 
@@ -67,11 +65,11 @@ def _mlp(inp: int, out: int, hidden: int, std: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), last)
 
 
-class TorchRLPPO(L.LightningModule):
+class TorchRLPPO(GymLoopPPO):
     """PPO with TorchRL's ``ClipPPOLoss`` (see the module docstring); ``recent_returns`` holds finished episodes."""
 
     def __init__(self, args: TorchRLArgs) -> None:
-        super().__init__()
+        super().__init__(args.env, args.num_envs, args.iterations, args.seed)
         from tensordict.nn import NormalParamExtractor, TensorDictModule
         from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
         from torchrl.objectives import ClipPPOLoss
@@ -80,7 +78,6 @@ class TorchRLPPO(L.LightningModule):
         if args.fault not in (None, *FAULTS):
             raise ValueError(f"fault must be one of {FAULTS} or None, got {args.fault!r}")
         self.args = args
-        self.automatic_optimization = False
         self.continuous = args.env.startswith("Pendulum")
         obs_dim, act = (3, 1) if self.continuous else (4, 2)
         with torch.random.fork_rng():
@@ -108,11 +105,6 @@ class TorchRLPPO(L.LightningModule):
             from lightning_ppo_guard.integrations.torchrl import watch_loss
 
             self.watch = watch_loss(self, self.loss_module)
-        self.recent_returns: list[float] = []
-        self._env: Any = None
-        self._obs: np.ndarray | None = None
-        self._ep_return: np.ndarray | None = None
-        self._rng = np.random.default_rng(args.seed)
 
     def configure_optimizers(self) -> Any:
         lr = 1e-9 if self.args.fault == "lr_tiny" else self.args.lr
@@ -120,37 +112,20 @@ class TorchRLPPO(L.LightningModule):
                   else list(self.policy_module.parameters()) + list(self.value_module.parameters()))
         return torch.optim.Adam(params, lr=lr, eps=1e-5)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.args.iterations), batch_size=None)  # type: ignore[arg-type]
-
     # ---------------------------------------------------------------------------------- rollout
     @torch.no_grad()
     def collect(self) -> Any:
-        import gymnasium as gym
         from tensordict import TensorDict
         from torchrl.envs.utils import ExplorationType, set_exploration_type
 
         a = self.args
-        if self._env is None:
-            self._env = gym.make_vec(a.env, num_envs=a.num_envs, vectorization_mode="sync",
-                                     vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
-            self._obs, _ = self._env.reset(seed=a.seed)
-            self._ep_return = np.zeros(a.num_envs)
         steps = []
         for _ in range(a.num_steps):
-            obs = torch.as_tensor(self._obs, dtype=torch.float32)
+            obs = torch.as_tensor(self.env_obs(), dtype=torch.float32)
             with set_exploration_type(ExplorationType.RANDOM):  # TorchRL's actors act deterministically by default
                 td = self.policy_module(TensorDict(observation=obs, batch_size=[a.num_envs]))
-            action = td["action"].numpy()
-            next_obs, reward, terminated, truncated, info = self._env.step(action)
-            self._ep_return += reward
+            _, reward, terminated, truncated, final = self.env_step(td["action"].numpy())
             done = terminated | truncated
-            final = next_obs.copy()
-            if done.any():
-                for i in np.nonzero(done)[0]:
-                    final[i] = info["final_obs"][i]
-                    self.recent_returns = ([*self.recent_returns, float(self._ep_return[i])])[-100:]
-                    self._ep_return[i] = 0.0
             scale = 1e-5 if a.fault == "tiny_rewards" else (0.1 if self.continuous else 1.0)
             td.set("next", TensorDict(
                 observation=torch.as_tensor(final, dtype=torch.float32),
@@ -158,7 +133,6 @@ class TorchRLPPO(L.LightningModule):
                 done=torch.as_tensor(done).unsqueeze(-1), terminated=torch.as_tensor(terminated).unsqueeze(-1),
                 batch_size=[a.num_envs]))
             steps.append(td)
-            self._obs = next_obs
         data = torch.stack(steps, dim=1)  # (num_envs, num_steps): time last
         self.advantage_module(data)
         return data.reshape(-1)
@@ -189,13 +163,7 @@ class TorchRLPPO(L.LightningModule):
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=a.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
-        if self.recent_returns:
-            self.log("train/episode_return", float(np.mean(self.recent_returns[-20:])))
-
-    def on_fit_end(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        self.log_returns()
 
 
 def trainer_kwargs(module: TorchRLPPO) -> dict[str, Any]:
