@@ -2,8 +2,8 @@
 
 * :mod:`lightning_ppo_guard.integrations.torchrl`: TorchRL's PPO loss modules (``ClipPPOLoss``, ``PPOLoss``,
   ``KLPENPPOLoss``) read from inside their own forward (extra ``torchrl``).
-* :mod:`lightning_ppo_guard.integrations.sb3`: Stable-Baselines3 policies (``ActorCriticPolicy.evaluate_actions``
-  and its ``Distribution`` wrappers) (extra ``sb3``).
+Stable-Baselines3 needs no module here: ``observe`` takes ``evaluate_actions``' outputs as they are and SB3's
+``Distribution`` wrappers as ``dist=`` (extra ``sb3`` for the tests' real policy).
 
 Each is imported on its own; nothing here imports a library until it is used.
 """
