@@ -153,3 +153,14 @@ def test_watch_loss_refuses_what_is_not_a_torchrl_ppo_loss_and_can_be_removed():
     assert "_log_weight" in vars(module.loss_module)
     watch.remove()
     assert "_log_weight" not in vars(module.loss_module) and not module.loss_module._forward_hooks
+
+
+@pytest.mark.parametrize("loss", ["KLPENPPOLoss", "PPOLoss"])
+@pytest.mark.parametrize(("fault", "code"), [(None, None), ("loss_negated", "PPG107"),
+                                             ("old_logp_recomputed", "PPG108"), ("entropy_sign", "PPG502")])
+def test_watch_loss_reads_every_torchrl_ppo_loss(loss, fault, code):
+    """The other members of TorchRL's PPO loss family, read the same way: KLPENPPOLoss (an adaptive KL penalty, no
+    clip) and PPOLoss (the plain surrogate)."""
+    guard = _fit(TorchRLPPO(TorchRLArgs(loss=loss, fault=fault, iterations=24 if fault is None else 6)), 0)
+    assert [c for c, _, _ in _named(guard)] == ([] if code is None else [code]), guard.summary()
+    assert guard.notices == []

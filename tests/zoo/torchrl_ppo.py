@@ -2,7 +2,7 @@
 
 ``ProbabilisticActor`` (a ``Categorical`` over CartPole's actions, or a ``TanhNormal`` on Pendulum), a
 ``ValueOperator``, TorchRL's ``GAE`` and ``ClipPPOLoss`` (``normalize_advantage=True``, its default smooth-L1 critic
-loss); gymnasium vector envs stepped by hand into ``TensorDict`` rollouts of shape ``(num_envs, num_steps)``, the
+loss; ``TorchRLArgs.loss`` picks ``KLPENPPOLoss`` or the unclipped ``PPOLoss`` instead); gymnasium vector envs stepped by hand into ``TensorDict`` rollouts of shape ``(num_envs, num_steps)``, the
 time dimension last, as TorchRL's value estimators want it. Manual optimization: one ``training_step`` is one PPO
 iteration (``epochs`` x ``minibatches`` updates).
 
@@ -56,6 +56,7 @@ class TorchRLArgs:
     hidden: int = 64
     fault: str | None = None
     observe: str = "watch"  # "watch" (the integration) or "minimal" (the README's call)
+    loss: str = "ClipPPOLoss"  # or "KLPENPPOLoss" (adaptive KL penalty), "PPOLoss" (the unclipped surrogate)
 
 
 def _mlp(inp: int, out: int, hidden: int, std: float) -> nn.Sequential:
@@ -72,7 +73,7 @@ class TorchRLPPO(GymLoopPPO):
         super().__init__(args.env, args.num_envs, args.iterations, args.seed)
         from tensordict.nn import NormalParamExtractor, TensorDictModule
         from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
-        from torchrl.objectives import ClipPPOLoss
+        from torchrl import objectives
         from torchrl.objectives.value import GAE
 
         if args.fault not in (None, *FAULTS):
@@ -97,9 +98,11 @@ class TorchRLPPO(GymLoopPPO):
             self.value_module = ValueOperator(_mlp(obs_dim, 1, args.hidden, 1.0), in_keys=["observation"])
         self.advantage_module = GAE(gamma=args.gamma, lmbda=args.lmbda, value_network=self.value_module,
                                     average_gae=False)
-        self.loss_module = ClipPPOLoss(
-            self.policy_module, self.value_module, clip_epsilon=args.clip_epsilon,
-            entropy_coeff=args.entropy_coeff, normalize_advantage=args.fault != "tiny_rewards")
+        loss_cls = getattr(objectives, args.loss)
+        extra = {"clip_epsilon": args.clip_epsilon} if args.loss == "ClipPPOLoss" else {}
+        self.loss_module = loss_cls(
+            self.policy_module, self.value_module, entropy_coeff=args.entropy_coeff,
+            normalize_advantage=args.fault != "tiny_rewards", **extra)
         self.watch = None
         if args.observe == "watch":
             from lightning_ppo_guard.integrations.torchrl import watch_loss
@@ -156,6 +159,8 @@ class TorchRLPPO(GymLoopPPO):
                 objective = -out["loss_objective"] if a.fault == "loss_negated" else out["loss_objective"]
                 entropy = -out["loss_entropy"] if a.fault == "entropy_sign" else out["loss_entropy"]
                 loss = objective + out["loss_critic"] + entropy
+                if "loss_kl" in out.keys():  # KLPENPPOLoss: the adaptive KL penalty term
+                    loss = loss + out["loss_kl"]
                 if a.observe == "minimal":
                     new_logp = self.policy_module.get_dist(mb).log_prob(mb["action"])  # one more actor forward
                     observe(self, new_logp=new_logp, old_logp=mb["action_log_prob"], advantages=mb["advantage"])
