@@ -2,8 +2,8 @@
 
 ``ProbabilisticActor`` (a ``Categorical`` over CartPole's actions, or a ``TanhNormal`` on Pendulum), a
 ``ValueOperator``, TorchRL's ``GAE`` and ``ClipPPOLoss`` (``normalize_advantage=True``, its default smooth-L1 critic
-loss; ``TorchRLArgs.loss`` picks ``KLPENPPOLoss`` or the unclipped ``PPOLoss`` instead); gymnasium vector envs stepped by hand into ``TensorDict`` rollouts of shape ``(num_envs, num_steps)``, the
-time dimension last, as TorchRL's value estimators want it. Manual optimization: one ``training_step`` is one PPO
+loss; ``TorchRLArgs.loss`` picks ``KLPENPPOLoss`` or the unclipped ``PPOLoss`` instead); gymnasium vector envs
+stepped by hand into ``TensorDict`` rollouts of shape ``(num_envs, num_steps)``, the time dimension last, as TorchRL's value estimators want it. Manual optimization: one ``training_step`` is one PPO
 iteration (``epochs`` x ``minibatches`` updates).
 
 ``TorchRLArgs.observe`` is how the module hands the guard its policy term:
@@ -72,8 +72,8 @@ class TorchRLPPO(GymLoopPPO):
     def __init__(self, args: TorchRLArgs) -> None:
         super().__init__(args.env, args.num_envs, args.iterations, args.seed)
         from tensordict.nn import NormalParamExtractor, TensorDictModule
-        from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
         from torchrl import objectives
+        from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
         from torchrl.objectives.value import GAE
 
         if args.fault not in (None, *FAULTS):
