@@ -3,7 +3,8 @@
 ``ProbabilisticActor`` (a ``Categorical`` over CartPole's actions, or a ``TanhNormal`` on Pendulum), a
 ``ValueOperator``, TorchRL's ``GAE`` and ``ClipPPOLoss`` (``normalize_advantage=True``, its default smooth-L1 critic
 loss; ``TorchRLArgs.loss`` picks ``KLPENPPOLoss`` or the unclipped ``PPOLoss`` instead); gymnasium vector envs
-stepped by hand into ``TensorDict`` rollouts of shape ``(num_envs, num_steps)``, the time dimension last, as TorchRL's value estimators want it. Manual optimization: one ``training_step`` is one PPO
+stepped by hand into ``TensorDict`` rollouts of shape ``(num_envs, num_steps)``, the time dimension last, as
+TorchRL's value estimators want it. Manual optimization: one ``training_step`` is one PPO
 iteration (``epochs`` x ``minibatches`` updates).
 
 ``TorchRLArgs.observe`` is how the module hands the guard its policy term:
@@ -159,7 +160,7 @@ class TorchRLPPO(GymLoopPPO):
                 objective = -out["loss_objective"] if a.fault == "loss_negated" else out["loss_objective"]
                 entropy = -out["loss_entropy"] if a.fault == "entropy_sign" else out["loss_entropy"]
                 loss = objective + out["loss_critic"] + entropy
-                if "loss_kl" in out.keys():  # KLPENPPOLoss: the adaptive KL penalty term
+                if "loss_kl" in out.keys():  # noqa: SIM118 (a TensorDict's keys)  KLPENPPOLoss: the adaptive KL penalty term
                     loss = loss + out["loss_kl"]
                 if a.observe == "minimal":
                     new_logp = self.policy_module.get_dist(mb).log_prob(mb["action"])  # one more actor forward
