@@ -61,7 +61,7 @@ def test_the_wheel_holds_the_package_and_no_tests(wheel):
     assert not any("variants" in n or n.endswith("/expected.py") or "/zoo/" in n for n in names), names
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     metadata = zipfile.ZipFile(wheel).read(meta).decode()
-    for extra in ("demo", "report", "mlflow", "wandb", "docs", "dev"):
+    for extra in ("demo", "report", "mlflow", "wandb", "docs", "torchrl", "sb3", "dev"):
         assert f"Provides-Extra: {extra}" in metadata, extra
     entry = zipfile.ZipFile(wheel).read(meta.replace("METADATA", "entry_points.txt")).decode()
     assert "ppo-guard = lightning_ppo_guard.cli:main" in entry
