@@ -141,6 +141,28 @@ def _children_listing(root: nn.Module) -> str:
     return "\n".join(rows) if rows else "  (no child modules)"
 
 
+_ACTOR_HINTS = ("policy", "actor", "pi")
+_CRITIC_HINTS = ("value", "critic", "vf", "q_net", "qf")
+
+
+def _suggested_line(root: nn.Module) -> str:
+    """The ``PPOGuard(...)`` line for ``root``'s own submodules (down to two levels), from names that say policy /
+    actor and value / critic, when exactly one of each (with parameters) does: else the generic line."""
+    found: dict[str, list[str]] = {"actor": [], "critic": []}
+    for path, module in root.named_modules():
+        if not path or path.count(".") > 1 or not _has_params(module):
+            continue
+        leaf = path.rsplit(".", 1)[-1].lower()
+        for kind, hints in (("actor", _ACTOR_HINTS), ("critic", _CRITIC_HINTS)):
+            if any(h in leaf for h in hints) and not any(p != path and path.startswith(p + ".") for p in found[kind]):
+                found[kind].append(path)
+    actors, critics = found["actor"], found["critic"]
+    if len(actors) == 1 and len(critics) <= 1 and not (critics and critics[0] == actors[0]):
+        critic = f", critic={critics[0]!r}" if critics else ""
+        return f"PPOGuard(actors={actors[0]!r}{critic})   # read from its submodules' names: check them"
+    return "PPOGuard(actors='my_policy', critic='my_value', shared='my_trunk')"
+
+
 def _path_of(root: nn.Module, obj: nn.Module | nn.Parameter) -> str:
     named = root.named_parameters(remove_duplicate=False) if isinstance(obj, nn.Parameter) else root.named_modules()
     for name, candidate in named:
@@ -343,8 +365,8 @@ def detect(root: nn.Module) -> Detected:
     raise ValueError(
         f"Could not find the actor of {type(root).__name__}: no submodule (down to two levels) is called one of "
         f"{', '.join(ACTOR_NAMES)}, nor is it an SB3 ActorCriticPolicy. Its children are:\n"
-        f"{_children_listing(root)}\nName it: PPOGuard(actors='my_policy', critic='my_value', shared='my_trunk') "
-        "(a ModuleList gives one role per agent), or a list/dict of paths for MAPPO agents."
+        f"{_children_listing(root)}\nName the roles (a ModuleList gives one role per agent, a list/dict of paths "
+        f"names MAPPO agents), e.g.:\n  {_suggested_line(root)}"
     )
 
 

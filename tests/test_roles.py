@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ppo_guard.roles import describe, resolve_roles
+from lightning_ppo_guard.roles import describe, detect, resolve_roles
 
 
 class Net(nn.Module):
@@ -201,3 +201,17 @@ def test_a_role_frozen_in_part_and_roles_of_two_kinds_sharing_tensors():
     m = Net()
     with pytest.raises(ValueError, match=r"hold the same 2 tensor\(s\).*shared="):
         resolve_roles(m, actors="actor", critic="actor")
+
+
+def test_an_undetected_layout_error_prints_the_line_for_its_own_submodules():
+    """Issue 23: the error's suggestion was a generic line; where the submodules' names say policy and value (a
+    layout auto-detection does not know: 'baseline_value_fn'), it is the line for this module."""
+    own = nn.Module()
+    own.encoder = nn.Linear(4, 8)
+    own.my_policy_head, own.baseline_value_fn = nn.Linear(8, 2), nn.Linear(8, 1)
+    with pytest.raises(ValueError, match=r"PPOGuard\(actors='my_policy_head', critic='baseline_value_fn'\)"):
+        detect(own)
+    blank = nn.Module()
+    blank.a, blank.b = nn.Linear(4, 2), nn.Linear(4, 1)
+    with pytest.raises(ValueError, match=r"PPOGuard\(actors='my_policy', critic='my_value', shared='my_trunk'\)"):
+        detect(blank)
