@@ -164,3 +164,13 @@ def test_watch_loss_reads_every_torchrl_ppo_loss(loss, fault, code):
     guard = _fit(TorchRLPPO(TorchRLArgs(loss=loss, fault=fault, iterations=24 if fault is None else 6)), 0)
     assert [c for c, _, _ in _named(guard)] == ([] if code is None else [code]), guard.summary()
     assert guard.notices == []
+
+
+def test_a_tanh_normal_policy_logs_its_log_std():
+    """TorchRL's TanhNormal is a squashed Gaussian: its base Normal's log std is read (and logged) as a Normal's is,
+    so PPG504 (a std collapse) can be judged on it."""
+    import math
+
+    guard = _fit(TorchRLPPO(TorchRLArgs(env="Pendulum-v1", iterations=3)), 0)
+    log_std = guard.last_logged.get("ppo_guard/actor/log_std")
+    assert log_std is not None and math.isfinite(log_std) and -3.0 < log_std < 1.0, guard.last_logged
