@@ -19,7 +19,7 @@ __all__ = ["CATALOG", "DOCS_URL", "Diagnosis", "Finding", "get"]
 #: Base of the docs site; each code has a page at ``{DOCS_URL}codes/PPG###/`` (``Diagnosis.url``).
 DOCS_URL = "https://lightning-ppo-guard.readthedocs.io/en/latest/"
 
-Severity = Literal["error", "warning", "info"]
+Severity = Literal["error", "warning"]
 
 
 @dataclass(frozen=True)
