@@ -206,7 +206,7 @@ class PolicyTerm:
         entropy, num_actions = self.entropy_and_actions()
         return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
                             returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
-                            logp=self.new_logp if given is None or given is not self.new_logp else None)
+                            logp=None if given is self.new_logp else self.new_logp)  # a log-ratio is no log-prob
 
     def log_std(self) -> Tensor | None:
         """log of a Gaussian policy's std per sample and dimension, squashed (tanh) or not (None for other

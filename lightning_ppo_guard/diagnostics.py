@@ -127,14 +127,15 @@ class GradientSign:
         if self.kind == "entropy":
             self.value.copy_(g.sum().reshape(1))
         elif self.kind == "policy" and self.weights is not None:
-            w = self.weights
-            dot, norm = torch.dot(g, w), g.norm() * w.norm()
-            self.value.copy_(torch.stack((dot, -dot / norm, g.sum().abs() / (g.norm() * g.numel() ** 0.5))))
+            w, g_norm = self.weights, g.norm()
+            dot = torch.dot(g, w)
+            self.value.copy_(torch.stack((dot, -dot / (g_norm * w.norm()),
+                                          g.sum().abs() / (g_norm * g.numel() ** 0.5))))
         elif self.kind == "value" and self.weights is not None and self.alt is not None:
-            mag = g.abs()
+            g_norm, mag = g.norm(), g.abs()
             hi = mag.max()
-            self.value.copy_(torch.stack((torch.dot(g, self.weights) / (g.norm() * self.weights.norm()),
-                                          torch.dot(g, self.alt) / (g.norm() * self.alt.norm()),
+            self.value.copy_(torch.stack((torch.dot(g, self.weights) / (g_norm * self.weights.norm()),
+                                          torch.dot(g, self.alt) / (g_norm * self.alt.norm()),
                                           (hi - mag.min()) / hi)))
         self.weights = self.alt = None
 
@@ -394,7 +395,7 @@ class Diagnostics:
                 self.pending.append(GradientSign.hook("value", role.name, record.step, values, v - ret,
                                                       v - ret.mean()))
             elif broadcast is not None and (advantages is None or not new_logp.requires_grad):
-                self.notice(role.name, "PPG104", record.step, _SHAPES_ONLY.format(role=role.name, pair=broadcast))
+                self.notice(role.name, "PPG104", record.step, _SHAPES_ONLY.format(pair=broadcast))
 
     def step_skipped(self, roles: list[str]) -> None:
         engine = self._engine()
