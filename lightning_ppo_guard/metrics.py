@@ -73,8 +73,8 @@ OBSERVE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("ratio_max", "max", "largest ratio in the interval", "1..2", roles="actor"),
     MetricSpec("ratio_dev", "max", "largest |r - 1| in the interval", "< 1; exactly 0 on every minibatch "
                "of a rollout means the policy never moved, or old_logp is recomputed from it (PPG108)", roles="actor"),
-    MetricSpec("logp_mean", "mean", "mean log-prob of the minibatch's actions under the update policy (new_logp)",
-               "< 0; exactly 0 is a deterministic policy", roles="actor"),
+    MetricSpec("logp_mean", "mean", "mean log-prob of the minibatch's actions under the update policy (needs "
+               "new_logp; not with log_ratio alone)", "< 0; exactly 0 is a deterministic policy", roles="actor"),
     MetricSpec("entropy", "mean", "mean per-sample policy entropy, of the whole action (summed over a Gaussian's "
                "dimensions or a multi-categorical's heads; needs dist or entropy)", "below log(num_actions), "
                "decreasing slowly", roles="actor"),
