@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, TransformedDistribution
 
-from lightning_ppo_guard.functional import policy_stats
+from lightning_ppo_guard.functional import policy_stats, sequence_stats
 
 __all__ = ["PolicyTerm", "as_number"]
 
@@ -84,6 +84,67 @@ def _valid_actions(mask: Any, new_logp: Tensor) -> Tensor:
     return mask.reshape(-1, mask.shape[-1]).sum(-1)
 
 
+def _token_mask(mask: Any, like: Tensor) -> Tensor:
+    """A response mask: booleans (or 0/1 numbers) of ``like``'s shape, True on the tokens the loss trains on."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"observe(): mask must be a torch.Tensor of booleans (True on response tokens), got "
+                        f"{type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        if (mask.is_floating_point() or mask.is_complex()) and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("observe(): mask holds values other than 0 and 1; pass the response mask itself "
+                             "(True/1 on the tokens the loss averages over), not per-token weights.")
+        mask = mask != 0
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"observe(): mask has shape {tuple(mask.shape)} but new_logp has shape {tuple(like.shape)}; pass the "
+            "per-token log-probs (batch, tokens) and the response mask of the same shape (True on response tokens)."
+        )
+    if mask.device != like.device:
+        raise ValueError(f"observe(): mask is on {mask.device} but new_logp is on {like.device}; move it first.")
+    return mask
+
+
+def _tokens(name: str, t: Any, mask: Tensor) -> Tensor | None:
+    """A per-token tensor (or one value per sequence, spread over its tokens) at the mask's valid tokens."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"observe(): {name} must be a torch.Tensor or None, got {type(t).__name__}.")
+    if t.shape == mask.shape:
+        return t[mask]
+    if mask.dim() >= 2 and t.numel() == mask.shape[0]:  # one value per sequence (GRPO's advantages): every token
+        return t.reshape(mask.shape[0], *([1] * (mask.dim() - 1))).expand(mask.shape)[mask]
+    raise ValueError(
+        f"observe(): {name} has shape {tuple(t.shape)} but mask has shape {tuple(mask.shape)}; with mask= pass "
+        f"{name} per token (the mask's shape) or one value per sequence ({mask.shape[0]} values)."
+    )
+
+
+def _sequence_mean(t: Tensor, mask: Tensor) -> Tensor | None:
+    """One value per sequence: a per-token tensor's mean over each sequence's valid tokens (a per-sequence one as
+    is)."""
+    if t.numel() == mask.shape[0]:
+        return t.detach().reshape(-1)
+    if t.shape != mask.shape:
+        return None
+    m = mask.reshape(mask.shape[0], -1).float()
+    return (t.detach().reshape(mask.shape[0], -1).float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _per_sequence(name: str, t: Any, like: Tensor) -> Tensor | None:
+    """``rewards`` / ``group``: one value per sequence (per sample without a mask), on new_logp's device."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"observe(): {name} must be a torch.Tensor (one value per sequence) or None, got "
+                        f"{type(t).__name__}.")
+    if t.device != like.device:
+        raise ValueError(f"observe(): {name} is on {t.device} but new_logp is on {like.device}; move it first.")
+    if t.dim() > 1 and t.shape[1:].numel() != 1:
+        raise ValueError(f"observe(): {name} has shape {tuple(t.shape)}; pass one value per sequence (B,).")
+    return t.reshape(-1)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyTerm:
     """One minibatch of the PPO policy term, as ``observe`` received it (see :func:`~lightning_ppo_guard.observe`
@@ -106,6 +167,11 @@ class PolicyTerm:
     target_kl: float | None = None
     role: str = "actor"
     log_ratio: Tensor | None = None  # the loss's own new_logp - old_logp (then new_logp is that tensor, if not given)
+    ref_logp: Tensor | None = None  # a frozen reference model's log-probs of the same tokens (LM RL)
+    rewards: Tensor | None = None  # one per sequence
+    group: Tensor | None = None  # one group id per sequence (GRPO: the prompt's samples share one)
+    seq_adv: Tensor | None = None  # one advantage per sequence (the mean over its tokens), aligned with rewards
+    token_mask: Tensor | None = None  # mask= as handed over (the tensors above are its valid tokens already)
 
     @classmethod
     def build(
@@ -125,6 +191,10 @@ class PolicyTerm:
         target_kl: Any = None,
         role: str = "actor",
         action_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        ref_logp: Tensor | None = None,
+        rewards: Tensor | None = None,
+        group: Tensor | None = None,
     ) -> PolicyTerm:
         """Check every input and normalise numbers (numpy scalars and 0-d tensors become floats/ints).
 
@@ -143,6 +213,23 @@ class PolicyTerm:
                              f"{tuple(old_logp.shape)}; pass one value per sample of the same minibatch.")
         if new_logp.device != old_logp.device:
             raise ValueError(f"observe(): old_logp is on {old_logp.device} but new_logp on {new_logp.device}.")
+        token_mask, seq_adv = None, None
+        if mask is not None:  # per-token tensors: every statistic and hook at the valid tokens
+            token_mask = _token_mask(mask, new_logp)
+            if isinstance(advantages, Tensor) and token_mask.dim() >= 2:
+                seq_adv = _sequence_mean(advantages, token_mask)
+            new_logp = new_logp[token_mask]  # the hooks read it at the tensor the loss uses (graph.watch_gradient)
+            old_logp, log_ratio = _tokens("old_logp", old_logp, token_mask), _tokens("log_ratio", log_ratio, token_mask)
+            advantages, entropy = _tokens("advantages", advantages, token_mask), _tokens("entropy", entropy, token_mask)
+            values, returns = _tokens("values", values, token_mask), _tokens("returns", returns, token_mask)
+            ref_logp = _tokens("ref_logp", ref_logp, token_mask)
+            if action_mask is not None:
+                action_mask = action_mask[token_mask]
+            if isinstance(num_actions, Tensor) and num_actions.shape == token_mask.shape:
+                num_actions = num_actions[token_mask]
+        elif isinstance(advantages, Tensor):
+            seq_adv = advantages
+        old_logp = cast(Tensor, old_logp)
         if new_logp.numel() != old_logp.numel():
             raise ValueError(
                 f"observe(): new_logp has shape {tuple(new_logp.shape)} but old_logp has shape "
@@ -159,6 +246,15 @@ class PolicyTerm:
                                 f"one as .distribution, as SB3's do), got {type(dist).__name__}.")
         if not isinstance(role, str) or not role:
             raise TypeError(f"observe(): role must be a role name such as 'actor' or 'agent_2', got {role!r}.")
+        rewards, group = _per_sequence("rewards", rewards, new_logp), _per_sequence("group", group, new_logp)
+        if rewards is not None and not rewards.is_floating_point():
+            rewards = rewards.float()
+        if group is not None and (group.is_floating_point() or group.dtype == torch.bool):
+            raise TypeError(f"observe(): group has dtype {group.dtype}; pass integer group ids (one per sequence: "
+                            "the index of its prompt).")
+        if rewards is not None and group is not None and rewards.numel() != group.numel():
+            raise ValueError(f"observe(): rewards has {rewards.numel()} values but group {group.numel()}; pass one "
+                             "of each per sequence.")
         if action_mask is not None:
             num_actions = _valid_actions(action_mask, new_logp)
         elif num_actions is not None and not isinstance(num_actions, Tensor):
@@ -177,6 +273,12 @@ class PolicyTerm:
             target_kl=None if target_kl is None else as_number("target_kl", target_kl),
             role=role,
             log_ratio=log_ratio,
+            ref_logp=None if ref_logp is None else _per_sample("ref_logp", _logp("ref_logp", ref_logp), new_logp),
+            rewards=rewards,
+            group=group,
+            seq_adv=seq_adv if rewards is not None and seq_adv is not None and seq_adv.numel() == rewards.numel()
+            else None,
+            token_mask=token_mask,
         )
 
     @staticmethod
@@ -204,9 +306,13 @@ class PolicyTerm:
         if not full:
             return policy_stats(log_ratio)
         entropy, num_actions = self.entropy_and_actions()
-        return policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
-                            returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
-                            logp=None if given is self.new_logp else self.new_logp)  # a log-ratio is no log-prob
+        stats = policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
+                             returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
+                             logp=None if given is self.new_logp else self.new_logp,  # a log-ratio is no log-prob
+                             ref_logp=self.ref_logp)
+        if self.rewards is not None or self.group is not None:
+            stats.update(sequence_stats(self.seq_adv, self.rewards, self.group))
+        return stats
 
     def log_std(self) -> Tensor | None:
         """log of a Gaussian policy's std per sample and dimension, squashed (tanh) or not (None for other
@@ -215,10 +321,17 @@ class PolicyTerm:
         while isinstance(dist, (Independent, TransformedDistribution)):  # TorchRL's TanhNormal, a squashed Gaussian
             dist = dist.base_dist
         if isinstance(dist, Normal):
-            return dist.scale.detach().log()
+            return self._at_tokens(dist.scale.detach().log())
         if isinstance(dist, MultivariateNormal):
-            return dist.scale_tril.detach().diagonal(dim1=-2, dim2=-1).log()
+            return self._at_tokens(dist.scale_tril.detach().diagonal(dim1=-2, dim2=-1).log())
         return None
+
+    def _at_tokens(self, t: Tensor) -> Tensor:
+        """A distribution's per-token tensor at the mask's valid tokens (with ``mask=``; else as it is)."""
+        m = self.token_mask
+        if m is None or t.shape[:m.dim()] != m.shape:
+            return t
+        return t[m]
 
     def precision_eps(self) -> float:
         """Machine epsilon of the lowest precision new_logp was computed in: its dtype, or the autocast dtype
@@ -235,7 +348,7 @@ class PolicyTerm:
         entropy, n_actions = self.entropy, self.num_actions
         if entropy is None and self.dist is not None:
             try:
-                entropy = self.dist.entropy()
+                entropy = self._at_tokens(self.dist.entropy())
             except NotImplementedError:
                 entropy = None
         if n_actions is None and self.dist is not None and getattr(self.dist, "_num_events", None) is not None:

@@ -13,7 +13,7 @@ flatten applied between trunk and head). Anything else is not measured: the logg
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -62,6 +62,7 @@ class TrunkProbe:
 
     def _trunk_out(self, module: nn.Module, args: Any, out: Any) -> None:
         # The node, not the tensor: the output tensor itself may be gone once an op between trunk and head ran.
+        out = _hidden(out)
         if isinstance(out, Tensor) and out.grad_fn is not None and torch.is_grad_enabled() and self.armed():
             self._outs.append(out.grad_fn)
 
@@ -97,3 +98,16 @@ class TrunkProbe:
         self.hits = [0, 0]
         self._outs.clear()
         return norms, both
+
+
+def _hidden(out: Any) -> Any:
+    """A trunk's output tensor: the tensor itself, or the hidden states of a structured output (a Hugging Face
+    ``ModelOutput``'s ``last_hidden_state``, else its first tensor; a tuple's first tensor)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        first = out.get("last_hidden_state")
+        return first if isinstance(first, Tensor) else next((v for v in out.values() if isinstance(v, Tensor)), None)
+    if isinstance(out, (tuple, list)):
+        return next((v for v in out if isinstance(v, Tensor)), None)
+    return None

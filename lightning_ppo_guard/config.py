@@ -99,8 +99,11 @@ class GuardConfig:
     std_collapse_rollouts: int = 2
     #: PPG503: a frozen policy whose normalised entropy is below this has collapsed to a deterministic one.
     entropy_collapsed: float = 0.01
-    #: PPG107: consecutive measured observes whose policy-term gradient pushed the advantages' way backwards.
+    #: PPG107: consecutive measured observes whose policy-term gradient pushed the advantages' way backwards ...
     gradient_sign_observes: int = 2
+    #: ... with a cosine to -advantages below minus this (a healthy loss's is 0.6..1, an upside-down one's minus
+    #: that; a KL penalty that outweighs the policy term leaves it at -0.3..0.4).
+    backwards_cos: float = 0.5
     #: PPG502: consecutive measured observes whose entropy tensor got a positive gradient from the loss.
     entropy_sign_observes: int = 2
     #: PPG104: consecutive measured observes whose gradient follows a loss broadcast to (B, B) rather than a
@@ -131,6 +134,27 @@ class GuardConfig:
     annealed_fraction: float = 0.9
     #: Rollout-level rules use pseudo-rollouts of this many observes when observe() gets no rollout id.
     window_observes: int = 16
+    #: PPG401 without spread (not NaN): advantages with no spread on every measured minibatch of this many
+    #: consecutive rollouts, none of the role's rollouts having had any (one minibatch of solved GRPO groups, or a
+    #: solved task late in the fit, is no bug in the advantages).
+    degenerate_rollouts: int = 2
+    #: PPG407: the share of groups whose rewards have no spread and are not at the best reward (all failed) at least
+    #: this, over a rollout's measured minibatches (healthy binary-reward GRPO learning prompt by prompt: 0..0.75 of
+    #: a rollout's groups), ...
+    zero_groups_share: float = 0.9
+    #: ... on this many consecutive rollouts, ...
+    zero_groups_rollouts: int = 2
+    #: ... that measured this many groups in all (one minibatch of 4 groups, as the sparse cadence reads, is noise).
+    zero_groups_min: int = 16
+    #: PPG109: the correlation of the sequences' advantages with their rewards (within groups) below minus this on
+    #: this many consecutive measured observes (GRPO's is +1 exactly; a GAE advantage's is positive but noisy).
+    adv_against_corr: float = 0.5
+    adv_against_observes: int = 2
+    #: PPG304: the loss's gradient on new_logp is more aligned with the KL penalty's pull towards the reference than
+    #: with the advantages, with a cosine above this (healthy LM RL, beta 0.04: |cos| <= 0.25; beta 50: 0.7..0.98) ...
+    kl_pin_align: float = 0.5
+    #: ... on this many consecutive measured observes.
+    kl_pin_observes: int = 2
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -141,7 +165,8 @@ class GuardConfig:
             elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"GuardConfig.{f.name} must be a positive number, got {value!r}.")
         for name in ("starved_clip_coef", "entropy_at_max", "frozen_ratio_dev", "exact_ratio_dev", "annealed_lr",
-                     "annealed_fraction", "broadcast_fit"):
+                     "annealed_fraction", "broadcast_fit", "backwards_cos", "zero_groups_share", "adv_against_corr",
+                     "kl_pin_align"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"GuardConfig.{name} must be below 1, got {getattr(self, name)!r}.")
 

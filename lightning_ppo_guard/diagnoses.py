@@ -290,6 +290,18 @@ _ALL = (
     ),
     # ---------------------------------------------------------------- 2xx gradient and update
     Diagnosis(
+        "PPG109", "advantages-against-rewards", "error",
+        "{role}'s advantages fall as the rewards rise: correlation {corr:.2f} within groups, on {observes} "
+        "consecutive observes",
+        "Each sequence's advantage should rise with its reward (GRPO's group-normalised advantage is an increasing "
+        "function of it; a value baseline keeps the order on average). Here they point the other way: the policy "
+        "is taught to prefer its worst samples, the reward falls, and the loss and the gradient's sign look "
+        "healthy because they follow the advantages they are given.",
+        "Compute advantages as reward - baseline ((r - mean_group) / (std_group + eps) for GRPO/RLOO), not "
+        "baseline - reward; check a reward model's sign and any 'cost' passed as a reward.",
+        checklist="3. loss wiring: advantages",
+    ),
+    Diagnosis(
         "PPG201", "actor-grad-zero", "error",
         "{role}'s gradient after backward is exactly 0 for {steps} optimizer steps",
         "new_logp is wired, but the loss that is back-propagated carries no gradient to the actor: the policy "
@@ -368,13 +380,29 @@ _ALL = (
     ),
     # ---------------------------------------------------------------- 4xx learning signal
     Diagnosis(
+        "PPG304", "kl-penalty-pins-policy", "error",
+        "the KL penalty to the reference drives {role}'s update, not the advantages: the gradient on the "
+        "log-probs is aligned {kl_align:.2f} with the penalty's pull and {own:.2f} with the advantages, on "
+        "{observes} consecutive observes (ref_kl {ref_kl:.3g})",
+        "With a large KL coefficient, every step the policy takes away from the reference model is pulled "
+        "back by the penalty's gradient, which outweighs the policy term as soon as the policy moves: the "
+        "policy jitters around the reference and the reward does not rise, though every step is a healthy size.",
+        "Lower the KL coefficient (beta / kl_coef: 0.001..0.1 is usual for PPO/GRPO on language models), or use "
+        "an adaptive KL controller with a target KL; check that the coefficient is not applied twice (in the "
+        "rewards and in the loss).",
+        checklist="'if still stuck': step size",
+    ),
+    Diagnosis(
         "PPG401", "advantages-degenerate", "error",
-        "{role}'s advantages are degenerate: std {adv_std:.3g}, mean {adv_mean:.3g} over {samples} samples",
+        "{role}'s advantages are degenerate: std {adv_std:.3g}, mean {adv_mean:.3g} over {samples} samples"
+        "{where}",
         "Advantages with no spread (all equal, all zero) or NaN carry no information about which actions were "
         "better; the policy gradient is zero or noise, and a NaN reaches every weight at the next step. A "
         "common NaN: normalising a minibatch of one sample by its unbiased std (0/0).",
         "Check the GAE computation (dones, bootstrapping, value shapes), that the rewards reach the buffer, and "
-        "normalise advantages only over minibatches of 2 or more samples (or with the biased std plus eps).",
+        "normalise advantages only over minibatches of 2 or more samples (or with the biased std plus eps). "
+        "Group-relative advantages (GRPO) with no spread at all: every sample got one reward; pass "
+        "observe(rewards=..., group=...) and see PPG407.",
         checklist="'if still stuck': advantage signal",
     ),
     Diagnosis(
@@ -440,6 +468,18 @@ _ALL = (
         checklist="the 'value_loss 700+' signal",
     ),
     # ---------------------------------------------------------------- 5xx entropy
+    Diagnosis(
+        "PPG407", "zero-advantage-groups", "warning",
+        "{share:.0%} of {role}'s groups got one reward for every sample (mean reward {reward:.3g}, not the best "
+        "seen), on {rollouts} consecutive rollouts: their group-relative advantages are 0",
+        "GRPO/RLOO advantages compare the samples of one prompt; when every sample of a group gets the same "
+        "reward (all fail), the group's advantages are exactly 0 and it teaches nothing. Most of the rollout is "
+        "wasted compute, and the policy learns from the few groups left, or not at all.",
+        "Make the reward denser (partial credit) or the prompts easier for the current policy, sample more "
+        "responses per prompt (a larger group), or drop the zero-spread groups and resample (DAPO's dynamic "
+        "sampling); check that the reward function can reach its maximum.",
+        checklist="'if still stuck': advantage signal",
+    ),
     Diagnosis(
         "PPG501", "entropy-frozen-at-max", "error",
         "{role}'s entropy stays at {entropy_norm:.4f} of its maximum (drift {entropy_drift:.2g}) for "

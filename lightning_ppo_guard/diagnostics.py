@@ -27,7 +27,7 @@ from lightning_ppo_guard._sharded import global_norms
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import CATALOG, Finding
 from lightning_ppo_guard.engine import MonitorEngine, ObserveRecord, StepRecord
-from lightning_ppo_guard.graph import logp_by_hand, reached_leaves
+from lightning_ppo_guard.graph import logp_by_hand, reached_leaves, watch_gradient
 from lightning_ppo_guard.roles import Role
 from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, StepFacts, WiringFacts, from_fields
 
@@ -55,35 +55,10 @@ class GradCheck:
         return cls(record.role, record.step, params, trainable, norms)
 
 
-def hook_point(tensor: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """Where a hook reads ``tensor``'s gradient, and how it takes ``tensor``'s part of what it reads.
-
-    A view (a slice ``new_logp[:, i]``, a reshape, a transpose of the tensor the loss uses) gets no gradient of its
-    own when the loss uses the whole tensor: its hook would never fire. So a view is read at its base, whose
-    gradient always comes (whether the loss uses the base or the view), and its part is the same view of that
-    gradient (``as_strided`` with the view's geometry). Anything else is read where it is."""
-    base = tensor._base
-    if base is None or not base.requires_grad:
-        return tensor, _same
-    size, stride, offset = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset() - base.storage_offset()
-    base_shape, base_stride = tuple(base.shape), tuple(base.stride())
-
-    def part(grad: Tensor) -> Tensor:
-        if tuple(grad.stride()) != base_stride:  # lay the gradient out as the base is, so the view's strides apply
-            grad = torch.empty_strided(base_shape, base_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-        return grad.as_strided(size, stride, grad.storage_offset() + offset)
-
-    return base, part
-
-
-def _same(grad: Tensor) -> Tensor:
-    return grad
-
-
 #: What each kind of :class:`GradientSign` writes (its ``value``, in this order).
 SIGN_FIELDS: dict[str, tuple[str, ...]] = {
     "entropy": ("slope",),
-    "policy": ("alignment", "own", "shared"),
+    "policy": ("alignment", "own", "shared", "kl_align"),
     "value": ("own", "shared", "spread"),
 }
 
@@ -97,7 +72,10 @@ class GradientSign:
     * ``"policy"``: ``alignment``, sum of d loss / d new_logp times the advantages (PPG107); ``own``, the cosine of
       that gradient with -advantages (each sample's gradient follows its own advantage, as in every policy-gradient
       loss); ``shared``, its cosine with a constant (what a loss whose (B,) and (B, 1) terms broadcast to (B, B)
-      gives: every sample's gradient is the ratio times the *mean* advantage) (PPG104);
+      gives: every sample's gradient is the ratio times the *mean* advantage) (PPG104); ``kl_align``, with a
+      reference model's log-probs, its cosine with the gradient of a KL penalty to the reference
+      (``1 - exp(ref_logp - new_logp)``, the k3 estimator's; k2's ``new_logp - ref_logp`` near the reference): near 1
+      when the penalty, not the advantages, drives the update (PPG304);
     * ``"value"``: ``own``, the cosine of d loss / d values with values - returns (a per-sample value loss);
       ``shared``, with values - mean(returns) (a value loss broadcast to (B, B)); ``spread``, the relative spread of
       the gradient's magnitudes (0: a saturated Huber loss, whose sign-only gradient fits both) (PPG104).
@@ -108,29 +86,29 @@ class GradientSign:
     step: int
     value: Tensor
     weights: Tensor | None = None  # the advantages (policy kind) or values - returns (value kind), dropped once read
-    alt: Tensor | None = None  # values - mean(returns) (value kind)
-    part: Callable[[Tensor], Tensor] = _same
+    alt: Tensor | None = None  # values - mean(returns) (value kind); the KL penalty's gradient (policy kind)
 
     @classmethod
     def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None,
              alt: Tensor | None = None) -> GradientSign:
-        target, part = hook_point(tensor)
         item = cls(kind, role, step, torch.full((len(SIGN_FIELDS[kind]),), math.nan, device=tensor.device),
                    None if weights is None else weights.detach().reshape(-1).float(),
-                   None if alt is None else alt.detach().reshape(-1).float(), part)
-        target.register_hook(item.read)
+                   None if alt is None else alt.detach().reshape(-1).float())
+        watch_gradient(tensor, item.read)  # at the tensor the loss uses, for a view, selection or copy of it
         return item
 
     def read(self, grad: Tensor) -> None:
         """The tensor hook: write the numbers from the gradient the backward produced."""
-        g = self.part(grad.detach()).reshape(-1).float()
+        g = grad.detach().reshape(-1).float()
         if self.kind == "entropy":
             self.value.copy_(g.sum().reshape(1))
         elif self.kind == "policy" and self.weights is not None:
             w, g_norm = self.weights, g.norm()
             dot = torch.dot(g, w)
+            kl = (torch.dot(g, self.alt) / (g_norm * self.alt.norm()) if self.alt is not None
+                  else g_norm.new_full((), math.nan))
             self.value.copy_(torch.stack((dot, -dot / (g_norm * w.norm()),
-                                          g.sum().abs() / (g_norm * g.numel() ** 0.5))))
+                                          g.sum().abs() / (g_norm * g.numel() ** 0.5), kl)))
         elif self.kind == "value" and self.weights is not None and self.alt is not None:
             g_norm, mag = g.norm(), g.abs()
             hi = mag.max()
@@ -181,6 +159,11 @@ _UNREAD = {
               "another tensor, so whether it broadcasts values against returns (PPG104) cannot be read. Pass the "
               "values tensor the value loss uses."),
 }
+
+
+#: The observe statistics of LM RL (per-token reference KL, per-sequence rewards and groups) the rules read by name.
+_LM_FACTS = ("adv_zero_frac", "ref_kl", "reward_min", "reward_max", "groups", "zero_adv_groups", "zero_adv_groups_top",
+             "zero_group_reward", "adv_reward_corr")
 
 
 def broadcast_pair(term: PolicyTerm) -> Broadcast | None:
@@ -386,7 +369,10 @@ class Diagnostics:
             # at the measured observes of the rollouts whose first ratio is read too
             entropy, advantages, values, returns = term.entropy, term.advantages, term.values, term.returns
             if advantages is not None and new_logp.requires_grad and new_logp.numel() == advantages.numel():
-                self.pending.append(GradientSign.hook("policy", role.name, record.step, new_logp, advantages))
+                ref = term.ref_logp
+                pull = (None if ref is None or ref.numel() != new_logp.numel() else
+                        -torch.expm1(ref.detach().reshape(-1).float() - new_logp.detach().reshape(-1).float()))
+                self.pending.append(GradientSign.hook("policy", role.name, record.step, new_logp, advantages, pull))
             if entropy is not None and entropy.requires_grad:
                 self.pending.append(GradientSign.hook("entropy", role.name, record.step, entropy))
             if broadcast is not None and broadcast[0] == "values" and values is not None and returns is not None \
@@ -498,7 +484,11 @@ class Diagnostics:
             self.report(d.check_entropy_sign(role, item.step, sign * v["slope"]))
             return
         if item.kind == "policy":
-            self.report(d.check_gradient_sign(role, item.step, sign * v["alignment"]))
+            # a KL penalty to the reference that outweighs the policy term drives the sign: it says nothing of PPG107
+            pin, pinned = d.check_kl_pin(role, item.step, kl_align=sign * v["kl_align"], own=sign * v["own"])
+            self.report(pin)
+            if not pinned:
+                self.report(d.check_gradient_sign(role, item.step, sign * v["alignment"], sign * v["own"]))
             own, shared, spread = sign * v["own"], v["shared"], math.nan
         else:
             own, shared, spread = sign * v["own"], sign * v["shared"], v["spread"]
@@ -552,6 +542,7 @@ class Diagnostics:
             precision_eps=record.precision_eps, clip_fraction=v.get("clip_fraction", nan), inferred=record.inferred,
             log_std=v.get("log_std", nan),
             prev_observes=record.prev_observes,
+            **{name: v.get(name, nan) for name in _LM_FACTS},
         )
         self.report(self.diagnoser.check_observe(record.role, record.step, facts))
 

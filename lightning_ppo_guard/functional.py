@@ -37,12 +37,16 @@ __all__ = [
     "per_sample",
     "policy_stats",
     "ratio_stats",
+    "sequence_stats",
 ]
 
 #: Every name :func:`policy_stats` can return, each computed only from the inputs it needs.
 POLICY_STATS = ("approx_kl", "approx_kl_k1", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max",
                 "ratio_dev", "logp_mean", "entropy", "entropy_norm", "adv_mean", "adv_std", "explained_variance",
-                "log_std")
+                "log_std", "ref_kl", "adv_zero_frac")
+#: Every name :func:`sequence_stats` can return (per-sequence inputs: LM RL's rewards and groups).
+SEQUENCE_STATS = ("reward_mean", "reward_min", "reward_max", "groups", "zero_adv_groups", "zero_adv_groups_top",
+                  "zero_group_reward", "adv_reward_corr")
 
 
 def per_sample(t: Tensor, n: int) -> Tensor:
@@ -69,16 +73,19 @@ def policy_stats(
     num_actions: int | Tensor | None = None,
     log_std: Tensor | None = None,
     logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Every statistic of one minibatch of the policy term that its inputs allow, by name (0-d tensors).
 
     ``log_ratio = new_logp - old_logp`` (one per sample) gives the KL estimators and the ratio statistics;
-    with ``clip_eps`` also ``clip_fraction``; ``advantages`` give ``adv_mean``/``adv_std``; ``values`` and
-    ``returns`` give ``explained_variance``; ``entropy`` (per sample, or per sample and component) gives
+    with ``clip_eps`` also ``clip_fraction``; ``advantages`` give ``adv_mean``/``adv_std``/``adv_zero_frac``
+    (the share exactly 0); ``values`` and ``returns`` give ``explained_variance``; ``entropy`` (per sample, or per
+    sample and component) gives
     ``entropy`` and, with ``num_actions`` (an int, or per-sample valid-action counts), ``entropy_norm``; a
     Gaussian's ``log_std`` (per sample and dimension) gives its mean, ``log_std``; the update's log-probs ``logp``
     (new_logp) give ``logp_mean`` (exactly 0: every taken action has probability 1 in float32, a deterministic
-    policy whose ratio is 1 by saturation).
+    policy whose ratio is 1 by saturation); a frozen reference model's log-probs of the same actions ``ref_logp``
+    (with ``logp``) give ``ref_kl``, the k3 estimate of KL(pi_new || pi_ref) that LM RL's KL penalty holds down.
 
     Every per-sample series is one row of a stacked tensor whose means and variances are one ``var_mean``
     call, so the whole minibatch costs a fixed handful of ops whatever is given. Names whose inputs are
@@ -97,8 +104,12 @@ def policy_stats(
         rows["ratio_m1"] = ratio_m1
     if logp is not None and logp.numel() == n:
         rows["logp"] = logp.detach().reshape(-1).float()
+        if ref_logp is not None and ref_logp.numel() == n:
+            ref_diff = ref_logp.detach().reshape(-1).float() - rows["logp"]
+            rows["ref_k3"] = torch.expm1(ref_diff) - ref_diff
     if advantages is not None:
         rows["adv"] = advantages.reshape(-1).float()
+        rows["adv_zero"] = (rows["adv"] == 0).float()  # GRPO: a group whose samples got one reward has exactly 0
     if values is not None and returns is not None:
         ret = returns.reshape(-1).float()
         rows["residual"], rows["ret"] = ret - values.reshape(-1).float(), ret
@@ -123,8 +134,11 @@ def policy_stats(
             out["ratio_dev"] = torch.maximum(-lo, hi)
         if "logp" in at:
             out["logp_mean"] = m[at["logp"]]
+        if "ref_k3" in at:
+            out["ref_kl"] = m[at["ref_k3"]]
         if "adv" in at:
             out["adv_mean"], out["adv_std"] = m[at["adv"]], v[at["adv"]].sqrt()
+            out["adv_zero_frac"] = m[at["adv_zero"]]
         if "residual" in at:
             var_ret = v[at["ret"]]
             out["explained_variance"] = torch.where(var_ret > 0, 1.0 - v[at["residual"]] / var_ret,
@@ -142,6 +156,53 @@ def policy_stats(
             out["entropy_norm"] = out["entropy"] / (components * math.log(num_actions))
         else:
             out["entropy_norm"] = out["entropy"].new_ones(())
+    return out
+
+
+@torch.no_grad()
+def sequence_stats(advantages: Tensor | None, rewards: Tensor | None, group: Tensor | None) -> dict[str, Tensor]:
+    """Per-sequence statistics of LM RL (GRPO's groups), by name (0-d tensors).
+
+    ``rewards`` (one per sequence) give ``reward_mean``/``reward_min``/``reward_max``. With ``group`` (one id per
+    sequence: the samples of one prompt share it): ``groups``, their number; ``zero_adv_groups``, the share of
+    groups whose rewards (else advantages) have no spread, so that group-relative advantages teach nothing there;
+    ``zero_adv_groups_top``, the share of those at the minibatch's best reward (solved, where the best is the
+    task's); ``zero_group_reward``, the mean reward of the groups without spread (NaN when there are none).
+    ``advantages`` (one per sequence, e.g. each sequence's mean over its tokens) with ``rewards`` give
+    ``adv_reward_corr``: their correlation within groups (over the minibatch without groups); advantages that rise
+    with the rewards give a positive one, +1 exactly for GRPO's. Group ids are made dense with ``torch.unique`` (a
+    host read of the number of groups, once per call).
+    """
+    out: dict[str, Tensor] = {}
+    r = None if rewards is None else rewards.detach().reshape(-1).float()
+    a = None if advantages is None else advantages.detach().reshape(-1).float()
+    if r is not None and r.numel():
+        out["reward_mean"], (out["reward_min"], out["reward_max"]) = r.mean(), torch.aminmax(r)
+    spread_of = r if r is not None else a
+    inverse, k = None, 0
+    if group is not None and spread_of is not None and group.numel() == spread_of.numel() and group.numel():
+        _, inverse = torch.unique(group.reshape(-1), return_inverse=True)
+        k = int(inverse.max()) + 1
+        hi = spread_of.new_full((k,), -math.inf).scatter_reduce(0, inverse, spread_of, "amax")
+        lo = spread_of.new_full((k,), math.inf).scatter_reduce(0, inverse, spread_of, "amin")
+        zero = (hi - lo) <= 1e-6 * (1.0 + hi.abs())
+        out["groups"] = zero.new_full((), float(k), dtype=torch.float32)
+        out["zero_adv_groups"] = zero.float().mean()
+        if r is not None:
+            count = r.new_zeros(k).index_add_(0, inverse, torch.ones_like(r))
+            mean_r = r.new_zeros(k).index_add_(0, inverse, r) / count
+            out["zero_group_reward"] = torch.where(zero.any(), (mean_r * zero).sum() / zero.sum().clamp(min=1),
+                                                   r.new_full((), math.nan))
+            out["zero_adv_groups_top"] = (zero & (hi >= out["reward_max"])).float().mean()
+    if a is not None and r is not None and a.numel() == r.numel() and r.numel() > 1:
+        if inverse is not None:
+            count = r.new_zeros(k).index_add_(0, inverse, torch.ones_like(r))
+            a = a - (a.new_zeros(k).index_add_(0, inverse, a) / count)[inverse]
+            r = r - (r.new_zeros(k).index_add_(0, inverse, r) / count)[inverse]
+        else:
+            a, r = a - a.mean(), r - r.mean()
+        den = a.norm() * r.norm()
+        out["adv_reward_corr"] = torch.where(den > 0, torch.dot(a, r) / den, den.new_full((), math.nan))
     return out
 
 

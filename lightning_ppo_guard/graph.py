@@ -8,11 +8,13 @@ and no graph is kept.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["logp_by_hand", "reached_leaves"]
+__all__ = ["logp_by_hand", "reached_leaves", "watch_gradient"]
 
 _PASS_THROUGH = ("View", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Clone", "ToCopy", "Permute",
                  "Transpose", "Alias", "Unsafe", "Contiguous", "Select", "Slice", "Index", "Gather",
@@ -81,3 +83,98 @@ def logp_by_hand(t: Tensor, depth: int = 12) -> str:
             return ""
         node = _next(node)
     return ""
+
+
+# ---------------------------------------------------------------------------------------------- gradient reads
+Part = Callable[[Tensor], Tensor]
+
+#: Ops whose output is a selection or a copy of their input's elements: a hook reads the gradient of the input (the
+#: tensor the loss uses) and takes the selected elements. Indexing (``t[mask]``, ``t[idx]``), ``masked_select``,
+#: copies (``clone``, ``.to(dtype)``, ``contiguous``) and reshapes (``flatten``, ``view``) on the way to them.
+_COPY_OPS = ("CloneBackward0", "ToCopyBackward0", "AliasBackward0")
+_RESHAPE_OPS = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
+_MAX_CHAIN = 8
+
+
+def _same(grad: Tensor) -> Tensor:
+    return grad
+
+
+def _view_part(tensor: Tensor) -> tuple[Tensor, Part] | None:
+    """A view (``t[:, i]``, a reshape, a transpose) gets no gradient of its own when the loss uses the whole tensor,
+    so it is read at its base, whose gradient always comes; its part is the same view of that gradient."""
+    base = tensor._base
+    if base is None or not base.requires_grad:
+        return None
+    size, stride, offset = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset() - base.storage_offset()
+    base_shape, base_stride = tuple(base.shape), tuple(base.stride())
+
+    def part(grad: Tensor) -> Tensor:
+        if tuple(grad.stride()) != base_stride:  # lay the gradient out as the base is, so the view's strides apply
+            grad = torch.empty_strided(base_shape, base_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return grad.as_strided(size, stride, grad.storage_offset() + offset)
+
+    return base, part
+
+
+def _step(node: Any, out_shape: tuple[int, ...]) -> tuple[Part, tuple[int, ...]] | None:
+    """For a selection/copy node: the same selection applied to its input's gradient, and its input's shape."""
+    name = type(node).__name__
+    if name == "IndexBackward0":
+        index = tuple(slice(None) if i is None else i.detach() for i in node._saved_indices)
+        return (lambda g: g[index]), tuple(node._saved_self_sym_sizes)
+    if name == "MaskedSelectBackward0":
+        mask = node._saved_mask.detach()
+        return (lambda g: g.masked_select(mask)), tuple(node._saved_self.shape)
+    if name in _COPY_OPS:
+        return _same, out_shape
+    if name in _RESHAPE_OPS:
+        return (lambda g: g.reshape(out_shape)), tuple(node._saved_self_sym_sizes)
+    return None
+
+
+def _compose(parts: list[Part]) -> Part:
+    def part(grad: Tensor) -> Tensor:
+        for f in reversed(parts):  # the op nearest the source first
+            grad = f(grad)
+        return grad
+    return part
+
+
+def watch_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
+    """Call ``read`` in the coming backward with d loss / d ``tensor``, read where the loss's gradient arrives.
+
+    The tensor handed to ``observe`` is often not the one the loss uses but a view of it (``new_logp[:, i]``) or a
+    selection or copy (``new_logp[mask]``, ``masked_select``, ``.clone()``, ``.flatten()[mask.flatten()]``): no
+    gradient ever reaches such a tensor. A view is read at its base; a selection or copy at the node that made its
+    input, whose incoming gradient is that of the tensor the loss uses, and the same selection taken from it. The
+    saved indices of the selection are read now (they are freed by the backward). When the loss uses none of
+    them, ``read`` is never called (the caller says it cannot tell)."""
+    view = _view_part(tensor)
+    if view is not None:
+        base, part = view
+        base.register_hook(lambda g: read(part(g)))
+        return
+    parts: list[Part] = []
+    node, slot, shape = tensor.grad_fn, 0, tuple(tensor.shape)
+    try:
+        while node is not None and len(parts) < _MAX_CHAIN and node.next_functions:
+            step = _step(node, shape)
+            if step is None:
+                break
+            parts.append(step[0])
+            shape = step[1]
+            node, slot = node.next_functions[0]
+    except (RuntimeError, AttributeError):  # saved tensors freed (observe after backward), or another torch's nodes
+        parts = []
+    if not parts or node is None:
+        tensor.register_hook(read)
+        return
+    part = _compose(parts)
+
+    def pre(grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = grad_outputs[slot] if slot < len(grad_outputs) else None
+        if grad is not None:
+            read(part(grad))
+
+    node.register_prehook(pre)

@@ -86,11 +86,34 @@ OBSERVE_METRICS: tuple[MetricSpec, ...] = (
                roles="actor"),
     MetricSpec("adv_std", "mean", "std of the advantages as used in the loss", "about 1 if normalised; "
                "not << 1e-3", roles="actor"),
+    MetricSpec("adv_zero_frac", "mean", "share of the advantages that are exactly 0", "about 0 with GAE; GRPO: the "
+               "share of samples in groups with one reward", roles="actor"),
     MetricSpec("log_std", "mean", "mean log of a Gaussian policy's std over samples and action dims (needs a "
                "Normal, Independent(Normal) or MultivariateNormal dist)", "falls slowly from its start; 100x below "
                "it (-4.6) is a collapse", roles="actor"),
     MetricSpec("explained_variance", "mean", "1 - Var[returns - values] / Var[returns] (needs values and "
                "returns)", "rising towards 1", roles="actor"),
+    MetricSpec("ref_kl", "mean", "k3 estimate of KL(pi_new||pi_ref) to a frozen reference model, per token (needs "
+               "new_logp and ref_logp)", "grows slowly from 0 (LM RL: ~1e-3..1e-1); flat at ~0 while the policy "
+               "moves means the KL term pins it (PPG304)", roles="actor"),
+    MetricSpec("reward_mean", "mean", "mean reward of the minibatch's sequences (needs rewards)", "rising",
+               roles="actor"),
+    MetricSpec("reward_min", "min", "smallest reward of a sequence in the interval (needs rewards)", "-",
+               roles="actor"),
+    MetricSpec("reward_max", "max", "largest reward of a sequence in the interval (needs rewards)", "-",
+               roles="actor"),
+    MetricSpec("groups", "mean", "number of groups (prompts) in the minibatch (needs group)", "minibatch size / "
+               "group size", roles="actor"),
+    MetricSpec("zero_adv_groups", "mean", "share of groups whose rewards (else advantages) have no spread, so their "
+               "group-relative advantages are 0 (needs group)", "< 0.5 while learning; near 1 once the task is "
+               "solved", roles="actor"),
+    MetricSpec("zero_adv_groups_top", "mean", "share of groups without reward spread at the minibatch's best reward "
+               "(needs group and rewards)", "rises to zero_adv_groups as the task is solved", roles="actor"),
+    MetricSpec("zero_group_reward", "mean", "mean reward of those groups (needs group and rewards)", "at the best "
+               "reward once the task is solved; at the worst, every sample of the prompt failed", roles="actor"),
+    MetricSpec("adv_reward_corr", "mean", "correlation of each sequence's advantage with its reward, within groups "
+               "(needs rewards and per-sequence advantages, or mask= with per-token ones)", "> 0 (exactly 1 for "
+               "GRPO); < 0 means the advantages point against the rewards (PPG109)", roles="actor"),
 )
 
 #: Logged once per rollout (needs ``rollout=`` in ``observe``).
@@ -131,11 +154,12 @@ def host_values(prefix: str, bindings: Mapping[str, Any], steps_skipped: Mapping
 
 def _check_tables() -> None:
     """The observe table and :func:`~lightning_ppo_guard.functional.policy_stats` name the same quantities."""
-    from lightning_ppo_guard.functional import POLICY_STATS
+    from lightning_ppo_guard.functional import POLICY_STATS, SEQUENCE_STATS
 
     names = [spec.name for spec in OBSERVE_METRICS]
-    if sorted(names) != sorted((*POLICY_STATS, "entropy_drift")):
-        raise RuntimeError(f"OBSERVE_METRICS {names} must list policy_stats' names plus entropy_drift.")
+    if sorted(names) != sorted((*POLICY_STATS, *SEQUENCE_STATS, "entropy_drift")):
+        raise RuntimeError(f"OBSERVE_METRICS {names} must list policy_stats' and sequence_stats' names plus "
+                           "entropy_drift.")
     for table in (STEP_METRICS, OBSERVE_METRICS, ROLLOUT_METRICS, BINDING_METRICS):
         if len({spec.name for spec in table}) != len(table):
             raise RuntimeError("metric names must be unique within a table")

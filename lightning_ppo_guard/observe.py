@@ -98,6 +98,10 @@ def observe(
     target_kl: float | None = None,
     role: str = "actor",
     action_mask: Tensor | None = None,
+    mask: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    rewards: Tensor | None = None,
+    group: Tensor | None = None,
 ) -> None:
     """Hand one minibatch of the PPO policy term to the attached guard; a no-op without one.
 
@@ -132,6 +136,18 @@ def observe(
             training batch is taken as one rollout (see README, "Which rules need which arguments").
         target_kl: the KL limit the training loop stops an update phase at, if any.
         role: which actor role this policy term belongs to (``"actor"``, ``"agent_2"``, ...).
+        mask: token-level PPO/GRPO (language models): the response mask, ``(batch, tokens)`` booleans (or 0/1) of
+            ``new_logp``'s shape, True on the tokens the loss trains on. Pass the per-token tensors the loss uses
+            (``new_logp``, ``old_logp``, ``entropy``, ``values``, ``returns`` of that shape; ``advantages`` per
+            token or one per sequence): every statistic is then over the valid tokens (padding never dilutes
+            it), and the hooks read the tensors the loss uses. Handing ``t[mask]`` instead works too.
+        ref_logp: a frozen reference model's log-probs of the same tokens (LM RL's KL penalty): gives ``ref_kl``
+            and lets the guard tell a KL coefficient that pins the policy to the reference (PPG304).
+        rewards: one reward per sequence (per sample without ``mask``): ``reward_*``, and with per-sequence (or
+            per-token, with ``mask``) advantages ``adv_reward_corr``, so advantages computed with the wrong sign
+            are seen (PPG109).
+        group: one group id per sequence (GRPO, RLOO: the index of the prompt its samples share): the share of
+            groups with no reward spread, ``zero_adv_groups`` (PPG407), judged per rollout, never on one minibatch.
 
     Every monitor and guard of the Trainer (or Fabric loop) receives the call. It is ignored outside training
     (``validation_step``, sanity checks) and under ``torch.no_grad()``: such a loss is never trained on.
@@ -159,7 +175,7 @@ def observe(
         new_logp=new_logp, old_logp=old_logp, log_ratio=log_ratio, advantages=advantages, clip_eps=clip_eps, dist=dist,
         entropy=entropy,
         num_actions=num_actions, values=values, returns=returns, rollout=rollout_id, target_kl=target_kl, role=role,
-        action_mask=action_mask,
+        action_mask=action_mask, mask=mask, ref_logp=ref_logp, rewards=rewards, group=group,
     )
     for monitor, note in kept:
         monitor.record(term, note)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 __all__ = ["ACTOR_NAMES", "CRITIC_NAMES", "TRUNK_NAMES", "Detected", "PartsSpec", "Role", "RoleSpec", "actor_role",
-           "announcement", "describe", "detect", "resolve_roles", "unassigned"]
+           "announcement", "causal_lm", "describe", "detect", "resolve_roles", "unassigned"]
 
 Part = str | nn.Module | nn.Parameter
 PartsSpec = Part | Sequence[Part] | None
@@ -307,14 +307,35 @@ def _sb3(path: str, module: nn.Module) -> Detected:
     return Detected(tuple(actor), tuple(critic), tuple(shared), f"SB3 ActorCriticPolicy at {path or 'the module'!r}")
 
 
+def _trainable(module: nn.Module) -> bool:
+    """Some parameter requires grad (a frozen reference model has none: never a role)."""
+    return any(p.requires_grad or is_lazy(p) for p in module.parameters())
+
+
+def causal_lm(module: nn.Module) -> bool:
+    """A language model with an output head over the vocabulary: a Hugging Face ``PreTrainedModel`` whose
+    ``get_output_embeddings()`` is a module (GPT-2's ``lm_head``), or any module with an ``lm_head`` child."""
+    if isinstance(getattr(module, "lm_head", None), nn.Module):
+        return True
+    getter = getattr(module, "get_output_embeddings", None)
+    if not callable(getter):
+        return False
+    try:
+        return isinstance(getter(), nn.Module)
+    except (NotImplementedError, AttributeError, TypeError):
+        return False
+
+
 def _match(path: str, module: nn.Module) -> Detected | str | None:
     """The roles of the layout ``module`` (at ``path``) has, a message when its own children are ambiguous, or None."""
-    children = dict(module.named_children())
+    children = {n: c for n, c in module.named_children() if _trainable(c)}  # a frozen reference is no role
     if "action_net" in children and "value_net" in children:
         return _sb3(path, module)
     actors = [n for n in ACTOR_NAMES if n in children]
-    if not actors:
-        return None
+    if not actors:  # LM RL: the trainable language model (TRL's pretrained_model next to its v_head)
+        actors = [n for n, c in children.items() if causal_lm(c)]
+        if len(actors) != 1:
+            return None
     critics = [n for n in CRITIC_NAMES if n in children]
     if len(actors) > 1 or len(critics) > 1:
         return (f"{path or type(module).__name__!r} has several actor or critic candidates "
@@ -403,9 +424,10 @@ def resolve_roles(root: nn.Module, actors: RoleSpec = None, critic: PartsSpec = 
         raise TypeError(f"actors must be a path, a module, a list or a dict of them; got {type(actors).__name__}.")
     if critic is not None:
         critic_parts = () if _none(critic) else _parts(root, critic, "critic")
-    elif actors is not None:
+    elif actors is not None:  # a value head next to the actor, never a layer inside it (T5's attention "v")
         path = _auto(root, CRITIC_NAMES)
-        critic_parts = (path,) if path is not None else ()
+        inside = path is not None and any(_inside(path, a) for _, parts in actor_parts for a in parts)
+        critic_parts = (path,) if path is not None and not inside else ()
     if shared is not None:
         shared_parts = () if _none(shared) else _parts(root, shared, "shared trunk")
 
@@ -445,6 +467,16 @@ def _check_disjoint(roles: list[Role]) -> None:
             if a.kind == b.kind:
                 continue
             common = {id(p) for p in a.params + a.frozen} & {id(p) for p in b.params + b.frozen}
+            if common and not (set(a.parts) & set(b.parts)) and not any(
+                    _inside(p, q) or _inside(q, p) for p in a.parts for q in b.parts):
+                tied = ", ".join(a.parts + b.parts)
+                raise ValueError(
+                    f"The {a.kind} role {a.name!r} ({a.path!r}) and the {b.kind} role {b.name!r} ({b.path!r}) hold the "
+                    f"same {len(common)} tensor(s) although neither part is inside the other: tied weights ({tied}; a "
+                    "language model's output head tied to its input embeddings). Name the module that holds both as "
+                    "one role, e.g. the whole language model as the actor: PPOGuard(actors='policy', "
+                    "critic='policy.v_head')."
+                )
             if common:
                 raise ValueError(
                     f"The {a.kind} role {a.name!r} ({a.path!r}) and the {b.kind} role {b.name!r} ({b.path!r}) hold the "
@@ -454,10 +486,10 @@ def _check_disjoint(roles: list[Role]) -> None:
 
 
 def _auto(root: nn.Module, names: Sequence[str]) -> str | None:
-    """Shallowest submodule whose own attribute name is one of ``names`` (earlier names win ties)."""
+    """Shallowest trainable submodule whose own attribute name is one of ``names`` (earlier names win ties)."""
     best: tuple[int, int, str] | None = None
-    for path, _ in root.named_modules():
-        if not path:
+    for path, module in root.named_modules():
+        if not path or not _trainable(module):
             continue
         leaf = path.rsplit(".", 1)[-1]
         if leaf in names:
@@ -480,6 +512,9 @@ def announcement(root: nn.Module, roles: Sequence[Role], callback: str) -> str:
     count, where = unassigned(root, roles)
     rest = (f"; {count:,} trainable elements belong to no role ({', '.join(where)}{', ...' if len(where) == 4 else ''}"
             "): name them (shared=...) to measure them" if count else "")
+    if not any(r.kind == "critic" for r in roles):
+        rest += ("; no critic found (fine for critic-less GRPO/RLOO/REINFORCE; with a value model, name it: "
+                 "critic='...')")
     return f"{callback} roles, auto-detected: {describe(roles, callback)}{rest}"
 
 

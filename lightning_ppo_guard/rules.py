@@ -24,10 +24,26 @@ from typing import Any, TypeVar
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import Finding
 
-__all__ = ["CriticFacts", "Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts", "from_fields"]
+__all__ = ["EXPLAINED_BY", "CriticFacts", "Diagnoser", "ObserveFacts", "RoleState", "StepFacts", "WiringFacts",
+           "from_fields"]
 
 #: A finding of these families for a role explains any later stall of that role.
 _ROOT_FAMILIES = ("PPG0", "PPG1", "PPG2", "PPG9")
+
+#: Precedence, declared once: a code is not named for a role once one of the codes it maps to was (the earlier
+#: finding is the cause, this one would be its consequence). Root causes (families 0, 1, 2, 9) are checked by the
+#: rules that follow them; this table holds the orderings among the step-size, signal and entropy codes.
+EXPLAINED_BY: dict[str, frozenset[str]] = {
+    # a policy that stopped moving: an early stop, tiny advantages, a starved clip or an entropy penalty say why
+    "PPG301": frozenset({"PPG302", "PPG402", "PPG403", "PPG502", "PPG304"}),
+    "PPG501": frozenset({"PPG302", "PPG402", "PPG403", "PPG502", "PPG304"}),
+    "PPG503": frozenset({"PPG302", "PPG402", "PPG403", "PPG502", "PPG304"}),
+    # groups that all fail because a KL penalty pins the policy to the reference: the penalty is the cause
+    "PPG407": frozenset({"PPG304"}),
+    "PPG401": frozenset({"PPG407"}),
+    # advantages without any spread are not "tiny": the degenerate (or wasted-group) finding is the cause
+    "PPG402": frozenset({"PPG401", "PPG407"}),
+}
 
 
 @dataclass
@@ -74,6 +90,15 @@ class ObserveFacts:
     log_std: float = math.nan  # a Gaussian policy's mean log std
     inferred: bool = False  # the rollout is a manual-optimization batch (observe got no rollout id)
     prev_observes: int | None = None  # observe calls in the rollout that this observe's first_in_rollout ends
+    adv_zero_frac: float = math.nan  # share of the advantages exactly 0
+    ref_kl: float = math.nan  # KL(pi_new || pi_ref) to a frozen reference model
+    reward_min: float = math.nan  # the minibatch's sequences' rewards
+    reward_max: float = math.nan
+    groups: float = math.nan  # groups (prompts) in the minibatch
+    zero_adv_groups: float = math.nan  # share of groups whose rewards have no spread
+    zero_adv_groups_top: float = math.nan  # ... of which at the minibatch's best reward
+    zero_group_reward: float = math.nan  # ... and their mean reward
+    adv_reward_corr: float = math.nan  # correlation of the sequences' advantages with their rewards, within groups
 
 
 @dataclass
@@ -177,7 +202,25 @@ class RoleState:
     r_log_std: float = math.nan  # a Gaussian's mean log std, at the rollout's last measured observe
     r_logp_max: float = -math.inf  # the largest minibatch mean of new_logp (0: the policy is deterministic)
     r_known: bool = False  # the rollout's start is known (a rollout id, or an inferred manual batch): not a window
+    r_adv_flat_n: int = 0  # measured minibatches whose advantages had no spread
+    r_adv_spread_n: int = 0  # ... and those that had some (their std is summed in r_adv_std_sum)
+    r_flat_std: float = math.nan  # ... the last one's std, mean and size
+    r_flat_mean: float = math.nan
+    r_flat_samples: int = 0
+    r_zero_groups_sum: float = 0.0  # groups without reward spread that are not at the best reward (PPG407) ...
+    r_groups_sum: float = 0.0  # ... of the groups of the rollout's measured minibatches
+    r_zero_reward: float = math.nan  # the mean reward of those groups, at the last observe that had some
     # consecutive-rollout streaks
+    flat_adv_rollouts: int = 0  # PPG401: rollouts whose every measured minibatch had advantages without spread
+    adv_spread_seen: bool = False  # ... and whether any minibatch of the role ever had spread
+    zero_group_rollouts: int = 0  # PPG407: consecutive rollouts most of whose groups were wasted ...
+    zero_group_wasted: float = 0.0  # ... the wasted groups over the streak, and all its groups
+    zero_group_seen: float = 0.0
+    reward_best: float = -math.inf  # the best and worst sequence reward seen (a solved group sits at the best)
+    reward_worst: float = math.inf
+    against: int = 0  # PPG109: consecutive observes whose advantages fell as the rewards rose
+    kl_pinned: int = 0  # PPG304: consecutive reads whose gradient followed the KL penalty, not the advantages
+    last_ref_kl: float = math.nan
     frozen_rollouts: int = 0
     exact_rollouts: int = 0  # PPG108: rollouts whose ratio stayed exactly 1 while the actor moved
     early_stop_rollouts: int = 0
@@ -248,7 +291,7 @@ class Diagnoser:
 
     def _emit(self, role: str, code: str, step: int, **evidence: Any) -> list[Finding]:
         state = self.state(role)
-        if code in state.raised:
+        if code in state.raised or not EXPLAINED_BY.get(code, frozenset()).isdisjoint(state.raised):
             return []
         state.raised.append(code)
         return [Finding(code, role, step, evidence)]
@@ -372,7 +415,7 @@ class Diagnoser:
             elif self._below_eps(f):  # the step is eps-bound: a typical lr would not help (advantage scale)
                 out += self._emit(role, "PPG405", step, grad_rms=f.grad_norm / math.sqrt(f.trainable_numel),
                                   eps=f.opt_eps, update_ratio=f.update_ratio, lr=f.lr_max,
-                                  adv_std=s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else s.last_adv_std)
+                                  adv_std=s.r_adv_std_sum / s.r_adv_spread_n if s.r_adv_spread_n else s.last_adv_std)
             elif not self._typical_adaptive_lr(f):
                 out += self._emit(role, "PPG204", step, update_ratio=f.update_ratio, lr=f.lr_max,
                                   steps=s.tiny_update)
@@ -424,10 +467,15 @@ class Diagnoser:
         return self._positive(role, step, "PPG502", "entropy_penalised", slope, "slope",
                               self.config.entropy_sign_observes)
 
-    def check_gradient_sign(self, role: str, step: int, alignment: float) -> list[Finding]:
+    def check_gradient_sign(self, role: str, step: int, alignment: float, own: float = math.nan) -> list[Finding]:
         """PPG107: ``alignment`` is sum_i (d loss / d new_logp_i) * advantage_i over a minibatch, read in the backward
         of new_logp: negative when minimising the loss raises the log-prob of better-than-average actions (every
-        PPO, PG and A2C loss), positive when the policy term is upside down. Named after consecutive observes."""
+        PPO, PG and A2C loss), positive when the policy term is upside down. ``own`` is that gradient's cosine with
+        -advantages: an upside-down policy term gives about minus a healthy one's (-0.6..-1), while another term
+        of the loss that outweighs it (a KL penalty to a reference model) leaves it near 0 whatever its sign; only a
+        clear reversal counts. Named after consecutive observes."""
+        if _finite(own) and alignment > 0 and own > -self.config.backwards_cos:
+            alignment = 0.0  # a positive dot product, but no reversed policy term: breaks the streak
         return self._positive(role, step, "PPG107", "backwards", alignment, "alignment",
                               self.config.gradient_sign_observes)
 
@@ -525,19 +573,77 @@ class Diagnoser:
                 s.r_clip_frac_sum += f.clip_fraction
                 s.r_clip_frac_n += 1
         s.r_ratio_dev = max(s.r_ratio_dev, f.ratio_dev)
-        if f.adv_given and not (_finite(f.adv_std) and _finite(f.adv_mean)):
-            out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
+        if f.adv_given and not (_finite(f.adv_std) and _finite(f.adv_mean)):  # a NaN: numerics, one is enough
+            out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples,
+                              where="")
         elif _finite(f.adv_std) and f.samples > 1:  # one sample has no spread (a remainder minibatch of one)
-            s.r_adv_std_sum += f.adv_std
-            s.r_adv_mean_sum += abs(f.adv_mean) if _finite(f.adv_mean) else 0.0
             s.r_adv_n += 1
+            # no spread in one minibatch is judged per rollout (GRPO: a minibatch of solved groups is all 0)
             if f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)):
-                out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples)
+                s.r_adv_flat_n += 1
+                s.r_flat_std, s.r_flat_mean, s.r_flat_samples = f.adv_std, f.adv_mean, f.samples
+            else:  # PPG402 reads the spread the policy term is taught with, where there is some
+                s.adv_spread_seen = True
+                s.r_adv_std_sum += self._live_adv_std(f)
+                s.r_adv_mean_sum += abs(f.adv_mean) if _finite(f.adv_mean) else 0.0
+                s.r_adv_spread_n += 1
+        out += self._groups(role, step, f)
         s.r_ent_norm, s.r_ent_drift = f.entropy_norm, f.entropy_drift
         if _finite(f.log_std) or f.log_std == -math.inf:
             s.r_log_std = f.log_std
         s.r_last_kl, s.r_target_kl = f.approx_kl, f.target_kl
+        if _finite(f.ref_kl):
+            s.last_ref_kl = f.ref_kl
         return out
+
+    def _live_adv_std(self, f: ObserveFacts) -> float:
+        """The advantages' std over those not exactly 0 (GRPO's groups with one reward have 0): the spread the
+        policy term is taught with. The whole minibatch's when none is 0."""
+        z = f.adv_zero_frac
+        if not (_finite(z) and 0.0 < z < 1.0 and _finite(f.adv_mean)):
+            return f.adv_std
+        second = (f.adv_std ** 2 + f.adv_mean ** 2) / (1.0 - z)  # E[a^2 | a != 0]
+        mean = f.adv_mean / (1.0 - z)
+        return math.sqrt(max(second - mean ** 2, 0.0))
+
+    def _groups(self, role: str, step: int, f: ObserveFacts) -> list[Finding]:
+        """Per-sequence evidence (LM RL): PPG109 on advantages that fall as the rewards rise; the groups without
+        reward spread that are not solved, for PPG407 at the rollout's end."""
+        cfg, s = self.config, self.state(role)
+        if _finite(f.reward_max):
+            s.reward_best = max(s.reward_best, f.reward_max)
+        if _finite(f.reward_min):
+            s.reward_worst = min(s.reward_worst, f.reward_min)
+        if _finite(f.zero_adv_groups):
+            # a group at the best reward seen is solved (the task is learnt), not wasted; while no reward has ever
+            # differed from another, every group is wasted
+            top = f.zero_adv_groups_top if _finite(f.zero_adv_groups_top) else 0.0
+            solved = top if s.reward_best > s.reward_worst and f.reward_max >= s.reward_best else 0.0
+            groups = f.groups if _finite(f.groups) else 1.0
+            s.r_zero_groups_sum += max(f.zero_adv_groups - solved, 0.0) * groups
+            s.r_groups_sum += groups
+            if _finite(f.zero_group_reward):
+                s.r_zero_reward = f.zero_group_reward
+        if not _finite(f.adv_reward_corr):
+            return []
+        s.against = s.against + 1 if f.adv_reward_corr < -cfg.adv_against_corr else 0
+        if s.against < cfg.adv_against_observes:
+            return []
+        return self._emit(role, "PPG109", step, corr=f.adv_reward_corr, observes=s.against)
+
+    def check_kl_pin(self, role: str, step: int, *, kl_align: float, own: float) -> tuple[list[Finding], bool]:
+        """PPG304, from the backward's gradient on new_logp: more aligned with the KL penalty's pull towards the
+        reference than with the advantages. Returns whether this read is the penalty's (then its sign says nothing
+        of the policy term's: PPG107 is not judged on it)."""
+        cfg, s = self.config, self.state(role)
+        if not (_finite(kl_align) and _finite(own)):
+            return [], False
+        pinned = kl_align > max(cfg.kl_pin_align, abs(own))
+        s.kl_pinned = s.kl_pinned + 1 if pinned else 0
+        if s.kl_pinned < cfg.kl_pin_observes or self._has_root(role):
+            return [], pinned
+        return self._emit(role, "PPG304", step, kl_align=kl_align, own=own, observes=s.kl_pinned,
+                          ref_kl=s.last_ref_kl), pinned
 
     def end_rollout(self, role: str, step: int, updates: int | None = None,
                     observes: int | None = None) -> list[Finding]:
@@ -550,17 +656,18 @@ class Diagnoser:
             s.max_updates = max(s.max_updates, updates)
         out += self._first_ratio_inferred(role, step, updates)
         out += self._early_stop(role, step, updates, observes)
+        out += self._zero_groups(role, step)
         if s.r_kl_n == 0:
             # No measured minibatch after the first (sparse cadence): this rollout is no evidence either way.
             s.reset_rollout()
             return out
         kl = s.r_kl_sum / s.r_kl_n if s.r_kl_n else math.nan
         upd = s.r_upd_sum / s.r_upd_n if s.r_upd_n else math.nan
-        adv_std = s.r_adv_std_sum / s.r_adv_n if s.r_adv_n else math.nan
+        adv_std = s.r_adv_std_sum / s.r_adv_spread_n if s.r_adv_spread_n else math.nan
         if _finite(adv_std):
             s.last_adv_std = adv_std
 
-        out += self._unstable(role, step) + self._std_collapse(role, step)
+        out += self._unstable(role, step) + self._std_collapse(role, step) + self._flat_advantages(role, step)
         exact = self._exact_ratio(role, step, upd, updates)
         out += exact
         frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
@@ -583,8 +690,7 @@ class Diagnoser:
             elif s.tiny_adv_rollouts >= cfg.weak_rollouts:
                 out += self._emit(role, "PPG402", step, adv_std=adv_std, approx_kl=kl,
                                   rollouts=s.tiny_adv_rollouts)
-        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not s.exact_rollouts and not (
-                {"PPG302", "PPG402", "PPG403", "PPG502"} & set(s.raised)):
+        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not s.exact_rollouts:
             moving = _finite(upd) and upd >= cfg.tiny_update_ratio
             if (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
                     and abs(s.r_ent_drift) < cfg.entropy_frozen_drift):
@@ -599,6 +705,37 @@ class Diagnoser:
                                   ratio_dev=s.r_ratio_dev, update_ratio=upd)
         s.reset_rollout()
         return out
+
+    def _flat_advantages(self, role: str, step: int) -> list[Finding]:
+        """PPG401 without NaN: every measured minibatch of the rollout had advantages without spread, on consecutive
+        rollouts, and no minibatch of the role ever had spread (a broken advantage computation shows from the start;
+        GRPO's solved groups, or a task learnt late in the fit, give zeros after a spread)."""
+        cfg, s = self.config, self.state(role)
+        flat = s.r_adv_n > 0 and s.r_adv_flat_n == s.r_adv_n
+        s.flat_adv_rollouts = s.flat_adv_rollouts + 1 if flat else 0
+        if s.flat_adv_rollouts < cfg.degenerate_rollouts or s.adv_spread_seen or self._has_root(role):
+            return []
+        return self._emit(role, "PPG401", step, adv_std=s.r_flat_std, adv_mean=s.r_flat_mean,
+                          samples=s.r_flat_samples,
+                          where=f", on every measured minibatch of {s.flat_adv_rollouts} consecutive rollouts")
+
+    def _zero_groups(self, role: str, step: int) -> list[Finding]:
+        """PPG407: most groups of the rollout got one reward for every sample, not the best one (see _groups)."""
+        cfg, s = self.config, self.state(role)
+        if s.r_groups_sum == 0:
+            return []
+        if s.r_zero_groups_sum >= cfg.zero_groups_share * s.r_groups_sum:
+            s.zero_group_rollouts += 1
+            s.zero_group_wasted += s.r_zero_groups_sum
+            s.zero_group_seen += s.r_groups_sum
+        else:
+            s.zero_group_rollouts, s.zero_group_wasted, s.zero_group_seen = 0, 0.0, 0.0
+        # over enough groups: the sparse cadence reads one minibatch of a rollout, a few groups, a noisy share
+        if (s.zero_group_rollouts < cfg.zero_groups_rollouts or s.zero_group_seen < cfg.zero_groups_min
+                or self._has_root(role)):
+            return []
+        return self._emit(role, "PPG407", step, share=s.zero_group_wasted / s.zero_group_seen, reward=s.r_zero_reward,
+                          rollouts=s.zero_group_rollouts)
 
     def _exact_ratio(self, role: str, step: int, upd: float, updates: int | None) -> list[Finding]:
         """PPG108: the ratio stayed exactly 1 (to float32 rounding) on every measured minibatch of a rollout, later
@@ -622,8 +759,8 @@ class Diagnoser:
         minibatch: the end of the update phase, which every cadence measures; one spike passes)."""
         cfg, s = self.config, self.state(role)
         s.unstable_recent = [*s.unstable_recent, s.r_kl_max > cfg.unstable_kl][-cfg.unstable_window:]
-        if not (s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts):
-            return []
+        if not (s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts) or self._has_root(role):
+            return []  # a root cause (a backwards policy term...) explains the jumps
         clip_frac = s.r_clip_frac_sum / s.r_clip_frac_n if s.r_clip_frac_n else math.nan
         return self._emit(role, "PPG303", step, approx_kl=s.r_kl_max, clip_fraction=clip_frac,
                           ratio_dev=s.r_ratio_dev, rollouts=sum(s.unstable_recent), window=len(s.unstable_recent))

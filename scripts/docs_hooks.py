@@ -82,6 +82,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                        old_logp = Categorical(logits=self.actor(obs)).log_prob(actions)
                    ratio = (new_logp - old_logp).exp()  # exactly 1 on every minibatch: clipping never acts
                    """),
+    "PPG109": dict(tests=["tests/test_lm_rl.py"], snippet="""
+                   g = rewards.view(n_prompts, group_size)
+                   adv = (g.mean(1, keepdim=True) - g) / (g.std(1, keepdim=True) + 1e-4)  # baseline - reward
+                   observe(self, new_logp=logp, old_logp=old_logp, advantages=adv.flatten(), mask=response_mask,
+                           rewards=rewards, group=prompt_ids)
+                   """),
     "PPG104": dict(tests=["tests/test_bad_input.py"], snippet="""
                    values = self.critic(obs)                   # (B, 1)
                    v_loss = ((values - returns) ** 2).mean()   # (B, 1) - (B,) broadcasts to (B, B)
@@ -127,6 +133,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "PPG303": dict(demo=["lr_huge"], variants=["styles-sb3-lr-huge"], snippet="""
                    torch.optim.Adam(self.actor.parameters(), lr=0.05)  # with 10 epochs per rollout
                    """),
+    "PPG304": dict(tests=["tests/test_lm_rl.py"], snippet="""
+                   kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1   # k3, per token
+                   loss = masked_mean(pg_loss + 50.0 * kl, response_mask)   # beta 50: every step is pulled back
+                   observe(self, new_logp=logp, old_logp=old_logp, advantages=adv, mask=response_mask, ref_logp=ref_logp)
+                   """),
     "PPG401": dict(variants=["nan-adv-one-sample-std", "nan-adv-planted"], snippet="""
                    mb_adv = (mb_adv - mb_adv.mean()) / mb_adv.std()  # a minibatch of one sample: 0 / 0 = NaN
                    """),
@@ -148,6 +159,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "PPG406": dict(demo=["critic_clip_unscaled"], variants=["cleanrl-4x4-value-clip-unscaled"], snippet="""
                    v_clipped = b_values + (new_value - b_values).clamp(-0.2, 0.2)  # 0.2 in unscaled return units
                    v_loss = 0.5 * torch.max((new_value - b_returns) ** 2, (v_clipped - b_returns) ** 2).mean()
+                   """),
+    "PPG407": dict(tests=["tests/test_lm_rl.py"], snippet="""
+                   reward = (response == target).all(-1).float()  # all-or-nothing: every sample of a prompt fails
+                   observe(self, new_logp=logp, old_logp=old_logp, advantages=adv, mask=response_mask,
+                           rewards=reward, group=prompt_ids)
                    """),
     "PPG501": dict(demo=["entropy_frozen"], snippet="""
                    dist = Categorical(logits=self.actor(obs) / 1e4)  # a huge temperature: entropy pinned at its max

@@ -35,7 +35,7 @@ def test_policy_stats_names_every_quantity_it_can_and_only_those():
     assert set(F.policy_stats(lr)) == {"approx_kl", "approx_kl_k1", "ratio_mean", "ratio_min", "ratio_max",
                                        "ratio_dev"}
     full = F.policy_stats(lr, clip_eps=0.2, advantages=adv, values=adv, returns=lr, entropy=adv.abs(),
-                          num_actions=4, log_std=adv.reshape(-1, 1).expand(-1, 3), logp=-lr.abs())
+                          num_actions=4, log_std=adv.reshape(-1, 1).expand(-1, 3), logp=-lr.abs(), ref_logp=-adv.abs())
     assert set(full) == set(F.POLICY_STATS)
     assert full["logp_mean"] == -lr.abs().mean()
     assert set(F.policy_stats(values=adv, returns=lr)) == {"explained_variance"}
@@ -195,3 +195,22 @@ def test_vector_stats_accumulates_repeated_slots_as_separate_updates(entries, ch
         # min and max skip NaN (nothing but NaN leaves them at +-inf)
         assert low[slot] == (min(finite_or_inf) if finite_or_inf else math.inf)
         assert high[slot] == (max(finite_or_inf) if finite_or_inf else -math.inf)
+
+
+def test_sequence_stats_groups_and_the_advantages_order():
+    """GRPO: 3 groups of 4; one solved (all 1), one failed (all 0), one mixed. Group-normalised advantages rise with
+    the rewards (+1); negated ones fall (-1)."""
+    rewards = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 1])
+    group = torch.arange(3).repeat_interleave(4) * 7  # any integer ids
+    g = rewards.view(3, 4)
+    adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten()
+    out = F.sequence_stats(adv, rewards, group)
+    assert set(out) == set(F.SEQUENCE_STATS)
+    assert out["zero_adv_groups"].item() == pytest.approx(2 / 3)
+    assert out["zero_group_reward"].item() == pytest.approx(0.5)
+    assert out["zero_adv_groups_top"].item() == pytest.approx(1 / 3)  # the solved one
+    assert out["adv_reward_corr"].item() == pytest.approx(1.0)
+    assert F.sequence_stats(-adv, rewards, group)["adv_reward_corr"].item() == pytest.approx(-1.0)
+    assert F.sequence_stats(None, rewards, None).keys() == {"reward_mean", "reward_min", "reward_max"}
+    # no rewards: the spread of each group's advantages
+    assert F.sequence_stats(adv, None, group)["zero_adv_groups"].item() == pytest.approx(2 / 3)

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_ppo_guard.reference.cartpole as cartpole
 from lightning_ppo_guard import PPOMonitor, metrics, observe
+from lightning_ppo_guard.functional import SEQUENCE_STATS
 from lightning_ppo_guard.reference import CartPolePPO, PPOConfig
 
 from .conftest import fit, read_csv
@@ -94,6 +95,7 @@ def _observed(module: Naive, entropy0: list[float]):
             "actor/entropy": float(ent.mean()), "actor/entropy_norm": float(ent.mean()) / math.log(2),
             "actor/entropy_drift": float(ent.mean()) - entropy0[0],
             "actor/adv_mean": float(adv.mean()), "actor/adv_std": float(adv.std(unbiased=False)),
+            "actor/adv_zero_frac": float((adv == 0).double().mean()),
             "actor/explained_variance": 1 - float((ret - val).var(unbiased=False)) / float(ret.var(unbiased=False)),
         }
         observe(pl_module, **kw)
@@ -129,6 +131,8 @@ def test_every_logged_key_carries_its_own_quantity(tmp_path, monkeypatch):
     assert len(rows) == len(module.steps) == ITERATIONS * per
     actor_keys = {f"actor/{s.name}" for s in (*metrics.STEP_METRICS, *metrics.OBSERVE_METRICS) if s.roles != "shared"}
     actor_keys.discard("actor/log_std")  # a Gaussian's: this policy is categorical, so it must not be logged
+    # LM RL's (a reference model's log-probs, per-sequence rewards and groups): this loop passes none, so none is logged
+    actor_keys -= {f"actor/{name}" for name in ("ref_kl", *SEQUENCE_STATS)}
     critic_keys = {f"critic/{s.name}" for s in metrics.STEP_METRICS if s.roles == "all"}
     host = {"actor/binding", "critic/binding", "actor/lr", "critic/lr"}
     for i, (row, naive) in enumerate(zip(rows, module.steps, strict=True)):

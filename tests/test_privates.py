@@ -24,6 +24,11 @@ THIRD_PARTY = {
     "_base": "a view's base tensor (a slice handed to observe is read at the tensor the loss uses)",
     "_DropoutNd": "torch's base class of every dropout layer (train-mode layers make the ratio noisy)",
     "_BatchNorm": "torch's base class of every batch-norm layer (same)",
+    "_saved_indices": "the indices an autograd IndexBackward0 node saved (observe(new_logp[mask]) is read at the "
+                      "tensor the loss uses, and its part is the same selection of that gradient)",
+    "_saved_mask": "the mask a MaskedSelectBackward0 node saved (same, for masked_select)",
+    "_saved_self": "the input a MaskedSelectBackward0 node saved (its shape only)",
+    "_saved_self_sym_sizes": "the input shape an index or reshape node saved (same)",
     "_num_events": "set by torch's Categorical alone: is the Distribution a categorical over param_shape[-1]",
 }
 

@@ -243,7 +243,10 @@ def test_nonfinite_logp_and_first_ratio():
 def test_advantages_nan_or_without_spread_but_not_one_sample():
     d = Diagnoser()
     assert d.check_observe("a", 0, obs(adv_std=0.0, adv_mean=0.3, samples=1)) == []  # a remainder of one
-    assert codes(d.check_observe("a", 1, obs(adv_std=0.0, adv_mean=0.3, samples=64))) == ["PPG401"]
+    # no spread in one minibatch is no finding (GRPO: a minibatch of solved groups); on every minibatch of two
+    # rollouts, from the start, it is
+    assert d.check_observe("a", 1, obs(adv_std=0.0, adv_mean=0.3, samples=64)) == []
+    assert codes(run(Diagnoser(), 3, obs_kw=dict(adv_std=0.0, adv_mean=0.3, samples=64))) == ["PPG401"]
     assert codes(d.check_observe("b", 0, obs(adv_std=math.nan, adv_mean=math.nan, samples=1))) == ["PPG401"]
     # absent advantages are NaN too, and are no finding
     assert d.check_observe("c", 0, obs(adv_std=math.nan, adv_mean=math.nan, adv_given=False)) == []
@@ -384,6 +387,11 @@ def test_signs_of_the_policy_and_entropy_terms_are_named_after_consecutive_obser
     d = Diagnoser()
     assert d.check_gradient_sign("actor", 0, -3.0) == [] and d.check_gradient_sign("actor", 1, 2.0) == []
     assert codes(d.check_gradient_sign("actor", 2, 2.0)) == ["PPG107"]
+    # a positive dot product without a reversed policy term (a KL penalty outweighing it): no streak
+    d = Diagnoser()
+    assert all(d.check_gradient_sign("actor", i, 1.0, own=-0.26) == [] for i in range(5))
+    assert codes(d.check_gradient_sign("actor", 5, 1.0, own=-0.8) + d.check_gradient_sign("actor", 6, 1.0, own=-0.9)) \
+        == ["PPG107"]
 
 
 def test_early_stop_without_target_kl_is_one_update_and_a_dropped_minibatch_per_rollout():
@@ -470,3 +478,70 @@ def test_exact_ratio_in_windows_of_observes_is_no_evidence():
         out += diag.check_observe("actor", n, obs(rollout=None, approx_kl=0.0, ratio_dev=0.0))
         out += diag.check_step("actor", n, step(segment=None))
     assert "PPG108" not in codes(out)
+
+
+def test_zero_spread_after_a_spread_is_no_bug_in_the_advantages():
+    """A task learnt late in the fit (GRPO: every group solved) gives zeros after rollouts with spread."""
+    findings = run(Diagnoser(), 8, obs_kw=lambda r, u: dict(adv_std=1.0 if r < 3 else 0.0, adv_mean=0.0, samples=64))
+    assert findings == []
+
+
+def _grpo(corr=1.0, zero=0.2, top=0.0, reward_max=1.0, reward_min=0.0):
+    return lambda r, u: dict(adv_reward_corr=corr, zero_adv_groups=zero, zero_adv_groups_top=top,
+                             zero_group_reward=0.0, reward_max=reward_max, reward_min=reward_min, adv_zero_frac=zero)
+
+
+def test_zero_advantage_groups_are_a_rollout_rate_of_unsolved_groups():
+    # most groups failed on every sample, two rollouts: PPG407 (and never PPG401, which it explains)
+    assert codes(run(Diagnoser(), 3, obs_kw=_grpo(zero=1.0, reward_max=0.0))) == ["PPG407"]
+    assert codes(run(Diagnoser(), 3, obs_kw=_grpo(zero=0.95, reward_max=1.0))) == ["PPG407"]
+    # solved groups (at the best reward seen) teach nothing either, but the task is learnt: no finding; solved and
+    # failed ones mixed count the failed ones only
+    assert run(Diagnoser(), 6, obs_kw=_grpo(zero=0.95, top=0.95)) == []
+    assert run(Diagnoser(), 6, obs_kw=_grpo(zero=0.95, top=0.5)) == []
+    assert codes(run(Diagnoser(), 6, obs_kw=_grpo(zero=1.0, top=0.05))) == ["PPG407"]
+    # three of four groups wasted, rollout after rollout: a healthy binary-reward GRPO learning prompt by prompt
+    assert run(Diagnoser(), 6, obs_kw=_grpo(zero=0.75)) == []
+    # too few groups read (one minibatch of 4 groups per rollout): not before 16 groups
+    few = run(Diagnoser(), 6, updates=1, obs_kw=lambda r, u: {**_grpo(zero=1.0, reward_max=0.0)(r, u), "groups": 4.0})
+    assert [f.code for f in few] == ["PPG407"] and few[0].step >= 3
+    # a minibatch whose best is below the best seen: its top groups failed too
+    assert codes(run(Diagnoser(), 6, obs_kw=lambda r, u: _grpo(zero=1.0, top=1.0, reward_max=1.0 if r == 0 and u == 0
+                                                                  else 0.0)(r, u))) == ["PPG407"]
+    # a minority of failed groups: learning
+    assert run(Diagnoser(), 6, obs_kw=_grpo(zero=0.4)) == []
+    # one rollout of it only
+    assert run(Diagnoser(), 6, obs_kw=lambda r, u: _grpo(zero=1.0 if r == 2 else 0.1)(r, u)) == []
+
+
+def test_advantages_that_fall_with_the_rewards_are_named_on_consecutive_observes():
+    assert codes(run(Diagnoser(), 2, obs_kw=_grpo(corr=-1.0))) == ["PPG109"]
+    rng = random.Random(0)
+    assert run(Diagnoser(), 20, obs_kw=lambda r, u: _grpo(corr=rng.uniform(-0.45, 1.0))(r, u)) == []
+    alternating = run(Diagnoser(), 4, obs_kw=lambda r, u: _grpo(corr=-0.9 if u % 2 else 0.8)(r, u))
+    assert alternating == []
+
+
+def test_kl_penalty_pinning_the_policy_from_the_backward_and_it_mutes_the_sign_rule():
+    d = Diagnoser()
+    found, pinned = d.check_kl_pin("a", 1, kl_align=0.95, own=-0.26)
+    assert found == [] and pinned
+    found, pinned = d.check_kl_pin("a", 2, kl_align=0.9, own=0.1)
+    assert codes(found) == ["PPG304"] and pinned
+    healthy = Diagnoser()
+    rng = random.Random(1)
+    assert all(healthy.check_kl_pin("a", i, kl_align=rng.uniform(-0.25, 0.25), own=rng.uniform(0.6, 1.0)) ==
+               ([], False) for i in range(50))
+    # an unread penalty (no ref_logp) is no evidence
+    assert Diagnoser().check_kl_pin("a", 1, kl_align=math.nan, own=0.1) == ([], False)
+
+
+def test_precedence_table_names_one_code_per_cause():
+    from lightning_ppo_guard.diagnoses import CATALOG
+    from lightning_ppo_guard.rules import EXPLAINED_BY
+
+    for code, causes in EXPLAINED_BY.items():
+        assert code in CATALOG and causes and all(c in CATALOG and c != code for c in causes)
+    d = Diagnoser()
+    d.state("a").raised.append("PPG304")
+    assert d._emit("a", "PPG407", 3, share=1.0, reward=0.0, rollouts=2) == []

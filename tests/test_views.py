@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_ppo_guard import PPOGuard, PPOGuardWarning
-from lightning_ppo_guard.diagnostics import hook_point
+from lightning_ppo_guard.graph import watch_gradient
 from tests.zoo.mappo_stacked import StackedMAPPO, StackedMAPPOConfig
 
 from .conftest import fit
@@ -70,9 +70,8 @@ def test_a_view_reads_its_part_of_its_base_gradient(make):
     base = torch.randn(8, 3, requires_grad=True)
     leaf_grad = torch.randn(8, 3)
     view = make(base * 1.0)  # a non-leaf, as new_logp is
-    target, part = hook_point(view)
     seen = []
-    target.register_hook(lambda g: seen.append(part(g)))
+    watch_gradient(view, seen.append)
     # the loss uses the whole base tensor, never the view
     (view._base * leaf_grad).sum().backward()
     expected = make(leaf_grad)
@@ -100,3 +99,37 @@ def test_automatic_optimization_without_rollout_ids_says_once_what_it_cannot_jud
     guard = PPOGuard()
     fit(CartPolePPOAuto(cfg), [guard])
     assert guard.codes() == {"PPG108"} and guard.notices == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda t, m: t[m],
+    lambda t, m: t.flatten()[m.flatten()],
+    lambda t, m: torch.masked_select(t, m),
+    lambda t, m: t.clone()[m],
+    lambda t, m: t[m].clone(),
+    lambda t, m: t.to(torch.float64)[m],
+    lambda t, m: t[m.nonzero(as_tuple=True)],
+    lambda t, m: t[:, [0, 2]],
+], ids=["mask", "flat-mask", "masked-select", "clone-then-mask", "mask-then-clone", "cast-then-mask",
+        "index-tuple", "column-list"])
+def test_a_selection_or_copy_reads_its_part_of_the_gradient_of_the_tensor_the_loss_uses(make):
+    """Masked tokens ``logp[mask]`` are a new tensor no loss uses: read at the node that made ``logp``."""
+    torch.manual_seed(0)
+    leaf = torch.randn(6, 4, requires_grad=True)
+    used = leaf.log_softmax(-1)  # what the loss uses, a non-leaf
+    mask = torch.rand(6, 4) > 0.4
+    weight = torch.randn(6, 4)
+    copy = make(used, mask)
+    seen = []
+    watch_gradient(copy, seen.append)
+    (used * weight).sum().backward()
+    assert len(seen) == 1 and torch.allclose(seen[0].double(), make(weight, mask).double())
+
+
+def test_a_copy_the_loss_does_not_reach_is_never_read():
+    leaf = torch.randn(6, 4, requires_grad=True)
+    recomputed = leaf.log_softmax(-1)  # a second forward for observe; the loss uses another
+    seen = []
+    watch_gradient(recomputed[recomputed > -1.5], seen.append)
+    leaf.log_softmax(-1).sum().backward()
+    assert seen == []
