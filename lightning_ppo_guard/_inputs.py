@@ -219,7 +219,8 @@ class PolicyTerm:
             if isinstance(advantages, Tensor) and token_mask.dim() >= 2:
                 seq_adv = _sequence_mean(advantages, token_mask)
             new_logp = new_logp[token_mask]  # the hooks read it at the tensor the loss uses (graph.watch_gradient)
-            old_logp, log_ratio = _tokens("old_logp", old_logp, token_mask), _tokens("log_ratio", log_ratio, token_mask)
+            old_logp = cast(Tensor, _tokens("old_logp", old_logp, token_mask))
+            log_ratio = _tokens("log_ratio", log_ratio, token_mask)
             advantages, entropy = _tokens("advantages", advantages, token_mask), _tokens("entropy", entropy, token_mask)
             values, returns = _tokens("values", values, token_mask), _tokens("returns", returns, token_mask)
             ref_logp = _tokens("ref_logp", ref_logp, token_mask)
@@ -229,7 +230,6 @@ class PolicyTerm:
                 num_actions = num_actions[token_mask]
         elif isinstance(advantages, Tensor):
             seq_adv = advantages
-        old_logp = cast(Tensor, old_logp)
         if new_logp.numel() != old_logp.numel():
             raise ValueError(
                 f"observe(): new_logp has shape {tuple(new_logp.shape)} but old_logp has shape "

@@ -136,7 +136,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "PPG304": dict(tests=["tests/test_lm_rl.py"], snippet="""
                    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1   # k3, per token
                    loss = masked_mean(pg_loss + 50.0 * kl, response_mask)   # beta 50: every step is pulled back
-                   observe(self, new_logp=logp, old_logp=old_logp, advantages=adv, mask=response_mask, ref_logp=ref_logp)
+                   observe(self, new_logp=logp, old_logp=old_logp, advantages=adv, mask=response_mask,
+                           ref_logp=ref_logp)
                    """),
     "PPG401": dict(variants=["nan-adv-one-sample-std", "nan-adv-planted"], snippet="""
                    mb_adv = (mb_adv - mb_adv.mean()) / mb_adv.std()  # a minibatch of one sample: 0 / 0 = NaN

@@ -13,6 +13,6 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0"
 fi
-if ! .venv/bin/python -c "import lightning_ppo_guard, gymnasium, pytest, xdist, mypy, hypothesis, matplotlib, tensorboard, nbclient, nbformat, ipykernel, jsonargparse, docstring_parser, typeshed_client, rich, mlflow, wandb, mkdocs, material, mkdocstrings, mkdocstrings_handlers.python, setuptools, torchrl, tensordict, stable_baselines3" 2>/dev/null; then
+if ! .venv/bin/python -c "import lightning_ppo_guard, gymnasium, pytest, xdist, mypy, hypothesis, matplotlib, tensorboard, nbclient, nbformat, ipykernel, jsonargparse, docstring_parser, typeshed_client, rich, mlflow, wandb, mkdocs, material, mkdocstrings, mkdocstrings_handlers.python, setuptools, torchrl, tensordict, stable_baselines3, transformers" 2>/dev/null; then
   "${PIP[@]}" -e ".[dev]" "torch==2.13.0"
 fi
