@@ -328,12 +328,13 @@ def causal_lm(module: nn.Module) -> bool:
 
 def _match(path: str, module: nn.Module) -> Detected | str | None:
     """The roles of the layout ``module`` (at ``path``) has, a message when its own children are ambiguous, or None."""
-    children = {n: c for n, c in module.named_children() if _trainable(c)}  # a frozen reference is no role
+    children = dict(module.named_children())
     if "action_net" in children and "value_net" in children:
         return _sb3(path, module)
     actors = [n for n in ACTOR_NAMES if n in children]
-    if not actors:  # LM RL: the trainable language model (TRL's pretrained_model next to its v_head)
-        actors = [n for n, c in children.items() if causal_lm(c)]
+    if not actors:  # LM RL: the trainable language model (TRL's pretrained_model next to its v_head); a frozen
+        # reference copy (every parameter requires_grad=False) is never the actor
+        actors = [n for n, c in children.items() if causal_lm(c) and _trainable(c)]
         if len(actors) != 1:
             return None
     critics = [n for n in CRITIC_NAMES if n in children]
