@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,37 @@ def test_the_trunk_share_of_a_hugging_face_trunk_is_logged():
                   callbacks=[guard]).fit(Untied(module_args))
     share = guard.last_logged.get("ppo_guard/shared/value_grad_share")
     assert share is not None and 0 < share < 1, guard.last_logged
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+@pytest.mark.ddp
+@pytest.mark.xdist_group("multiprocess")  # under pytest -n: one worker runs the 2-process fits one by one
+def test_fsdp2_on_the_tiny_transformer_logs_the_one_process_numbers_and_names_the_same_faults(tmp_path):
+    """GRPO with every GPT-2 block and the policy sharded by FSDP2 over 2 CPU processes (``tests/fsdp_lm_fit.py``):
+    the same rows as one process (1e-4), no finding when healthy, and an entropy penalty named on both ranks and
+    warned once, on rank zero."""
+    import torch.distributed as dist
+
+    from tests.conftest import launch_two_ranks, read_csv
+    from tests.fsdp_lm_fit import run
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed gloo")
+    script = Path(__file__).with_name("fsdp_lm_fit.py")
+    single = run(tmp_path / "single", 1, "none")
+    ranks = launch_two_ranks(script, tmp_path / "fsdp", "none", timeout=300)
+    assert not single["sharded"] and all(r["sharded"] and r["findings"] == [] for r in ranks)
+    rows = [[r for r in read_csv(tmp_path / d / "run" / "version_0") if "ppo_guard/actor/grad_norm" in r]
+            for d in ("single", "fsdp")]
+    assert len(rows[0]) == len(rows[1]) == 24
+    checked = 0
+    for a, b in zip(*rows, strict=True):
+        assert set(a) == set(b)
+        for key, x in a.items():
+            if isinstance(x, float) and math.isfinite(x):
+                assert b[key] == pytest.approx(x, rel=1e-4, abs=1e-6), (key, x, b[key])
+                checked += 1
+    assert checked > 500
+    faulty = launch_two_ranks(script, tmp_path / "fault", "entropy_penalty", timeout=300)
+    assert all(["PPG502", "actor"] in r["findings"] for r in faulty)
+    assert sum("PPG502" in w for w in faulty[0]["warnings"]) == 1 and faulty[1]["warnings"] == []
