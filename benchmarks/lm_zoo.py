@@ -24,7 +24,13 @@ EXPECT: dict[str, dict[str, str | None]] = {
     "old_logp_recomputed": {"full": "PPG108", "masked": "PPG108", "minimal": "PPG108"},
     "lr_tiny": {"full": "PPG204", "masked": "PPG204", "minimal": "PPG204"},
     "sparse_reward": {"full": "PPG407", "masked": "PPG401", "minimal": "PPG401"},
+    "sampler_temperature": {"full": "PPG105", "masked": "PPG105", "minimal": "PPG105"},
+    # without rollout ids the refreshed rollouts start at ratio 1: batches are then no proof of rollouts
+    "stale_sampler": {"full": "PPG105", "masked": "PPG105", "minimal": None},
+    "optimizer_over_ref": {"full": "PPG001", "masked": "PPG001", "minimal": "PPG001"},
 }
+#: Automatic optimization with the minimal call has no rollout id: the rollout-level rules say "cannot tell".
+NO_ROLLOUT = {"old_logp_recomputed", "sampler_temperature", "stale_sampler"}
 
 
 def one(job: tuple[str, str, str, str | None, int, int, str]) -> dict[str, Any]:
@@ -56,11 +62,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--healthy-iterations", type=int, default=150)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", choices=("faults", "healthy", "both"), default="both")
     args = parser.parse_args()
     faults = [(a, s, o, f, 0, args.iterations, "binary") for f in EXPECT for a, s in LOSSES
               for o in ("full", "masked", "minimal") if not (a == "ppo" and f == "sparse_reward")]
     healthy = [(a, s, o, None, seed, args.healthy_iterations, reward) for a, s in LOSSES
                for reward in ("binary", "graded") for o in ("full", "masked") for seed in range(args.seeds)]
+    faults = faults if args.only != "healthy" else []
+    healthy = healthy if args.only != "faults" else []
     with Pool(args.workers) as pool:
         results = pool.map(one, faults + healthy, chunksize=1)
     print("| fault | loss | observe | expected | named (step of the first; steps per rollout) | ok |")
@@ -68,7 +77,7 @@ def main() -> None:
     misses = 0
     for r in results[:len(faults)]:
         algo, style, observe, fault, *_ = r["job"]
-        want = EXPECT[fault][observe]
+        want = None if algo == "ppo" and observe == "minimal" and fault in NO_ROLLOUT else EXPECT[fault][observe]
         named = ", ".join(f"{c} ({s})" for c, s in sorted(r["first"].items(), key=lambda kv: kv[1])) or "-"
         ok = (want in r["first"] and min(r["first"].values()) == r["first"][want]
               and r["first"][want] < 2 * r["per"] + r["per"]) if want else not r["first"]

@@ -334,13 +334,14 @@ class PolicyTerm:
         return t[m]
 
     def precision_eps(self) -> float:
-        """Machine epsilon of the lowest precision new_logp was computed in: its dtype, or the autocast dtype
-        when autocast is on where it was computed (read during the ``observe`` call, inside that context)."""
-        dtype, device = self.new_logp.dtype, self.new_logp.device.type
+        """Machine epsilon of the lowest precision the ratio's log-probs were computed in: new_logp's dtype, the
+        autocast dtype when autocast is on where it was computed (read during the ``observe`` call, inside that
+        context), or old_logp's dtype (a sampler in bf16 that handed its log-probs over as they are)."""
+        device = self.new_logp.device.type
+        dtypes = [self.new_logp.dtype, self.old_logp.dtype]
         if torch.is_autocast_enabled(device):
-            low = torch.get_autocast_dtype(device)
-            dtype = low if torch.finfo(low).eps > torch.finfo(dtype).eps else dtype
-        return float(torch.finfo(dtype).eps)
+            dtypes.append(torch.get_autocast_dtype(device))
+        return max(float(torch.finfo(d).eps) for d in dtypes if d.is_floating_point)
 
     def entropy_and_actions(self) -> tuple[Tensor | None, int | Tensor | None]:
         """The per-sample entropy (given, else the distribution's) and the number of actions (given, else a

@@ -240,11 +240,17 @@ _ALL = (
         "during the rollout (the stored observations were normalised with older statistics); a recurrent "
         "hidden state not carried into the update; the clipped (or otherwise post-processed) action stored "
         "instead of the sampled one; different action masks; or a prefetching data loader that collected the "
-        "next rollout one optimizer step early. The evidence lists the role's dropout and batch-norm layers that "
-        "were in train mode (train_mode_layers), the one cause visible in the model itself.",
+        "next rollout one optimizer step early. Language models: a sampling temperature (or top-k/top-p "
+        "filtering) applied to the logits the rollout's log-probs come from but not in the update, a sampler "
+        "(vLLM) whose weights lag the policy, another padding side or chat template in the update. The evidence "
+        "lists the role's dropout and batch-norm layers that were in train mode (train_mode_layers), the one "
+        "cause visible in the model itself.",
         "Compute old_logp and new_logp the same way: same mode (eval() or no dropout), same normalisation "
         "statistics (store the normalised observations), the stored hidden state, the sampled action (clip "
-        "only what the env gets), the same mask; collect the next rollout only after the last update.",
+        "only what the env gets), the same mask; collect the next rollout only after the last update. LM RL: "
+        "score both with the same temperature, sync the sampler's weights after every update, keep padding "
+        "and template identical. A sampler in lower precision is tolerated when its log-probs reach observe in "
+        "its dtype (old_logp.bfloat16()); else raise GuardConfig(first_ratio_dev=...).",
         checklist="step 3",
     ),
     Diagnosis(

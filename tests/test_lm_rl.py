@@ -54,6 +54,8 @@ CASES = [
     ("adv_sign", "full", "PPG109", 4),  # advantages must rise with the rewards
     ("kl_pin", "full", "PPG304", 8),  # the KL penalty's pull outweighs the advantages in the backward
     ("old_logp_recomputed", "full", "PPG108", 8),
+    ("sampler_temperature", "masked", "PPG105", 8),  # sampled at temperature 0.7, scored at 1
+    ("optimizer_over_ref", "minimal", "PPG001", 0),
 ]
 
 
@@ -81,6 +83,18 @@ def test_a_pinning_kl_without_ref_logp_is_no_backwards_policy_gradient(call):
     upside-down policy term (its gradient's cosine with -advantages stays near 0, not at minus a healthy one's)."""
     guard, _ = _guarded(fault="kl_pin", observe=call, iterations=16)
     assert "PPG107" not in guard.codes(), guard.summary()
+
+
+def test_a_stale_sampler_is_a_first_ratio_mismatch_and_a_bf16_sampler_is_tolerated_in_its_dtype():
+    """The sampler's weights lag the policy (refreshed every 3 rollouts): PPG105 in 2 rollouts. A sampler under bf16
+    autocast that hands its log-probs over in bf16 is within its precision's tolerance; cast up to float32 the guard
+    cannot know, and names the mismatch (the fix says how to tell it)."""
+    guard, _ = _guarded(fault="stale_sampler", observe="full", iterations=8)
+    assert _first(guard).get("PPG105", 99) <= 8, guard.summary()
+    guard, _ = _guarded(sampler="bf16", observe="full", iterations=12)
+    assert guard.findings == [], guard.summary()
+    guard, _ = _guarded(sampler="bf16-as-fp32", observe="full", iterations=12)
+    assert guard.codes() == {"PPG105"} and "old_logp.bfloat16()" in guard.findings[0].diagnosis.fix
 
 
 # ---------------------------------------------------------------------------------------------- healthy

@@ -25,7 +25,11 @@ Faults (``LMArgs.fault``): ``"entropy_penalty"`` (the entropy bonus subtracted),
 loss's sign), ``"adv_sign"`` (advantages ``mean - r``), ``"kl_pin"`` (``beta`` 50: the KL term pins the policy to
 the reference), ``"old_logp_recomputed"`` (old log-probs from the current model at update time), ``"lr_tiny"``,
 ``"sparse_reward"`` (all-or-nothing: every response token must repeat the prompt's first token; a random policy
-never gets there, so every group's samples share one reward).
+never gets there, so every group's samples share one reward), ``"sampler_temperature"`` (the rollout samples, and
+records the log-probs, at temperature 0.7; the update scores at 1), ``"stale_sampler"`` (the rollout samples with a
+copy of the policy refreshed every 3 rollouts), ``"optimizer_over_ref"`` (the optimizer built over the frozen
+reference's parameters). ``LMArgs.sampler="bf16"`` samples under bf16 autocast and hands ``old_logp`` in bf16 (a
+sampler's precision: no fault); ``"bf16-as-fp32"`` hands them over cast to float32, so the guard cannot know.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from torch.utils.data import DataLoader
 
 from lightning_ppo_guard import observe
 
-FAULTS = ("entropy_penalty", "loss_negated", "adv_sign", "kl_pin", "old_logp_recomputed", "lr_tiny", "sparse_reward")
+FAULTS = ("entropy_penalty", "loss_negated", "adv_sign", "kl_pin", "old_logp_recomputed", "lr_tiny", "sparse_reward",
+          "sampler_temperature", "stale_sampler", "optimizer_over_ref")
 PAD, EOS, VOCAB = 0, 1, 12
 
 
@@ -64,6 +69,7 @@ class LMArgs:
     vf_coef: float = 0.1
     fault: str | None = None
     observe: str = "masked"
+    sampler: str = "fp32"  # "bf16": the rollout's forward under bf16 autocast; "bf16-as-fp32": its log-probs cast up
 
 
 def tiny_gpt2(seed: int) -> nn.Module:
@@ -105,6 +111,7 @@ class LMRL(L.LightningModule):
         self.scores: list[float] = []
         self.batch: dict[str, Tensor] | None = None
         self.beta = 50.0 if args.fault == "kl_pin" else args.beta
+        self.sampler: nn.Module | None = None
 
     # ------------------------------------------------------------------ plumbing
     def train_dataloader(self) -> DataLoader:
@@ -114,6 +121,8 @@ class LMRL(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         lr = 1e-9 if self.args.fault == "lr_tiny" else self.args.lr
         net = self.model if self.args.algo == "ppo" else self.policy
+        if self.args.fault == "optimizer_over_ref":
+            net = self.ref_model.requires_grad_(True)  # "the model" picked from the wrong attribute
         return torch.optim.Adam(net.parameters(), lr=lr)
 
     def lm(self) -> nn.Module:
@@ -132,9 +141,15 @@ class LMRL(L.LightningModule):
         prompt = torch.randint(2, VOCAB, (a.prompts, 2), generator=self.gen).repeat_interleave(a.group, 0)
         ids, done = prompt, torch.zeros(n, dtype=torch.bool)
         logps, mask = [], []
+        if a.fault == "stale_sampler" and (self.sampler is None or len(self.scores) % 3 == 0):
+            self.sampler = copy.deepcopy(self.lm()).requires_grad_(False)
+        sampler = self.sampler if a.fault == "stale_sampler" else self.lm()
         for _ in range(a.response_len):
-            logits = self.lm()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
-            dist = torch.distributions.Categorical(logits=logits)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.sampler.startswith("bf16")):
+                logits = sampler(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+            if a.fault == "sampler_temperature":
+                logits = logits / 0.7
+            dist = torch.distributions.Categorical(logits=logits.float())
             tok = torch.multinomial(dist.probs, 1, generator=self.gen).squeeze(1)
             tok = torch.where(done, torch.full_like(tok, PAD), tok)
             logps.append(dist.log_prob(tok))
@@ -152,8 +167,10 @@ class LMRL(L.LightningModule):
         attn = torch.cat([torch.ones_like(prompt), mask_t.long()], 1)
         ref = self.token_logp(self.ref_model(input_ids=ids, attention_mask=attn).logits, ids)
         self.scores.append(float(reward.mean()))
-        return {"ids": ids, "attn": attn, "mask": mask_t, "old_logp": torch.stack(logps, 1), "ref_logp": ref,
-                "reward": reward}
+        old_logp = torch.stack(logps, 1)
+        if a.sampler == "bf16":
+            old_logp = old_logp.bfloat16()  # the sampler's precision, as it handed the log-probs over
+        return {"ids": ids, "attn": attn, "mask": mask_t, "old_logp": old_logp, "ref_logp": ref, "reward": reward}
 
     @staticmethod
     def token_logp(logits: Tensor, ids: Tensor) -> Tensor:
