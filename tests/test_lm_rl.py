@@ -97,6 +97,31 @@ def test_a_stale_sampler_is_a_first_ratio_mismatch_and_a_bf16_sampler_is_tolerat
     assert guard.codes() == {"PPG105"} and "old_logp.bfloat16()" in guard.findings[0].diagnosis.fix
 
 
+def test_lora_adapters_are_the_actor_and_adapters_left_out_of_the_optimizer_are_named():
+    """A frozen GPT-2 base with LoRA adapters (``tests.zoo.lm_rl.add_lora``): the actor's measured tensors are the
+    adapters, the frozen base is no finding; an optimizer built over base weights instead of the adapters: PPG001."""
+    guard, module = _guarded(lora=True, observe="full", iterations=8)
+    actor = guard.roles[0]
+    assert guard.findings == [], guard.summary()
+    assert actor.params and all(".lora_" in n for n, p in module.policy.named_parameters() if p.requires_grad)
+    assert actor.numel == sum(p.numel() for p in module.policy.parameters() if p.requires_grad) and actor.frozen
+    guard, _ = _guarded(lora=True, fault="lora_unbound", observe="full", iterations=4)
+    assert min(_first(guard).items(), key=lambda kv: kv[1])[0] == "PPG001", guard.summary()
+
+
+@pytest.mark.parametrize("loss", ["grpo-trl", "ppo-value-head"])
+def test_bf16_autocast_keeps_healthy_fits_quiet_and_names_an_entropy_penalty(loss):
+    """``Trainer(precision="bf16-mixed")``: the update's log-probs come from bf16 logits; the first ratio is judged
+    with bf16's tolerance, the signs are read as in float32."""
+    for fault, want in ((None, set()), ("entropy_penalty", {"PPG502"})):
+        guard = PPOGuard(verbose=False)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit(LMArgs(fault=fault, observe="full", iterations=12, **LOSSES[loss]), [guard], precision="bf16-mixed")
+        assert guard.codes() == want, guard.summary()
+
+
 # ---------------------------------------------------------------------------------------------- healthy
 @pytest.mark.parametrize(("loss", "reward"), [("grpo-trl", "binary"), ("grpo-verl", "graded"),
                                               ("ppo-value-head", "binary")])

@@ -30,6 +30,8 @@ records the log-probs, at temperature 0.7; the update scores at 1), ``"stale_sam
 copy of the policy refreshed every 3 rollouts), ``"optimizer_over_ref"`` (the optimizer built over the frozen
 reference's parameters). ``LMArgs.sampler="bf16"`` samples under bf16 autocast and hands ``old_logp`` in bf16 (a
 sampler's precision: no fault); ``"bf16-as-fp32"`` hands them over cast to float32, so the guard cannot know.
+``LMArgs.lora``: the policy is a frozen base with LoRA adapters (:func:`add_lora`); fault ``"lora_unbound"``: the
+optimizer gets base weights, not the adapters.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from torch.utils.data import DataLoader
 from lightning_ppo_guard import observe
 
 FAULTS = ("entropy_penalty", "loss_negated", "adv_sign", "kl_pin", "old_logp_recomputed", "lr_tiny", "sparse_reward",
-          "sampler_temperature", "stale_sampler", "optimizer_over_ref")
+          "sampler_temperature", "stale_sampler", "optimizer_over_ref", "lora_unbound")
 PAD, EOS, VOCAB = 0, 1, 12
 
 
@@ -69,6 +71,7 @@ class LMArgs:
     vf_coef: float = 0.1
     fault: str | None = None
     observe: str = "masked"
+    lora: bool = False  # a frozen base with LoRA adapters (GRPO)
     sampler: str = "fp32"  # "bf16": the rollout's forward under bf16 autocast; "bf16-as-fp32": its log-probs cast up
 
 
@@ -79,6 +82,31 @@ def tiny_gpt2(seed: int) -> nn.Module:
     config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS,
                         eos_token_id=EOS, pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
+
+
+class LoRA(nn.Module):
+    """A low-rank adapter around a frozen GPT-2 ``Conv1D`` (``x @ W + b``): ``base(x) + (x @ A @ B) * scale``, with
+    ``B`` starting at 0 (so the adapted model starts as the base), as PEFT's LoRA does."""
+
+    def __init__(self, base: nn.Module, rank: int = 4, scale: float = 2.0) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        d_in, d_out = base.weight.shape
+        self.lora_A = nn.Parameter(torch.randn(d_in, rank) / d_in**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(rank, d_out))
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_A @ self.lora_B) * self.scale
+
+
+def add_lora(lm: nn.Module) -> nn.Module:
+    """Freeze ``lm`` and put a LoRA adapter on every block's attention and MLP projections."""
+    lm.requires_grad_(False)
+    for block in lm.transformer.h:
+        block.attn.c_attn = LoRA(block.attn.c_attn)
+        block.mlp.c_fc = LoRA(block.mlp.c_fc)
+    return lm
 
 
 class ValueHeadLM(nn.Module):
@@ -105,7 +133,7 @@ class LMRL(L.LightningModule):
         if args.algo == "ppo":
             self.model: nn.Module = ValueHeadLM(lm)
         else:
-            self.policy = lm
+            self.policy = add_lora(lm) if args.lora else lm
         self.automatic_optimization = args.algo == "ppo"
         self.gen = torch.Generator().manual_seed(args.seed)
         self.scores: list[float] = []
@@ -123,7 +151,10 @@ class LMRL(L.LightningModule):
         net = self.model if self.args.algo == "ppo" else self.policy
         if self.args.fault == "optimizer_over_ref":
             net = self.ref_model.requires_grad_(True)  # "the model" picked from the wrong attribute
-        return torch.optim.Adam(net.parameters(), lr=lr)
+        params = [p for n, p in net.named_parameters() if self.args.fault != "lora_unbound" or "lora_" not in n]
+        if self.args.fault == "lora_unbound":  # the optimizer built over the base's weights, the adapters left out
+            params = [p.requires_grad_(True) for p in params if p.dim() > 1][:4]
+        return torch.optim.Adam(params, lr=lr)
 
     def lm(self) -> nn.Module:
         return self.model.pretrained_model if self.args.algo == "ppo" else self.policy
