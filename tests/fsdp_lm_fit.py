@@ -28,7 +28,7 @@ from lightning_ppo_guard import PPOGuard, PPOGuardWarning
 from tests.ddp_fit import write_result
 from tests.zoo.lm_rl import LMRL, LMArgs
 
-ITERATIONS = 6
+ITERATIONS = 4
 
 
 class ShardedGRPO(LMRL):

@@ -280,7 +280,7 @@ def test_fsdp2_on_the_tiny_transformer_logs_the_one_process_numbers_and_names_th
     assert not single["sharded"] and all(r["sharded"] and r["findings"] == [] for r in ranks)
     rows = [[r for r in read_csv(tmp_path / d / "run" / "version_0") if "ppo_guard/actor/grad_norm" in r]
             for d in ("single", "fsdp")]
-    assert len(rows[0]) == len(rows[1]) == 24
+    assert len(rows[0]) == len(rows[1]) == 16
     checked = 0
     for a, b in zip(*rows, strict=True):
         assert set(a) == set(b)
@@ -288,7 +288,7 @@ def test_fsdp2_on_the_tiny_transformer_logs_the_one_process_numbers_and_names_th
             if isinstance(x, float) and math.isfinite(x):
                 assert b[key] == pytest.approx(x, rel=1e-4, abs=1e-6), (key, x, b[key])
                 checked += 1
-    assert checked > 500
+    assert checked > 300
     faulty = launch_two_ranks(script, tmp_path / "fault", "entropy_penalty", timeout=300)
     assert all(["PPG502", "actor"] in r["findings"] for r in faulty)
     assert sum("PPG502" in w for w in faulty[0]["warnings"]) == 1 and faulty[1]["warnings"] == []
