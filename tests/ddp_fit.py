@@ -71,6 +71,17 @@ def write_result(out_dir: str | Path, trainer: L.Trainer, guard: PPOGuard, caugh
     return result
 
 
+def fit_and_write(out_dir: str | Path, trainer: L.Trainer, module: L.LightningModule,
+                  guard: PPOGuard) -> dict[str, Any]:
+    """Fit, recording the guard's warnings, and write this rank's result with whether the parameters are FSDP2
+    shards (``DTensor``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PPOGuardWarning)
+        trainer.fit(module)
+    sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
+    return write_result(out_dir, trainer, guard, caught, sharded=sharded)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_ppo_guard import PPOGuard, PPOGuardWarning
+from lightning_ppo_guard import PPOGuard
 from lightning_ppo_guard.reference import MAPPOConfig, ShardedMAPPO, trainer_kwargs
-from tests.ddp_fit import write_result
+from tests.ddp_fit import fit_and_write
 
 ITERATIONS = 3
 
@@ -49,11 +48,7 @@ def run(out_dir: str | Path, devices: int, fault: str, stop: bool = False) -> di
                                                    process_group_backend="gloo")
     trainer = L.Trainer(**kwargs, logger=CSVLogger(out_dir, name="run", version=0), callbacks=[guard],
                         enable_checkpointing=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PPOGuardWarning)
-        trainer.fit(module)
-    sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
-    return write_result(out_dir, trainer, guard, caught, sharded=sharded)
+    return fit_and_write(out_dir, trainer, module, guard)
 
 
 if __name__ == "__main__":

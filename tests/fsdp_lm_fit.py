@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_ppo_guard import PPOGuard, PPOGuardWarning
-from tests.ddp_fit import write_result
+from lightning_ppo_guard import PPOGuard
+from tests.ddp_fit import fit_and_write
 from tests.zoo.lm_rl import LMRL, LMArgs
 
 ITERATIONS = 4
@@ -55,11 +54,7 @@ def run(out_dir: str | Path, devices: int, fault: str) -> dict[str, Any]:
         kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
                                                    process_group_backend="gloo")
     trainer = L.Trainer(**kwargs, logger=CSVLogger(out_dir, name="run", version=0), callbacks=[guard])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PPOGuardWarning)
-        trainer.fit(module)
-    sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
-    return write_result(out_dir, trainer, guard, caught, sharded=sharded)
+    return fit_and_write(out_dir, trainer, module, guard)
 
 
 if __name__ == "__main__":
