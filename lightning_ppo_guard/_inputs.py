@@ -213,11 +213,20 @@ class PolicyTerm:
                              f"{tuple(old_logp.shape)}; pass one value per sample of the same minibatch.")
         if new_logp.device != old_logp.device:
             raise ValueError(f"observe(): old_logp is on {old_logp.device} but new_logp on {new_logp.device}.")
+        rewards, group = _per_sequence("rewards", rewards, new_logp), _per_sequence("group", group, new_logp)
+        if rewards is not None and not rewards.is_floating_point():
+            rewards = rewards.float()
+        if group is not None and (group.is_floating_point() or group.dtype == torch.bool):
+            raise TypeError(f"observe(): group has dtype {group.dtype}; pass integer group ids (one per sequence: "
+                            "the index of its prompt).")
+        if rewards is not None and group is not None and rewards.numel() != group.numel():
+            raise ValueError(f"observe(): rewards has {rewards.numel()} values but group {group.numel()}; pass one "
+                             "of each per sequence.")
         token_mask, seq_adv = None, None
         if mask is not None:  # per-token tensors: every statistic and hook at the valid tokens
             token_mask = _token_mask(mask, new_logp)
-            if isinstance(advantages, Tensor) and token_mask.dim() >= 2:
-                seq_adv = _sequence_mean(advantages, token_mask)
+            if rewards is not None and isinstance(advantages, Tensor) and token_mask.dim() >= 2:
+                seq_adv = _sequence_mean(advantages, token_mask)  # one per sequence, beside its reward
             new_logp = new_logp[token_mask]  # the hooks read it at the tensor the loss uses (graph.watch_gradient)
             old_logp = cast(Tensor, _tokens("old_logp", old_logp, token_mask))
             log_ratio = _tokens("log_ratio", log_ratio, token_mask)
@@ -228,7 +237,7 @@ class PolicyTerm:
                 action_mask = action_mask[token_mask]
             if isinstance(num_actions, Tensor) and num_actions.shape == token_mask.shape:
                 num_actions = num_actions[token_mask]
-        elif isinstance(advantages, Tensor):
+        elif rewards is not None and isinstance(advantages, Tensor):
             seq_adv = advantages
         if new_logp.numel() != old_logp.numel():
             raise ValueError(
@@ -246,15 +255,6 @@ class PolicyTerm:
                                 f"one as .distribution, as SB3's do), got {type(dist).__name__}.")
         if not isinstance(role, str) or not role:
             raise TypeError(f"observe(): role must be a role name such as 'actor' or 'agent_2', got {role!r}.")
-        rewards, group = _per_sequence("rewards", rewards, new_logp), _per_sequence("group", group, new_logp)
-        if rewards is not None and not rewards.is_floating_point():
-            rewards = rewards.float()
-        if group is not None and (group.is_floating_point() or group.dtype == torch.bool):
-            raise TypeError(f"observe(): group has dtype {group.dtype}; pass integer group ids (one per sequence: "
-                            "the index of its prompt).")
-        if rewards is not None and group is not None and rewards.numel() != group.numel():
-            raise ValueError(f"observe(): rewards has {rewards.numel()} values but group {group.numel()}; pass one "
-                             "of each per sequence.")
         if action_mask is not None:
             num_actions = _valid_actions(action_mask, new_logp)
         elif num_actions is not None and not isinstance(num_actions, Tensor):
@@ -276,7 +276,7 @@ class PolicyTerm:
             ref_logp=None if ref_logp is None else _per_sample("ref_logp", _logp("ref_logp", ref_logp), new_logp),
             rewards=rewards,
             group=group,
-            seq_adv=seq_adv if rewards is not None and seq_adv is not None and seq_adv.numel() == rewards.numel()
+            seq_adv=seq_adv if seq_adv is not None and rewards is not None and seq_adv.numel() == rewards.numel()
             else None,
             token_mask=token_mask,
         )

@@ -179,26 +179,25 @@ def sequence_stats(advantages: Tensor | None, rewards: Tensor | None, group: Ten
     if r is not None and r.numel():
         out["reward_mean"], (out["reward_min"], out["reward_max"]) = r.mean(), torch.aminmax(r)
     spread_of = r if r is not None else a
-    inverse, k = None, 0
+    inverse, count = None, None
     if group is not None and spread_of is not None and group.numel() == spread_of.numel() and group.numel():
         _, inverse = torch.unique(group.reshape(-1), return_inverse=True)
         k = int(inverse.max()) + 1
+        count = spread_of.new_zeros(k).index_add_(0, inverse, torch.ones_like(spread_of))
         hi = spread_of.new_full((k,), -math.inf).scatter_reduce(0, inverse, spread_of, "amax")
         lo = spread_of.new_full((k,), math.inf).scatter_reduce(0, inverse, spread_of, "amin")
         zero = (hi - lo) <= 1e-6 * (1.0 + hi.abs())
         out["groups"] = zero.new_full((), float(k), dtype=torch.float32)
         out["zero_adv_groups"] = zero.float().mean()
         if r is not None:
-            count = r.new_zeros(k).index_add_(0, inverse, torch.ones_like(r))
             mean_r = r.new_zeros(k).index_add_(0, inverse, r) / count
             out["zero_group_reward"] = torch.where(zero.any(), (mean_r * zero).sum() / zero.sum().clamp(min=1),
                                                    r.new_full((), math.nan))
             out["zero_adv_groups_top"] = (zero & (hi >= out["reward_max"])).float().mean()
     if a is not None and r is not None and a.numel() == r.numel() and r.numel() > 1:
-        if inverse is not None:
-            count = r.new_zeros(k).index_add_(0, inverse, torch.ones_like(r))
-            a = a - (a.new_zeros(k).index_add_(0, inverse, a) / count)[inverse]
-            r = r - (r.new_zeros(k).index_add_(0, inverse, r) / count)[inverse]
+        if inverse is not None and count is not None:  # centred within groups: each group's mean taken out
+            a = a - (a.new_zeros(count.numel()).index_add_(0, inverse, a) / count)[inverse]
+            r = r - mean_r[inverse]
         else:
             a, r = a - a.mean(), r - r.mean()
         den = a.norm() * r.norm()
