@@ -13,6 +13,7 @@ Where a read happens, never inside an optimizer step: so a GPU is not stalled at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import CATALOG, Finding
 from lightning_ppo_guard.engine import MonitorEngine, ObserveRecord, StepRecord
 from lightning_ppo_guard.graph import logp_by_hand, reached_leaves, watch_gradient
+from lightning_ppo_guard.metrics import OBSERVE_METRICS
 from lightning_ppo_guard.roles import Role
 from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, StepFacts, WiringFacts, from_fields
 
@@ -161,9 +163,9 @@ _UNREAD = {
 }
 
 
-#: The observe statistics of LM RL (per-token reference KL, per-sequence rewards and groups) the rules read by name.
-_LM_FACTS = ("adv_zero_frac", "ref_kl", "reward_min", "reward_max", "groups", "zero_adv_groups", "zero_adv_groups_top",
-             "zero_group_reward", "adv_reward_corr")
+#: The logged observe statistics the rules read: every field of ObserveFacts named as one (NaN when not measured).
+_OBSERVE_FACTS = tuple(f.name for f in dataclasses.fields(ObserveFacts)
+                       if f.name in {spec.name for spec in OBSERVE_METRICS})
 
 
 def broadcast_pair(term: PolicyTerm) -> Broadcast | None:
@@ -533,16 +535,10 @@ class Diagnostics:
     def check_observe(self, record: ObserveRecord, v: dict[str, float], boundary_only: bool = False) -> None:
         nan = math.nan
         facts = ObserveFacts(
-            approx_kl=v.get("approx_kl", nan), ratio_dev=v.get("ratio_dev", nan), adv_mean=v.get("adv_mean", nan),
-            logp_mean=v.get("logp_mean", nan),
-            adv_std=v.get("adv_std", nan), entropy_norm=v.get("entropy_norm", nan),
-            entropy_drift=v.get("entropy_drift", nan), boundary_only=boundary_only,
+            **{name: v.get(name, nan) for name in _OBSERVE_FACTS}, boundary_only=boundary_only,
             first_in_rollout=record.first_in_rollout, rollout=record.rollout, target_kl=record.target_kl,
             prev_updates=record.prev_updates, samples=record.samples, adv_given=record.adv_given,
-            precision_eps=record.precision_eps, clip_fraction=v.get("clip_fraction", nan), inferred=record.inferred,
-            log_std=v.get("log_std", nan),
-            prev_observes=record.prev_observes,
-            **{name: v.get(name, nan) for name in _LM_FACTS},
+            precision_eps=record.precision_eps, inferred=record.inferred, prev_observes=record.prev_observes,
         )
         self.report(self.diagnoser.check_observe(record.role, record.step, facts))
 

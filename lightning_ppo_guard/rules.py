@@ -182,7 +182,6 @@ class RoleState:
     r_ratio_dev: float = 0.0
     r_adv_std_sum: float = 0.0
     r_adv_mean_sum: float = 0.0
-    r_adv_n: int = 0
     r_ent_norm: float = math.nan
     r_ent_drift: float = math.nan
     r_upd_sum: float = 0.0
@@ -298,9 +297,6 @@ class Diagnoser:
 
     def rooted(self, role: str) -> bool:
         """Whether a root cause (set-up, wiring, gradient, numerics) is named for ``role``: it explains the rest."""
-        return self._has_root(role)
-
-    def _has_root(self, role: str) -> bool:
         return any(code.startswith(_ROOT_FAMILIES) for code in self.state(role).raised)
 
     # ------------------------------------------------------------------ set-up
@@ -395,20 +391,20 @@ class Diagnoser:
             out += self._emit(role, "PPG202", step, grad_norm=f.grad_norm, steps=s.cleared)
         if s.clipped_zero >= cfg.cleared_steps:
             out += self._emit(role, "PPG004", step, grad_norm=f.grad_norm, steps=s.clipped_zero)
-        if s.zero_grad >= cfg.zero_grad_steps and not self._has_root(role):
+        if s.zero_grad >= cfg.zero_grad_steps and not self.rooted(role):
             out += self._emit(role, "PPG201", step, steps=s.zero_grad, grad_none=f.grad_none)
         # lr 0 is a finding once the role has not moved over several steps, in more than one rollout (a warm-up
         # from 0 rises within its first rollout or step), and not at the end of a schedule that decays to 0.
         rollouts = _span(s.lr_zero_from, f.segment)
         long_enough = rollouts >= 2 or (f.segment is None and s.lr_zero >= cfg.lr_zero_steps)
-        if s.lr_zero >= cfg.unchanged_steps and long_enough and not s.annealed and not self._has_root(role):
+        if s.lr_zero >= cfg.unchanged_steps and long_enough and not s.annealed and not self.rooted(role):
             out += self._emit(role, "PPG003", step, lr=f.lr_max, steps=s.lr_zero, rollouts=rollouts)
-        if s.unchanged >= cfg.unchanged_steps and not at_lr_zero and not self._has_root(role):
+        if s.unchanged >= cfg.unchanged_steps and not at_lr_zero and not self.rooted(role):
             out += self._emit(role, "PPG203", step, grad_norm_clipped=f.grad_norm_clipped, steps=s.unchanged,
                               lr=f.lr)
         tiny_rollouts = _span(s.tiny_from, f.segment)
         if ((s.tiny_update >= cfg.tiny_update_steps or (s.tiny_update >= 3 and tiny_rollouts >= cfg.frozen_rollouts))
-                and not s.annealed and not self._has_root(role)):
+                and not s.annealed and not self.rooted(role)):
             if starved:
                 out += self._emit(role, "PPG403", step, clip_coef=f.clip_coef, update_ratio=f.update_ratio,
                                   critic_ratio=f.critic_grad_norm / max(f.grad_norm, 1e-30))
@@ -438,7 +434,7 @@ class Diagnoser:
         """An optimizer step of ``role`` that was skipped (``on_before_optimizer_step`` ran, ``step`` did not)."""
         s = self.state(role)
         s.skipped += 1
-        if s.skipped >= self.config.skipped_steps and not self._has_root(role):
+        if s.skipped >= self.config.skipped_steps and not self.rooted(role):
             return self._emit(role, "PPG203", step, grad_norm_clipped=math.inf, steps=s.skipped,
                               skipped=s.skipped)
         return []
@@ -454,7 +450,7 @@ class Diagnoser:
         if f.binding < 1.0 or not _finite(f.grad_norm) or (_finite(f.lr_max) and f.lr_max == 0.0):
             return []
         vote = s.critic
-        if not vote.add(f.grad_norm == 0.0, f.segment, cfg.critic_rollouts) or self._has_root(role):
+        if not vote.add(f.grad_norm == 0.0, f.segment, cfg.critic_rollouts) or self.rooted(role):
             return []
         known = f.segment is not None
         return self._emit(role, "PPG406", step, rollouts=vote.rollouts(f.segment),
@@ -577,7 +573,6 @@ class Diagnoser:
             out += self._emit(role, "PPG401", step, adv_std=f.adv_std, adv_mean=f.adv_mean, samples=f.samples,
                               where="")
         elif _finite(f.adv_std) and f.samples > 1:  # one sample has no spread (a remainder minibatch of one)
-            s.r_adv_n += 1
             # no spread in one minibatch is judged per rollout (GRPO: a minibatch of solved groups is all 0)
             if f.adv_std < cfg.degenerate_adv_std * (1.0 + abs(f.adv_mean)):
                 s.r_adv_flat_n += 1
@@ -640,7 +635,7 @@ class Diagnoser:
             return [], False
         pinned = kl_align > max(cfg.kl_pin_align, abs(own))
         s.kl_pinned = s.kl_pinned + 1 if pinned else 0
-        if s.kl_pinned < cfg.kl_pin_observes or self._has_root(role):
+        if s.kl_pinned < cfg.kl_pin_observes or self.rooted(role):
             return [], pinned
         return self._emit(role, "PPG304", step, kl_align=kl_align, own=own, observes=s.kl_pinned,
                           ref_kl=s.last_ref_kl), pinned
@@ -683,14 +678,14 @@ class Diagnoser:
         critic_ratio = s.r_critic_ratio_sum / s.r_clip_n if s.r_clip_n else math.nan
         if s.annealed:  # the schedule is ending: a policy that stops moving is what it was built to do
             s.starved_rollouts = s.frozen_rollouts = s.tiny_adv_rollouts = 0
-        if not self._has_root(role):
+        if not self.rooted(role):
             if s.starved_rollouts >= cfg.weak_rollouts:
                 out += self._emit(role, "PPG403", step, clip_coef=clip, critic_ratio=critic_ratio,
                                   update_ratio=upd, starved_steps=s.r_starved_n, steps=s.r_steps)
             elif s.tiny_adv_rollouts >= cfg.weak_rollouts:
                 out += self._emit(role, "PPG402", step, adv_std=adv_std, approx_kl=kl,
                                   rollouts=s.tiny_adv_rollouts)
-        if s.frozen_rollouts >= cfg.frozen_rollouts and not self._has_root(role) and not s.exact_rollouts:
+        if s.frozen_rollouts >= cfg.frozen_rollouts and not self.rooted(role) and not s.exact_rollouts:
             moving = _finite(upd) and upd >= cfg.tiny_update_ratio
             if (_finite(s.r_ent_norm) and s.r_ent_norm > cfg.entropy_at_max
                     and abs(s.r_ent_drift) < cfg.entropy_frozen_drift):
@@ -711,9 +706,9 @@ class Diagnoser:
         rollouts, and no minibatch of the role ever had spread (a broken advantage computation shows from the start;
         GRPO's solved groups, or a task learnt late in the fit, give zeros after a spread)."""
         cfg, s = self.config, self.state(role)
-        flat = s.r_adv_n > 0 and s.r_adv_flat_n == s.r_adv_n
+        flat = s.r_adv_flat_n > 0 and s.r_adv_spread_n == 0
         s.flat_adv_rollouts = s.flat_adv_rollouts + 1 if flat else 0
-        if s.flat_adv_rollouts < cfg.degenerate_rollouts or s.adv_spread_seen or self._has_root(role):
+        if s.flat_adv_rollouts < cfg.degenerate_rollouts or s.adv_spread_seen or self.rooted(role):
             return []
         return self._emit(role, "PPG401", step, adv_std=s.r_flat_std, adv_mean=s.r_flat_mean,
                           samples=s.r_flat_samples,
@@ -732,7 +727,7 @@ class Diagnoser:
             s.zero_group_rollouts, s.zero_group_wasted, s.zero_group_seen = 0, 0.0, 0.0
         # over enough groups: the sparse cadence reads one minibatch of a rollout, a few groups, a noisy share
         if (s.zero_group_rollouts < cfg.zero_groups_rollouts or s.zero_group_seen < cfg.zero_groups_min
-                or self._has_root(role)):
+                or self.rooted(role)):
             return []
         return self._emit(role, "PPG407", step, share=s.zero_group_wasted / s.zero_group_seen, reward=s.r_zero_reward,
                           rollouts=s.zero_group_rollouts)
@@ -749,7 +744,7 @@ class Diagnoser:
         exact = (s.r_known and s.r_kl_n > 0 and s.r_ratio_dev <= cfg.exact_ratio_dev and s.r_upd_n > 0
                  and _finite(upd) and upd >= cfg.exact_ratio_update_ratio and not saturated)
         s.exact_rollouts = s.exact_rollouts + 1 if exact else 0
-        if s.exact_rollouts < cfg.exact_ratio_rollouts or self._has_root(role):
+        if s.exact_rollouts < cfg.exact_ratio_rollouts or self.rooted(role):
             return []
         return self._emit(role, "PPG108", step, rollouts=s.exact_rollouts, ratio_dev=s.r_ratio_dev,
                           update_ratio=upd, updates=updates if updates is not None else s.r_upd_n)
@@ -759,7 +754,7 @@ class Diagnoser:
         minibatch: the end of the update phase, which every cadence measures; one spike passes)."""
         cfg, s = self.config, self.state(role)
         s.unstable_recent = [*s.unstable_recent, s.r_kl_max > cfg.unstable_kl][-cfg.unstable_window:]
-        if not (s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts) or self._has_root(role):
+        if not (s.unstable_recent[-1] and sum(s.unstable_recent) >= cfg.unstable_rollouts) or self.rooted(role):
             return []  # a root cause (a backwards policy term...) explains the jumps
         clip_frac = s.r_clip_frac_sum / s.r_clip_frac_n if s.r_clip_frac_n else math.nan
         return self._emit(role, "PPG303", step, approx_kl=s.r_kl_max, clip_fraction=clip_frac,
