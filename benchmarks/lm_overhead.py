@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,16 +35,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--budget", default="default",
+                        help="PPOGuard(overhead_budget=...): 'default' (the guard's), 'none', or a share such as 0.01")
     args = parser.parse_args()
+    guard_kwargs: dict[str, Any] = {} if args.budget == "default" else {
+        "overhead_budget": None if args.budget == "none" else float(args.budget)}
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, 1 thread, CPU; {args.iterations} rollouts per fit, median of {args.repeats}")
+    print(f"torch {torch.__version__}, 1 thread, CPU; {args.iterations} rollouts per fit, median of {args.repeats}; "
+          f"PPOGuard({', '.join(f'{k}={v}' for k, v in guard_kwargs.items())})")
     for name, kw in (("grpo (manual)", dict(algo="grpo")), ("ppo + value head (automatic)", dict(algo="ppo"))):
         times: dict[str, list[float]] = {"none": [], "guard": [], "hooks": []}
+        thin: list[str] = []
         for _ in range(args.repeats):
             for arm in ("none", "guard", "hooks"):
-                callbacks = [PPOGuard(verbose=False)] if arm != "none" else []
+                callbacks = [PPOGuard(verbose=False, **guard_kwargs)] if arm != "none" else []
                 clock = overhead.HookClock()
                 restore = lambda: None  # noqa: E731
                 if arm == "hooks":
@@ -55,9 +62,12 @@ def main() -> None:
                 finally:
                     restore()
                 times[arm].append(clock.total if arm == "hooks" else time.perf_counter() - t0)
+                if arm == "guard":
+                    k = callbacks[0].thinning
+                    thin.append(f"1 rollout in {k[0]} from rollout {k[1]}" if k else "every rollout")
         none, guard, hooks = (statistics.median(times[a]) for a in ("none", "guard", "hooks"))
         print(f"{name:>30}: none {none:6.2f} s  guard {guard:6.2f} s ({100 * (guard - none) / none:+5.2f}%)  "
-              f"in the guard's hooks {hooks:5.3f} s = {100 * hooks / none:4.2f}% of the fit")
+              f"in the guard's hooks {hooks:5.3f} s = {100 * hooks / none:4.2f}% of the fit; measured: {thin[-1]}")
 
 
 if __name__ == "__main__":

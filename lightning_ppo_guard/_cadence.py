@@ -11,11 +11,28 @@ steps fall on every position of any periodic structure.
 
 Each optimizer has its own counters, so two optimizers stepped in turn (critic first, then actor) are both
 measured, whatever their order.
+
+**The overhead budget.** On a small model the measured segment's work (the fused norms, the observe statistics,
+the row and its rules: a fixed number of small ops, ~1-3 ms on a CPU) is not small against a short rollout (four
+12-ms steps of a tiny language model, say). With ``budget`` set, the guard times that work (its rare branches
+only, never an unmeasured step) and the segments' wall time over the segments after the dense start, and at
+segment ``grace`` (or as soon after as 4 such segments were timed) sets ``thin``: from then on one segment in
+``thin`` is measured and read, where ``thin = ceil(median(work share of a segment) / budget)``. Chosen once per fit,
+so the cadence stays a deterministic function of the segment count from then on; the first ``grace`` segments
+(where every fault of the zoos is named) are always measured. Under a process group the budget is off: every
+rank must measure the same steps, and a time-based choice could differ between ranks.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
+
 __all__ = ["Cadence", "Clock"]
+
+#: segments timed before ``thin`` is chosen (after the dense start), and the largest ``thin``
+_SAMPLES, _MAX_THIN = 4, 64
 
 
 class Clock:
@@ -40,10 +57,21 @@ class Cadence:
         dense_steps: every step of an optimizer is measured until it took this many.
         every: in the sparse phase, one step per segment and one in ``every`` within longer segments; without
             segments, one step in ``every``.
+        budget: the share of the segments' time the measured work may take after the first ``grace`` segments
+            (None: every segment is measured).
+        grace: segments always measured.
     """
 
-    def __init__(self, dense_steps: int, every: int) -> None:
+    def __init__(self, dense_steps: int, every: int, budget: float | None = None, grace: int = 8) -> None:
         self.dense_steps, self.every = dense_steps, every
+        self.budget, self.grace = budget, grace
+        self.thin = 1  # one segment in ``thin`` is measured (chosen once, see the module docstring)
+        self.chosen = budget is None or every == 1  # whether ``thin`` is chosen (for good; the exact tier: 1)
+        self.skipping = False  # the current segment is thinned out: nothing in it is measured or read
+        self.spent = 0.0  # seconds of measured work charged to the current segment
+        self.shares: list[float] = []  # work / (wall - work) of the timed segments
+        self.started_at: float | None = None  # perf_counter at the current segment's start (while choosing)
+        self.timed = False  # the current segment is timed (past the dense start when it began)
         self.clocks: dict[int, Clock] = {}
         self.segments = 0  # segments started so far
         self.segment_id: object = None  # what identifies the current segment (a rollout id, a batch count)
@@ -68,14 +96,41 @@ class Cadence:
             return False
         if segment_id == self.segment_id:
             return False
+        if not self.chosen:
+            self._time_segment()
         self.segment_id = segment_id
         self.segments += 1
         self.quiet = False
+        skipped, self.skipping = self.skipping, self.thin > 1 and self.segments % self.thin != 0
         for clock in self.clocks.values():
             if clock.segment:  # an optimizer that did not step in the segment keeps its last length
-                clock.previous, clock.late_before = clock.segment, clock.late
+                clock.previous = clock.segment
+                if not skipped:  # a thinned-out segment measured nothing by design: no early end seen
+                    clock.late_before = clock.late
             clock.segment, clock.late, clock.decision = 0, False, None
         return True
+
+    def charge(self, started: float) -> None:
+        """Add the measured work begun at ``started`` (``time.perf_counter()``) to the current segment."""
+        if not self.chosen:
+            self.spent += time.perf_counter() - started
+
+    def _time_segment(self) -> None:
+        """A segment ends (before the next one's start is counted): keep its work share, choose ``thin`` once
+        enough segments were timed."""
+        now = time.perf_counter()
+        if self.timed and self.started_at is not None:
+            wall = now - self.started_at - self.spent
+            if wall > 0:
+                self.shares.append(self.spent / wall)
+        if self.segments >= self.grace and len(self.shares) >= _SAMPLES:
+            assert self.budget is not None
+            self.thin = min(_MAX_THIN, max(1, math.ceil(statistics.median(self.shares) / self.budget)))
+            self.chosen = True
+            return
+        # timed: the segments after every optimizer's dense start (their cadence is the one thinned)
+        self.timed = bool(self.clocks) and all(c.steps >= self.dense_steps for c in self.clocks.values())
+        self.started_at, self.spent = time.perf_counter(), 0.0
 
     def any_measuring(self) -> bool:
         """Whether the coming step of some optimizer is measured (every hook of an unmeasured step asks: flat)."""
@@ -104,6 +159,8 @@ class Cadence:
         if clock.previous is None:  # no segment known: one step in ``every``, the phase shifting each period
             n = clock.steps
             return (n + n // self.every) % self.every == 0
+        if self.skipping:
+            return False
         last, pos = max(clock.previous - 1, 1), clock.segment
         if pos == last or (pos < last and pos % self.every == self.every - 1):
             return True
@@ -122,7 +179,10 @@ class Cadence:
 
     def sampled_segment(self) -> bool:
         """Whether the current segment gets the per-rollout wiring reads (the first minibatch's ratio, the backward
-        signs): each of the first 16 segments, then 1 in 4. Without segments (0 started), always."""
+        signs): each of the first 16 segments, then 1 in 4; once segments are thinned, each measured one. Without
+        segments (0 started), always."""
+        if self.thin > 1:
+            return not self.skipping
         return self.segments <= 16 or self.segments % 4 == 0
 
     def counting_nonzero(self, key: int) -> bool:

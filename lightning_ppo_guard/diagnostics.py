@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,7 +411,9 @@ class Diagnostics:
         if self.pending:  # a manual-optimization batch is usually a whole PPO iteration: a read point
             fit = self._engine().fit
             if fit is not None and fit.manual:
+                t0 = time.perf_counter()
                 self.process()
+                fit.cadence.charge(t0)  # measured work, for the overhead budget
 
     def train_ended(self) -> None:
         self.process()

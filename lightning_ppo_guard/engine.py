@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,6 +150,7 @@ class FitState:
     log_every_batches: int = 1  # the host's log_every_n_steps (read once: a Trainer argument)
     steps_since_row: int = 0
     batches_since_row: int = 0
+    thin_said: bool = False  # the thinned cadence was announced
 
     @property
     def fraction(self) -> float | None:
@@ -161,6 +163,8 @@ class FitState:
               cadence: Cadence) -> FitState:
         layout = Layout.build(prefix, [(r.name, r.kind) for r in roles])
         device = module.device
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            cadence.budget, cadence.chosen = None, True  # every rank must measure the same steps: no time-based choice
         slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
                  for name, o in layout.observe_offset.items()}
         fit = cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
@@ -183,6 +187,7 @@ class Ticket:
     rollout: int | None = None  # the rollout id: given to observe, or a manual-optimization batch's (inferred)
     inferred: bool = False
     prev_observes: int | None = None  # observe calls of the rollout it ends
+    started: float = 0.0  # time.perf_counter() when it was kept: the work from here on is the measured work
 
     @property
     def reads(self) -> bool:
@@ -290,8 +295,13 @@ def fit_fraction(trainer: TrainerLike, batch_idx: int) -> float | None:
     return (getattr(trainer, "current_epoch", 0) * batches + batch_idx + 1) / (epochs * batches)
 
 
-def validate(log_every_n_steps: Any, dense_steps: Any, measure_every_n_steps: Any, prefix: Any) -> None:
+def validate(log_every_n_steps: Any, dense_steps: Any, measure_every_n_steps: Any, prefix: Any,
+             overhead_budget: Any = None) -> None:
     """Check the engine's arguments (raised from the adapters' ``__init__``)."""
+    share = isinstance(overhead_budget, (int, float)) and not isinstance(overhead_budget, bool)
+    if overhead_budget is not None and not (share and 0 < overhead_budget <= 1):
+        raise ValueError(f"overhead_budget must be a share in (0, 1] (0.01 is 1% of the training time) or None "
+                         f"(measure every rollout), got {overhead_budget!r}.")
     if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
         raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}.")
     if not isinstance(dense_steps, int) or dense_steps < 0:
@@ -308,7 +318,8 @@ class MonitorEngine:
     Args:
         actors, critic, shared: the role specs (see :class:`~lightning_ppo_guard.PPOMonitor`).
         log_every_n_steps: optimizer steps per logged row; ``None``: every ``host.log_every_n_steps`` batches.
-        dense_steps, measure_every_n_steps: the cadence (:class:`~lightning_ppo_guard._cadence.Cadence`).
+        dense_steps, measure_every_n_steps, overhead_budget: the cadence
+            (:class:`~lightning_ppo_guard._cadence.Cadence`).
         prefix: first component of every logged key.
         name: the adapter's name, in messages (``"PPOGuard"``).
         warn: how a warning reaches the user (the Lightning adapters pass ``rank_zero_warn``).
@@ -318,16 +329,20 @@ class MonitorEngine:
 
     def __init__(self, actors: RoleSpec = None, critic: PartsSpec = None, *, shared: PartsSpec = None,
                  log_every_n_steps: int | None = None, dense_steps: int = 16, measure_every_n_steps: int = 64,
-                 prefix: str = "ppo_guard", name: str = "PPOMonitor", warn: Callable[[str], None] = _warn,
-                 info: Callable[[str], None] = _log.info, listener: Listener | None = None) -> None:
-        validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix)
+                 overhead_budget: float | None = 0.05, prefix: str = "ppo_guard", name: str = "PPOMonitor",
+                 warn: Callable[[str], None] = _warn, info: Callable[[str], None] = _log.info,
+                 listener: Listener | None = None) -> None:
+        validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix, overhead_budget)
         self.specs: tuple[RoleSpec, PartsSpec, PartsSpec] = (actors, critic, shared)
         self.dense_steps = dense_steps
         self.measure_every_n_steps = measure_every_n_steps
+        self.overhead_budget = overhead_budget
         self.prefix = prefix
         self.log_every = log_every_n_steps
         self.name, self.warn, self.info, self.listener = name, warn, info, listener
         self.announced = False  # the auto-detected roles are logged once
+        # (k, first): the overhead budget measured 1 rollout in k from rollout ``first`` on (None: every rollout)
+        self.thinning: tuple[int, int] | None = None
         self.roles: list[Role] = []
         self.actors: dict[str, Role] = {}
         self.bindings: dict[str, Binding] = {}
@@ -355,7 +370,7 @@ class MonitorEngine:
     def reset(self) -> None:
         """A fresh start: progress, the step in flight, the fit's bindings, the listener's state."""
         self.detach()
-        self.progress, self.flight, self.last_logged = Progress(), InFlight(), {}
+        self.progress, self.flight, self.last_logged, self.thinning = Progress(), InFlight(), {}, None
         if self.listener is not None:
             self.listener.reset()
 
@@ -373,7 +388,7 @@ class MonitorEngine:
         ``observe(key, ...)`` reach this engine for each of ``keys`` (the LightningModule, a Fabric model)."""
         self.detach()
         fit = self.fit = FitState.start(trainer, module, self.prefix, self.roles,
-                                        Cadence(self.dense_steps, self.measure_every_n_steps))
+                                        Cadence(self.dense_steps, self.measure_every_n_steps, self.overhead_budget))
         for opt in trainer.optimizers:
             fit.cadence.clock(id(opt))
             fit.hooks.append(opt.register_step_pre_hook(self.pre_step))
@@ -439,10 +454,14 @@ class MonitorEngine:
         fit.batches += 1
         fit.batch_idx = batch_idx
         cadence = fit.cadence
-        if fit.manual and not cadence.by_rollout:  # a manual-optimization batch is usually one PPO iteration
-            cadence.start_segment(("batch", fit.batches), rollout=False)
-        if cadence.any_measuring():  # binding and lr are re-read on the cadence of the measurements
+        # a manual-optimization batch is usually one PPO iteration
+        if (fit.manual and not cadence.by_rollout and cadence.start_segment(("batch", fit.batches), rollout=False)
+                and not fit.thin_said and cadence.chosen):
+            self.said_thin(fit)
+        if not cadence.quiet and cadence.any_measuring():  # binding and lr: re-read on the measurements' cadence
+            t0 = time.perf_counter()
             self.refresh()
+            cadence.charge(t0)
 
     def after_backward(self) -> None:
         """Manual optimization: the user clips between backward and step, so the pre-clip gradient is read here
@@ -451,9 +470,11 @@ class MonitorEngine:
         if fit is None or not fit.manual or fit.cadence.quiet:
             return
         if fit.cache.all_plan is not None and fit.cadence.any_measuring():
+            t0 = time.perf_counter()
             scaler = fit.trainer.scaler
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self.flight.pre_clip = PreClip(fit.cache.all_plan, 1.0 / scale)
+            fit.cadence.charge(t0)
 
     def before_optimizer_step(self, optimizer: Any) -> None:
         fit = self.fit
@@ -468,13 +489,16 @@ class MonitorEngine:
         if fit.manual or fit.cadence.quiet:
             return
         if fit.cache.all_plan is not None and fit.cadence.measuring(key):
+            t0 = time.perf_counter()
             self.flight.pre_clip = PreClip(fit.cache.all_plan, 1.0)
+            fit.cadence.charge(t0)
 
     def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """The optimizer's step pre-hook: snapshot the moving roles before a measured step."""
         fit = self.fit
         if fit is None or fit.cadence.quiet or not fit.cadence.measuring(id(optimizer)):
             return
+        t0 = time.perf_counter()
         if fit.cache.lazy:  # lazy parameters materialise at the first forward: measure them from now on
             self.refresh()
         plan = fit.cache.plans.get(id(optimizer))
@@ -482,6 +506,7 @@ class MonitorEngine:
             self.flight.param_sq[id(optimizer)] = plan.before()
             self.flight.groups[id(optimizer)] = [step_groups(self.bindings[r.name], fit.trainer.optimizers)
                                                  for r in plan.roles]
+        fit.cadence.charge(t0)
 
     def post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """The optimizer's step post-hook: count the step; measure it if the pre-hook took a snapshot."""
@@ -513,6 +538,7 @@ class MonitorEngine:
 
     def measured(self, fit: FitState, plan: Any, key: int, param_sq: Tensor) -> None:
         """The measured step's work (the post-hook's rare branch)."""
+        t0 = time.perf_counter()
         flight, cadence = self.flight, fit.cadence
         counted = cadence.counting_nonzero(key)
         cadence.stepped(key, measured=True)
@@ -526,6 +552,7 @@ class MonitorEngine:
         if self.listener is not None:
             self.listener.stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction)
                                    for i, name in enumerate(plan.names)])
+        cadence.charge(t0)
 
     def skipped(self, opt_id: int) -> None:
         """An optimizer step was announced and never ran."""
@@ -560,6 +587,7 @@ class MonitorEngine:
         fit = self.fit
         if fit is None or not fit.training or not torch.is_grad_enabled():
             return None
+        cadence = fit.cadence
         actor = self.actors.get(role) or actor_role(self.actors, role)
         name, progress = actor.name, self.progress
         first_in_rollout, prev_updates, prev_observes = False, None, None
@@ -569,7 +597,8 @@ class MonitorEngine:
         if rollout is not None and progress.rollout.get(name) != rollout:
             first_in_rollout, prev_updates, prev_observes = progress.enter_rollout(name, rollout)
             if not inferred:  # manual batches are segments already
-                fit.cadence.start_segment(("rollout", rollout), rollout=True)
+                if cadence.start_segment(("rollout", rollout), rollout=True) and not fit.thin_said and cadence.chosen:
+                    self.said_thin(fit)
             elif prev_observes is not None and prev_observes <= 1:
                 fit.one_minibatch_batches += 1
                 if fit.one_minibatch_batches >= 2:  # two batches of one minibatch each: batches are minibatches
@@ -577,30 +606,50 @@ class MonitorEngine:
                     progress.updates_per_rollout.pop(name, None)
         counts = progress.rollout_observes
         counts[name] = counts.get(name, 0) + 1
-        measured = fit.cadence.measuring(fit.cache.keys.get(name, 0))
+        measured = not cadence.quiet and cadence.measuring(fit.cache.keys.get(name, 0))
         if not (first_in_rollout or measured):
             return None
         # the first minibatch's ratio (PPG105) is read at the first 16 rollouts, then at 1 in 4
-        light = first_in_rollout and fit.cadence.sampled_segment()
-        return Ticket(actor, first_in_rollout, prev_updates, measured, light, rollout, inferred, prev_observes)
+        light = first_in_rollout and cadence.sampled_segment()
+        return Ticket(actor, first_in_rollout, prev_updates, measured, light, rollout, inferred, prev_observes,
+                      time.perf_counter())
+
+    def said_thin(self, fit: FitState) -> None:
+        """Say once how the overhead budget thinned the cadence (nothing when it did not)."""
+        fit.thin_said = True
+        cadence = fit.cadence
+        if cadence.thin > 1:
+            self.thinning = (cadence.thin, cadence.segments)
+            self.info(f"{self.name}: measuring 1 rollout in {cadence.thin} from rollout {cadence.segments} on, to "
+                      f"keep its measurements within overhead_budget={self.overhead_budget} of the training time on "
+                      "this fit (short rollouts of a small model); overhead_budget=None measures every rollout.")
 
     def boundary(self, ticket: Ticket) -> None:
         """A kept ``observe`` whose tensors are not read: it only ends the previous rollout."""
         if self.listener is not None:
             self.listener.observed(ObserveRecord.boundary(ticket, self.current_step), None, ticket.role)
+        if self.fit is not None:
+            self.fit.cadence.charge(ticket.started)
 
     def record(self, term: PolicyTerm, ticket: Ticket) -> None:
         """Read a kept ``observe``'s statistics (on the device) and publish them."""
         fit = self.fit
         if fit is None:
             return
+        try:
+            self._record(fit, term, ticket)
+        finally:
+            fit.cadence.charge(ticket.started)  # from keep: the inputs' checks and statistics are measured work
+
+    def _record(self, fit: FitState, term: PolicyTerm, ticket: Ticket) -> None:
         role, measured, progress = ticket.role, ticket.measured, self.progress
         name = role.name
         if term.empty:
             self.warn("observe() got an empty new_logp/old_logp and skipped it; pass the minibatch's log-probs.")
             return
         if not ticket.reads:
-            self.boundary(ticket)
+            if self.listener is not None:
+                self.listener.observed(ObserveRecord.boundary(ticket, self.current_step), None, role)
             return
         # an off-cadence first minibatch feeds the first-minibatch rules only (its ratio), and is not logged
         stats = term.statistics(full=measured)
@@ -624,6 +673,7 @@ class MonitorEngine:
         fit = self.fit
         if fit is None:
             return
+        t0 = time.perf_counter()
         fit.steps_since_row = fit.batches_since_row = 0
         host = host_values(self.prefix, self.bindings, self.progress.steps_skipped, self.progress.updates_per_rollout)
         metrics = fit.rows.row(host, self.listener.read if self.listener is not None else self.transfer)
@@ -634,6 +684,7 @@ class MonitorEngine:
                     logger.log_metrics(metrics, step=fit.trainer.global_step)
         if self.listener is not None:
             self.listener.row_written()
+        fit.cadence.charge(t0)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class PPOGuard(PPOMonitor):
         ignore: codes or symbols never reported (e.g. ``["PPG106"]``).
         config: thresholds, see :class:`GuardConfig`.
         verbose: log the summary table of findings at the end of fit (rank zero).
-        log_every_n_steps, dense_steps, measure_every_n_steps, prefix: see :class:`PPOMonitor`.
+        log_every_n_steps, dense_steps, measure_every_n_steps, overhead_budget, prefix: see :class:`PPOMonitor`.
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class PPOGuard(PPOMonitor):
         log_every_n_steps: int | None = None,
         dense_steps: int = 16,
         measure_every_n_steps: int = 64,
+        overhead_budget: float | None = 0.05,
         prefix: str = "ppo_guard",
     ) -> None:
         if on_stall not in ("warn", "raise", "stop"):
@@ -89,7 +90,8 @@ class PPOGuard(PPOMonitor):
         self.config = config or GuardConfig()
         self.diagnostics = Diagnostics(self.config, self.ignore, warn)
         super().__init__(actors, critic, shared=shared, log_every_n_steps=log_every_n_steps, dense_steps=dense_steps,
-                         measure_every_n_steps=measure_every_n_steps, prefix=prefix, listener=self.diagnostics)
+                         measure_every_n_steps=measure_every_n_steps, overhead_budget=overhead_budget, prefix=prefix,
+                         listener=self.diagnostics)
         self.diagnostics.bind(self.engine)
 
     # ------------------------------------------------------------------ results
@@ -124,6 +126,10 @@ class PPOGuard(PPOMonitor):
         table = findings_table(self.findings, optimizer_steps=self.optimizer_steps, observes=self.observes,
                                style=style, width=width)
         blind = [f"cannot tell [{n['rule']}, {n['role']}]: {n['message']}" for n in self.notices]
+        if self.thinning is not None:
+            k, first = self.thinning
+            blind.append(f"measured 1 rollout in {k} from rollout {first} on (overhead_budget={self.overhead_budget}; "
+                         "None measures every rollout)")
         return "\n".join([table, *blind])
 
     # ------------------------------------------------------------------ decisions, agreed across ranks

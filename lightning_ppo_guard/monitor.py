@@ -57,6 +57,12 @@ class PPOMonitor(Callback):
         dense_steps: measure every step of each optimizer for this many steps from the start of fit, ...
         measure_every_n_steps: ... then each rollout's (predicted) last step, and one step in n inside longer
             rollouts (see ``lightning_ppo_guard._cadence``). ``1`` measures every step for the whole run.
+        overhead_budget: the share of a rollout's time the measurements may take after the first 8 rollouts
+            (default 5%). Where a measured rollout costs the guard more than that (rollouts of a few steps of a tiny
+            model), it measures 1 rollout in ``k`` from then on, ``k`` chosen once from the timed rollouts and
+            announced; the first 8 rollouts are always measured. A rollout left out is no evidence either way, so
+            a fault that starts later is named up to ``k`` rollouts later. ``0.01`` for the lowest cost, ``None``
+            for every rollout. Off under a process group (every rank must measure the same steps).
         prefix: first component of every logged key; give each monitor of one Trainer its own.
         listener: who receives the engine's records (:class:`~lightning_ppo_guard.engine.Listener`);
             :class:`~lightning_ppo_guard.PPOGuard` passes its :class:`~lightning_ppo_guard.diagnostics.Diagnostics`.
@@ -77,21 +83,27 @@ class PPOMonitor(Callback):
         log_every_n_steps: int | None = None,
         dense_steps: int = 16,
         measure_every_n_steps: int = 64,
+        overhead_budget: float | None = 0.05,
         prefix: str = "ppo_guard",
         listener: Listener | None = None,
     ) -> None:
         super().__init__()
-        validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix)
+        validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix, overhead_budget)
         self.engine = MonitorEngine(actors, critic, shared=shared, log_every_n_steps=log_every_n_steps,
                                     dense_steps=dense_steps, measure_every_n_steps=measure_every_n_steps,
-                                    prefix=prefix, name=type(self).__name__, warn=warn, info=rank_zero_info,
-                                    listener=listener)
+                                    overhead_budget=overhead_budget, prefix=prefix, name=type(self).__name__,
+                                    warn=warn, info=rank_zero_info, listener=listener)
         self._state_key = self._generate_state_key(prefix=prefix)  # Lightning reads it at every hook: built once
 
     # ------------------------------------------------------------------ public reads (the engine's)
     dense_steps = property(lambda self: self.engine.dense_steps, doc="Steps measured densely from the start.")
     measure_every_n_steps = property(lambda self: self.engine.measure_every_n_steps,
                                      doc="One step in n measured inside long rollouts after the dense start.")
+    overhead_budget = property(lambda self: self.engine.overhead_budget,
+                               doc="The share of the training time the measurements may take (None: no limit).")
+    thinning = property(lambda self: self.engine.thinning,
+                        doc="``(k, first)`` when the overhead budget measured 1 rollout in k from rollout ``first`` "
+                            "on; None when every rollout was measured.")
     prefix = property(lambda self: self.engine.prefix, doc="First component of every logged key.")
     roles = property(lambda self: self.engine.roles, doc="The resolved roles (after ``on_fit_start``).")
     bindings = property(lambda self: self.engine.bindings, doc="Per role, its optimizer binding at the last read.")

@@ -1,0 +1,143 @@
+"""The cadence's overhead budget: which segments are measured once the guard timed its own work.
+
+Unit tests drive :class:`~lightning_ppo_guard._cadence.Cadence` with a fake clock (its decisions are pure Python);
+one fit checks the choice end to end on the tiny GPT-2 GRPO of ``tests/zoo/lm_rl.py``, whose rollouts are four
+12-ms steps: there the measured work of a rollout costs several percent, so the default budget thins it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+from lightning_ppo_guard import PPOGuard, PPOMonitor, _cadence
+from lightning_ppo_guard._cadence import Cadence
+
+
+class FakeTime:
+    """Stands in for ``time`` in ``_cadence``: ``perf_counter`` returns a clock the test advances."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def run(cadence: Cadence, clock: FakeTime, segments: int, steps: int, work: float, step_time: float,
+        ) -> list[list[bool]]:
+    """Drive ``segments`` segments of ``steps`` steps of one optimizer; each measured step charges ``work`` seconds
+    of guard time, each step takes ``step_time``. Returns which steps were measured, per segment."""
+    key, measured = 1, []
+    cadence.clock(key)
+    for seg in range(segments):
+        cadence.start_segment(("rollout", seg), rollout=True)
+        row = []
+        for _ in range(steps):
+            m = cadence.measuring(key)
+            row.append(m)
+            clock.now += step_time
+            if m:
+                t0 = clock.now
+                clock.now += work
+                cadence.charge(t0)
+            cadence.stepped(key, measured=m)
+        measured.append(row)
+    return measured
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    fake = FakeTime()
+    monkeypatch.setattr(_cadence, "time", fake)
+    return fake
+
+
+def test_a_cheap_measurement_keeps_every_segment(clock: FakeTime) -> None:
+    """Measured work of 0.5% of a segment, budget 1%: nothing thinned; one measured step per sparse segment."""
+    cadence = Cadence(dense_steps=8, every=64, budget=0.01, grace=8)
+    measured = run(cadence, clock, segments=30, steps=8, work=0.002, step_time=0.05)
+    assert cadence.chosen and cadence.thin == 1
+    assert all(sum(row) >= 1 for row in measured)
+
+
+def test_an_expensive_measurement_thins_the_segments_after_the_grace(clock: FakeTime) -> None:
+    """Measured work of 5% of a segment (one 20-ms measurement per four 100-ms steps), budget 1%: ``thin`` is
+    ceil(0.05 / 0.01) = 5 from the grace on; the first segments (dense start, grace) are all measured; a thinned
+    segment measures nothing and the next measured one still measures only its predicted last step."""
+    cadence = Cadence(dense_steps=16, every=64, budget=0.01, grace=8)
+    measured = run(cadence, clock, segments=60, steps=4, work=0.02, step_time=0.1)
+    assert cadence.thin == 5
+    first = cadence.grace  # the segment (1-based) whose start chose ``thin``
+    assert all(any(row) for row in measured[:first - 1])
+    later = measured[first:]
+    for i, row in enumerate(later, start=first + 1):  # segment numbers are 1-based
+        if i % cadence.thin:
+            assert not any(row), (i, row)
+        else:
+            assert row == [False, False, False, True], (i, row)  # the predicted last step only
+    # the measured share of the later segments is the budget's (one segment in 5 at 5% each)
+    assert sum(map(any, later)) == sum(1 for i in range(first + 1, first + 1 + len(later)) if i % cadence.thin == 0)
+
+
+def test_the_choice_waits_for_enough_timed_segments(clock: FakeTime) -> None:
+    """Segments of two steps: the dense start (16 steps) covers the first 8, so ``thin`` is chosen once 4 segments
+    past it were timed (at the start of the 13th), not at the grace (8); work 5% of a segment, budget 1%: 5."""
+    cadence = Cadence(dense_steps=16, every=64, budget=0.01, grace=8)
+    run(cadence, clock, segments=12, steps=2, work=0.001, step_time=0.01)
+    assert not cadence.chosen and cadence.thin == 1 and len(cadence.shares) == 3
+    cadence.start_segment(("rollout", 12), rollout=True)
+    assert cadence.chosen and cadence.thin == math.ceil(0.001 / 0.02 / 0.01 - 1e-9) == 5
+
+
+def test_no_budget_and_the_exact_tier_never_thin(clock: FakeTime) -> None:
+    for cadence in (Cadence(16, 64, budget=None), Cadence(16, 1, budget=0.01)):
+        measured = run(cadence, clock, segments=40, steps=4, work=0.05, step_time=0.1)
+        assert cadence.thin == 1 and all(any(row) for row in measured)
+
+
+def test_sampled_segments_follow_the_thinning(clock: FakeTime) -> None:
+    """The per-rollout wiring reads (first-minibatch ratio, signs) go with the measured segments once thinned."""
+    cadence = Cadence(16, 64, budget=0.01, grace=8)
+    run(cadence, clock, segments=40, steps=4, work=0.02, step_time=0.1)
+    assert cadence.thin == 5
+    cadence.start_segment(("rollout", 100), rollout=True)
+    assert cadence.sampled_segment() == (cadence.segments % 5 == 0)
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, "1%", True])
+def test_a_bad_budget_is_refused_with_the_fix(budget: object) -> None:
+    with pytest.raises(ValueError, match="overhead_budget must be a share"):
+        PPOGuard(overhead_budget=budget)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="overhead_budget"):
+        PPOMonitor(overhead_budget=budget)  # type: ignore[arg-type]
+
+
+def test_the_budget_thins_a_tiny_language_model_fit_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """A real fit: tiny GPT-2 GRPO, 40 rollouts of 4 steps (12 ms each on a CPU). The guard's measured work is
+    several percent of such a rollout (~7%), so a budget of 1% measures 1 rollout in k > 1 after the first 8,
+    announces it once, and reads fewer observes than ``overhead_budget=None``, which measures every rollout; both
+    stay quiet (a healthy run)."""
+    pytest.importorskip("transformers")
+    from tests.zoo.lm_rl import LMArgs, fit
+
+    steps: dict[str, int] = {}
+    for name, budget in (("thinned", 0.01), ("none", None)):
+        guard = PPOGuard(overhead_budget=budget, verbose=False)
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            fit(LMArgs(iterations=40, observe="full"), [guard])
+        said = [r.getMessage() for r in caplog.records if "overhead_budget=" in r.getMessage()]
+        assert guard.findings == [] and guard.notices == []
+        if budget is None:
+            assert said == [] and guard.thinning is None
+        else:
+            assert guard.thinning is not None, said
+            k, first = guard.thinning
+            assert k > 1 and first >= 9 and len(said) == 1 and f"1 rollout in {k} from rollout {first}" in said[0]
+            assert f"measured 1 rollout in {k} from rollout {first} on" in guard.summary()
+        assert guard.optimizer_steps == 160
+        steps[name] = guard.observes  # the observes read (measured or a first minibatch's ratio)
+    assert steps["thinned"] < 0.75 * steps["none"], steps
