@@ -21,6 +21,11 @@ segment ``grace`` (or as soon after as 4 such segments were timed) sets ``thin``
 so the cadence stays a deterministic function of the segment count from then on; the first ``grace`` segments
 (where every fault of the zoos is named) are always measured. Under a process group the budget is off: every
 rank must measure the same steps, and a time-based choice could differ between ranks.
+
+A thinned cadence still watches the learning rates (host numbers, read at each segment start through
+``read_lrs``): a schedule that drops the actor's lr by 2x or more (to 0, a decay typo) is the most common fault that
+starts late, and its rules count measured steps, so the next ``_ATTEND`` segments are measured in full and the new
+rates become the reference.
 """
 
 from __future__ import annotations
@@ -28,11 +33,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 __all__ = ["Cadence", "Clock"]
 
 #: segments timed before ``thin`` is chosen (after the dense start), and the largest ``thin``
 _SAMPLES, _MAX_THIN = 4, 64
+#: segments measured in full after a learning rate moved by this factor or more while thinned
+_ATTEND, _LR_FACTOR = 4, 2.0
+
+
+def _moved(before: float, now: float) -> bool:
+    """Whether a learning rate moved by ``_LR_FACTOR`` or more (to 0 included); NaN is no evidence."""
+    if not (math.isfinite(before) and math.isfinite(now)):
+        return False
+    if before <= 0.0:
+        return now > 0.0
+    return now <= before / _LR_FACTOR or now >= before * _LR_FACTOR
 
 
 class Clock:
@@ -72,6 +89,10 @@ class Cadence:
         self.shares: list[float] = []  # work / (wall - work) of the timed segments
         self.started_at: float | None = None  # perf_counter at the current segment's start (while choosing)
         self.timed = False  # the current segment is timed (past the dense start when it began)
+        # the learning rates of every param group, read at segment starts once thinned (set by the engine)
+        self.read_lrs: Callable[[], tuple[float, ...]] | None = None
+        self.lrs: tuple[float, ...] | None = None  # ... as they were when ``thin`` was chosen or last moved
+        self.attend = 0  # segments still measured in full after the learning rates moved
         self.clocks: dict[int, Clock] = {}
         self.segments = 0  # segments started so far
         self.segment_id: object = None  # what identifies the current segment (a rollout id, a batch count)
@@ -101,7 +122,7 @@ class Cadence:
         self.segment_id = segment_id
         self.segments += 1
         self.quiet = False
-        skipped, self.skipping = self.skipping, self.thin > 1 and self.segments % self.thin != 0
+        skipped, self.skipping = self.skipping, self.thin > 1 and self._thinned_out()
         for clock in self.clocks.values():
             if clock.segment:  # an optimizer that did not step in the segment keeps its last length
                 clock.previous = clock.segment
@@ -109,6 +130,19 @@ class Cadence:
                     clock.late_before = clock.late
             clock.segment, clock.late, clock.decision = 0, False, None
         return True
+
+    def _thinned_out(self) -> bool:
+        """Whether the segment just started is left out (``thin`` > 1): not its turn, and no learning rate moved."""
+        if self.read_lrs is not None:
+            lrs = self.read_lrs()
+            if self.lrs is None or len(lrs) != len(self.lrs):
+                self.lrs = lrs
+            elif any(_moved(a, b) for a, b in zip(self.lrs, lrs, strict=True)):
+                self.lrs, self.attend = lrs, _ATTEND
+        if self.attend:
+            self.attend -= 1
+            return False
+        return self.segments % self.thin != 0
 
     def charge(self, started: float) -> None:
         """Add the measured work begun at ``started`` (``time.perf_counter()``) to the current segment."""

@@ -51,7 +51,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -168,6 +168,7 @@ class FitState:
         slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
                  for name, o in layout.observe_offset.items()}
         fit = cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
+        cadence.read_lrs = lambda: learning_rates(trainer.optimizers)
         fit.manual = not module.automatic_optimization
         fit.log_every_batches = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
         # the trunk probe hooks the heads' inputs only in training forwards of measured steps
@@ -284,6 +285,18 @@ class Listener(Protocol):
         """Training ends: read everything pending (the engine writes its last row after this)."""
 
 
+def learning_rates(optimizers: Sequence[Any]) -> tuple[float, ...]:
+    """Every param group's learning rate, as host numbers (an lr held in a tensor off the CPU reads NaN: no sync)."""
+    out = []
+    for opt in optimizers:
+        for group in opt.param_groups:
+            lr = group.get("lr", math.nan)
+            if isinstance(lr, Tensor):
+                lr = float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else math.nan
+            out.append(float(lr) if isinstance(lr, (int, float)) else math.nan)
+    return tuple(out)
+
+
 def fit_fraction(trainer: TrainerLike, batch_idx: int) -> float | None:
     """How much of the planned fit is done, from the Trainer's public limits (None when it cannot tell)."""
     max_steps = getattr(trainer, "max_steps", -1)
@@ -329,7 +342,7 @@ class MonitorEngine:
 
     def __init__(self, actors: RoleSpec = None, critic: PartsSpec = None, *, shared: PartsSpec = None,
                  log_every_n_steps: int | None = None, dense_steps: int = 16, measure_every_n_steps: int = 64,
-                 overhead_budget: float | None = 0.05, prefix: str = "ppo_guard", name: str = "PPOMonitor",
+                 overhead_budget: float | None = 0.01, prefix: str = "ppo_guard", name: str = "PPOMonitor",
                  warn: Callable[[str], None] = _warn, info: Callable[[str], None] = _log.info,
                  listener: Listener | None = None) -> None:
         validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix, overhead_budget)
