@@ -32,7 +32,7 @@ def run(cadence: Cadence, clock: FakeTime, segments: int, steps: int, work: floa
     of guard time, each step takes ``step_time``. Returns which steps were measured, per segment."""
     key, measured = 1, []
     cadence.clock(key)
-    for seg in range(segments):
+    for _ in range(segments):
         cadence.start_segment(("rollout", cadence.segments), rollout=True)  # a new id each time
         row = []
         for _ in range(steps):
