@@ -73,6 +73,11 @@ class LMArgs:
     observe: str = "masked"
     lora: bool = False  # a frozen base with LoRA adapters (GRPO)
     sampler: str = "fp32"  # "bf16": the rollout's forward under bf16 autocast; "bf16-as-fp32": its log-probs cast up
+    # train until the reward is reached: with ``until_reward``, the fit stops ``after_reward`` rollouts after the mean
+    # score of 5 rollouts first exceeded it, and not before ``min_iterations`` (``iterations`` is then the cap)
+    until_reward: float | None = None
+    min_iterations: int = 0
+    after_reward: int = 30
 
 
 def tiny_gpt2(seed: int) -> nn.Module:
@@ -137,11 +142,23 @@ class LMRL(L.LightningModule):
         self.automatic_optimization = args.algo == "ppo"
         self.gen = torch.Generator().manual_seed(args.seed)
         self.scores: list[float] = []
+        self.reached: int | None = None  # the rollout at which the reward was reached (``LMArgs.until_reward``)
         self.batch: dict[str, Tensor] | None = None
         self.beta = 50.0 if args.fault == "kl_pin" else args.beta
         self.sampler: nn.Module | None = None
 
     # ------------------------------------------------------------------ plumbing
+    def stop_when_reached(self) -> None:
+        """With ``LMArgs.until_reward``: note when the 5-rollout mean score first exceeds it; stop the fit
+        ``after_reward`` rollouts later (not before ``min_iterations``)."""
+        a, s = self.args, self.scores
+        if a.until_reward is None:
+            return
+        if self.reached is None and len(s) >= 5 and sum(s[-5:]) / 5 > a.until_reward:
+            self.reached = len(s)
+        if self.reached is not None and len(s) >= max(a.min_iterations, self.reached + a.after_reward):
+            self.trainer.should_stop = True
+
     def train_dataloader(self) -> DataLoader:
         n = self.args.iterations * (self.args.epochs * self.args.minibatches if self.args.algo == "ppo" else 1)
         return DataLoader(range(n), batch_size=None)
@@ -198,6 +215,7 @@ class LMRL(L.LightningModule):
         attn = torch.cat([torch.ones_like(prompt), mask_t.long()], 1)
         ref = self.token_logp(self.ref_model(input_ids=ids, attention_mask=attn).logits, ids)
         self.scores.append(float(reward.mean()))
+        self.stop_when_reached()
         old_logp = torch.stack(logps, 1)
         if a.sampler == "bf16":
             old_logp = old_logp.bfloat16()  # the sampler's precision, as it handed the log-probs over
