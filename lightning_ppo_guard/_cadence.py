@@ -25,7 +25,9 @@ rank must measure the same steps, and a time-based choice could differ between r
 A thinned cadence still watches the learning rates (host numbers, read at each segment start through
 ``read_lrs``): a schedule that drops the actor's lr by 2x or more (to 0, a decay typo) is the most common fault that
 starts late, and its rules count measured steps, so the next ``_ATTEND`` segments are measured in full and the new
-rates become the reference.
+rates become the reference. Without segments (automatic optimization, no rollout ids: one step in ``every``) the
+rates are read every 8 steps, and a move gets the next 16 steps of every optimizer measured: PPG003 and PPG204
+count consecutive measured steps, which one step in 64 would take a thousand steps to give.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ __all__ = ["Cadence", "Clock"]
 
 #: segments timed before ``thin`` is chosen (after the dense start), and the largest ``thin``
 _SAMPLES, _MAX_THIN = 4, 64
-#: segments measured in full after a learning rate moved by this factor or more while thinned
-_ATTEND, _LR_FACTOR = 4, 2.0
+#: segments measured in full after a learning rate moved by this factor or more while thinned; without segments,
+#: the learning rates are read every ``_LR_EVERY`` steps and ``_ATTEND_STEPS`` steps are measured after a move
+_ATTEND, _LR_FACTOR, _LR_EVERY, _ATTEND_STEPS = 4, 2.0, 8, 16
 
 
 def _moved(before: float, now: float) -> bool:
@@ -55,7 +58,7 @@ def _moved(before: float, now: float) -> bool:
 class Clock:
     """One optimizer's steps: in the fit, and in the current and the previous segment."""
 
-    __slots__ = ("decision", "late", "late_before", "measured", "previous", "segment", "steps")
+    __slots__ = ("attend_until", "decision", "late", "late_before", "measured", "previous", "segment", "steps")
 
     def __init__(self) -> None:
         self.steps = 0  # optimizer steps taken in this fit
@@ -65,6 +68,7 @@ class Clock:
         self.late = False  # a step after the current segment's first was measured
         self.late_before = True  # ... and in the previous segment
         self.decision: bool | None = None  # whether the coming step is measured (None: not decided yet)
+        self.attend_until = 0  # without segments: every step is measured until this many (a learning rate moved)
 
 
 class Cadence:
@@ -131,14 +135,24 @@ class Cadence:
             clock.segment, clock.late, clock.decision = 0, False, None
         return True
 
+    def lrs_moved(self) -> bool:
+        """Read the learning rates (``read_lrs``): whether one moved by 2x or more since the reference, which then
+        becomes the rates read now."""
+        if self.read_lrs is None:
+            return False
+        lrs = self.read_lrs()
+        if self.lrs is None or len(lrs) != len(self.lrs):
+            self.lrs = lrs
+            return False
+        if any(_moved(a, b) for a, b in zip(self.lrs, lrs, strict=True)):
+            self.lrs = lrs
+            return True
+        return False
+
     def _thinned_out(self) -> bool:
         """Whether the segment just started is left out (``thin`` > 1): not its turn, and no learning rate moved."""
-        if self.read_lrs is not None:
-            lrs = self.read_lrs()
-            if self.lrs is None or len(lrs) != len(self.lrs):
-                self.lrs = lrs
-            elif any(_moved(a, b) for a, b in zip(self.lrs, lrs, strict=True)):
-                self.lrs, self.attend = lrs, _ATTEND
+        if self.lrs_moved():
+            self.attend = _ATTEND
         if self.attend:
             self.attend -= 1
             return False
@@ -192,7 +206,10 @@ class Cadence:
             return True
         if clock.previous is None:  # no segment known: one step in ``every``, the phase shifting each period
             n = clock.steps
-            return (n + n // self.every) % self.every == 0
+            if n % _LR_EVERY == 0 and self.lrs_moved():  # a schedule's drop (to 0): its step rules need a streak
+                for c in self.clocks.values():
+                    c.attend_until = c.steps + _ATTEND_STEPS
+            return n < clock.attend_until or (n + n // self.every) % self.every == 0
         if self.skipping:
             return False
         last, pos = max(clock.previous - 1, 1), clock.segment

@@ -11,6 +11,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from lightning_ppo_guard import PPOGuard, PPOMonitor, _cadence
 from lightning_ppo_guard._cadence import Cadence
@@ -162,3 +163,56 @@ def test_a_learning_rate_that_drops_while_thinned_is_measured_in_full(clock: Fak
         run(cadence, clock, segments=1, steps=4, work=0.02, step_time=0.1)
         attended += cadence.attend == 3  # set to 4 at the segment's start, which it counts
     assert attended == 2  # 0.95**14 < 1/2: two halvings in 30 segments
+
+
+def test_without_segments_a_learning_rate_move_measures_the_next_16_steps(clock: FakeTime) -> None:
+    """Automatic optimization without rollout ids: one step in 64 after the dense start, but the learning rates are
+    read every 8 steps, and a drop to 0 gets the next 16 steps of each optimizer measured (PPG003 counts 16
+    consecutive measured steps at lr 0 where no rollout is known)."""
+    cadence = Cadence(16, 64, budget=0.01)
+    lr = [1e-3]
+    cadence.read_lrs = lambda: (lr[0],)
+    cadence.clock(1)
+    measured = []
+    for n in range(600):
+        if n == 300:
+            lr[0] = 0.0
+        m = cadence.measuring(1)
+        measured.append(m)
+        cadence.stepped(1, measured=m)
+    assert all(measured[:16]) and sum(measured[16:296]) <= 280 // 64 + 1
+    assert all(measured[304:320])  # read at step 304 (every 8 steps), then 16 steps
+    assert sum(measured[320:600]) <= 280 // 64 + 1
+
+
+def test_an_lr_schedule_that_reaches_zero_early_is_named_without_rollout_ids() -> None:
+    """The seed's situation in automatic optimization with the minimal call (no rollout ids, so one step in 64 is
+    measured): the actor's lr schedule reaches 0 at the 4th rollout (a LambdaLR whose horizon is 3 rollouts, not
+    the run). PPG003 within 2 rollouts of it, not ~25 (16 measured steps at 1 in 64); a schedule that decays to 0 at
+    the end of the run (annealing) is no finding."""
+    import lightning as L
+
+    from lightning_ppo_guard.reference import PPOConfig, trainer_kwargs
+    from lightning_ppo_guard.reference.cartpole import CartPolePPOAuto
+
+    class EarlyZero(CartPolePPOAuto):
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            out = super().configure_optimizers()
+            if not self.cfg.anneal_lr:
+                optimizer = out
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1.0 - it / 3))
+                return {"optimizer": optimizer, "lr_scheduler": self._scheduler_config(scheduler)}
+            return out
+
+    results = {}
+    for anneal in (False, True):
+        cfg = PPOConfig(seed=0, observe="minimal", anneal_lr=anneal)
+        cfg.total_timesteps = 10 * cfg.batch_size
+        L.seed_everything(0, verbose=False)
+        module = EarlyZero(cfg)
+        guard = PPOGuard(verbose=False)
+        L.Trainer(**trainer_kwargs(module), logger=False, enable_checkpointing=False, callbacks=[guard]).fit(module)
+        results[anneal] = {f.code: f.step for f in guard.findings}
+        per_rollout = cfg.update_epochs * cfg.num_minibatches
+    assert set(results[False]) == {"PPG003"} and results[False]["PPG003"] <= 5 * per_rollout, results
+    assert results[True] == {}, results
