@@ -58,7 +58,8 @@ def _moved(before: float, now: float) -> bool:
 class Clock:
     """One optimizer's steps: in the fit, and in the current and the previous segment."""
 
-    __slots__ = ("attend_until", "decision", "late", "late_before", "measured", "previous", "segment", "steps")
+    __slots__ = ("attend_until", "decision", "late", "late_before", "measured", "observes_at", "previous", "seen",
+                 "segment", "steps")
 
     def __init__(self) -> None:
         self.steps = 0  # optimizer steps taken in this fit
@@ -69,6 +70,8 @@ class Clock:
         self.late_before = True  # ... and in the previous segment
         self.decision: bool | None = None  # whether the coming step is measured (None: not decided yet)
         self.attend_until = 0  # without segments: every step is measured until this many (a learning rate moved)
+        self.observes_at = 0  # the cadence's observe count at this optimizer's last step
+        self.seen = True  # an observe came between this optimizer's last two steps (a policy loss was built)
 
 
 class Cadence:
@@ -99,6 +102,7 @@ class Cadence:
         self.attend = 0  # segments still measured in full after the learning rates moved
         self.clocks: dict[int, Clock] = {}
         self.segments = 0  # segments started so far
+        self.observes = 0  # observe calls so far (counted by the engine: a step with none built no policy loss)
         self.segment_id: object = None  # what identifies the current segment (a rollout id, a batch count)
         self.by_rollout = False  # segments come from observe(rollout=...), not from batches
         # True once :meth:`any_measuring` found no optimizer's coming step measured, until a step or a segment
@@ -220,6 +224,7 @@ class Cadence:
     def stepped(self, key: int, measured: bool = False) -> None:
         """Count a step of optimizer ``key`` (``measured``: whether it was)."""
         clock = self.clocks.get(key) or self.clock(key)
+        clock.seen, clock.observes_at = self.observes != clock.observes_at, self.observes
         if measured:
             clock.measured += 1
             clock.late = clock.late or clock.segment > 0

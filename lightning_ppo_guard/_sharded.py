@@ -23,7 +23,7 @@ try:
 except ImportError:  # torch without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["Shards", "global_norms", "local"]
+__all__ = ["Shards", "fingerprints", "global_norms", "local"]
 
 
 def local(t: Tensor) -> Tensor:
@@ -72,3 +72,14 @@ def global_norms(tensors: Sequence[Tensor | None], device: torch.device) -> Tens
     sq = torch.stack([local(t).detach().float().square().sum() if t is not None else zero for t in tensors])
     shards = Shards.of(tensors, device)
     return sq.sqrt() if shards is None else Shards.all_reduce(sq * shards.weights).sqrt()
+
+
+def fingerprints(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Per tensor, its L2 norm and its sum (``[2, n]``), global over the ranks as :func:`global_norms`: equal twice
+    when nothing changed the tensor in between; both scaled by one factor when only a weight decay did."""
+    sums = torch.stack([torch.stack([local(t).detach().float().square().sum(), local(t).detach().float().sum()])
+                        for t in tensors], dim=1) if tensors else torch.zeros(2, 0, device=device)
+    shards = Shards.of(tensors, device)
+    if shards is not None:
+        sums = Shards.all_reduce(sums * shards.weights)
+    return torch.stack([sums[0].sqrt(), sums[1]])

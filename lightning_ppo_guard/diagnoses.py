@@ -198,7 +198,8 @@ _ALL = (
         "agent's actor), part of the actor is bypassed, or its output is detached while another tensor keeps "
         "new_logp's graph alive (a Gaussian's mean detached next to a learnt log_std), so those actor tensors get "
         "no policy gradient. Tensors outside the graph that are trained by another loss term (an auxiliary head) "
-        "or reached through an opaque node (reentrant checkpointing) get a gradient and are not counted.",
+        "or reached through an opaque node (reentrant checkpointing) get a gradient and are not counted; those "
+        "trained at other steps (an auxiliary phase between rollouts) move by the next rollout and are not named.",
         "Build the Distribution from this role's own live output, without .detach(): "
         "Categorical(logits=self.actor(obs)) or Normal(self.actor_mean(obs), self.log_std.exp()); for MAPPO pass "
         "role=f'agent_{{i}}' with that agent's log-probs.",

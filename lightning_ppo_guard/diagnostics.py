@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import COLUMNS
-from lightning_ppo_guard._sharded import global_norms
+from lightning_ppo_guard._sharded import fingerprints, global_norms
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import CATALOG, Finding
 from lightning_ppo_guard.engine import MonitorEngine, ObserveRecord, StepRecord
@@ -42,20 +42,62 @@ MAX_PENDING = 64  # records read in one transfer at the latest (bounds the delay
 
 @dataclass
 class GradCheck:
-    """The gradient norms, at one step, of a role's tensors that new_logp's graph did not reach."""
+    """The gradient norms, at one step, of a role's tensors that new_logp's graph did not reach, and the tensors'
+    own fingerprints then (:func:`~lightning_ppo_guard._sharded.fingerprints`)."""
 
     role: str
     step: int
     params: list[nn.Parameter]
     trainable: int
     norms: Tensor
+    weights: Tensor  # [2, n]: each tensor's norm and sum at that step
+    segment: int | None = None
 
     @classmethod
     def of(cls, record: StepRecord, params: list[nn.Parameter], trainable: int) -> GradCheck:
         grads = [p.grad.coalesce().values() if p.grad is not None and p.grad.is_sparse else p.grad for p in params]
+        device = record.values.device
         with torch.no_grad():  # sharded (FSDP2) gradients: the global norm of each, not the local shard's
-            norms = global_norms(grads, record.values.device)
-        return cls(record.role, record.step, params, trainable, norms)
+            norms = global_norms(grads, device)
+            weights = fingerprints([p.coalesce().values() if p.is_sparse else p for p in params], device)
+        return cls(record.role, record.step, params, trainable, norms, weights, record.segment)
+
+
+@dataclass
+class Untrained:
+    """Tensors outside new_logp's graph that got no gradient at a measured step (``GradCheck``): PPG102 only if
+    nothing trained them by a later step either. An auxiliary head trained in a phase of its own (phasic policy
+    gradient, a separate backward and step) gets its gradient at other steps than the policy's, and moves."""
+
+    role: str
+    step: int
+    segment: int | None
+    params: list[nn.Parameter]
+    before: list[tuple[float, float]]  # each tensor's (norm, sum) then
+    missing: int
+    unreached: int
+    trainable: int
+    asked: bool = False  # a second look (a ``MoveCheck``) is pending
+
+
+@dataclass
+class MoveCheck:
+    """The second look at :class:`Untrained` tensors: their fingerprints now."""
+
+    untrained: Untrained
+    step: int
+    weights: Tensor
+
+
+def _moved(before: tuple[float, float], now: tuple[float, float], numel: int) -> bool:
+    """Whether a tensor changed by more than a weight decay (which scales its norm and its sum by one factor)."""
+    (n0, s0), (n1, s1) = before, now
+    if n0 == n1 and s0 == s1:
+        return False
+    if numel == 1 or n0 <= 0.0:  # a scalar's change is always a scaling: any change counts
+        return True
+    scale = n1 / n0
+    return abs(s1 - scale * s0) > 1e-5 * (abs(s1) + abs(scale * s0)) + 1e-12 * n1
 
 
 #: What each kind of :class:`GradientSign` writes (its ``value``, in this order).
@@ -124,14 +166,28 @@ class GradientSign:
         return dict(zip(SIGN_FIELDS[self.kind], values, strict=True))
 
 
-Pending = ObserveRecord | list[StepRecord] | GradCheck | GradientSign
+Pending = ObserveRecord | list[StepRecord] | GradCheck | MoveCheck | GradientSign
+
+
+#: without rollouts, the optimizer steps after which untrained tensors are looked at again
+UNTRAINED_STEPS = 64
+
+
+def _later(untrained: Untrained, record: StepRecord) -> bool:
+    """Whether ``record`` comes late enough to look again at ``untrained``: in a later rollout (an auxiliary phase
+    runs between the policy phases), or ``UNTRAINED_STEPS`` steps later where rollouts are unknown."""
+    if untrained.segment is not None and record.segment is not None:
+        return record.segment != untrained.segment
+    return record.step >= untrained.step + UNTRAINED_STEPS
 
 
 def _tensors(item: Pending) -> list[Tensor]:
     if isinstance(item, ObserveRecord):
         return [item.values] if item.values is not None else []
     if isinstance(item, GradCheck):
-        return [item.norms]
+        return [item.norms, item.weights.reshape(-1)]
+    if isinstance(item, MoveCheck):
+        return [item.weights.reshape(-1)]
     if isinstance(item, GradientSign):
         return [item.value]
     return [record.values for record in item]
@@ -258,6 +314,7 @@ class Diagnostics:
         self.pending: list[Pending] = []  # waiting for the next host read
         self.walks: dict[str, int] = {}  # graph walks per role in this fit
         self.unreached: dict[str, list[nn.Parameter]] = {}  # role -> tensors new_logp's graph did not reach
+        self.untrained: dict[str, Untrained] = {}  # role -> ... that got no gradient at the step either
         self.suspects: dict[str, Broadcast] = {}  # role -> a pair of observe's inputs whose shapes could broadcast
         self.readable: set[str] = set()  # "role:kind" of the hooks that fired at least once
         self.unread: dict[str, int] = {}  # ... and of those that never did: consecutive reads without a gradient
@@ -302,12 +359,12 @@ class Diagnostics:
 
     # ------------------------------------------------------------------ the listener
     def reset(self) -> None:
-        self.diagnoser, self.verdict, self.pending, self.walks, self.unreached = (
-            Diagnoser(self.config), Verdict(), [], {}, {})
+        self.diagnoser, self.verdict, self.pending, self.walks, self.unreached, self.untrained = (
+            Diagnoser(self.config), Verdict(), [], {}, {}, {})
         self.suspects, self.readable, self.unread = {}, set(), {}
 
     def detached(self) -> None:
-        self.pending, self.unreached = [], {}
+        self.pending, self.unreached, self.untrained = [], {}, {}
 
     def refreshed(self) -> None:
         engine = self._engine()
@@ -398,6 +455,12 @@ class Diagnostics:
             unreached = self.unreached.pop(record.role, None)
             if unreached:
                 self.pending.append(GradCheck.of(record, unreached, len(engine.role(record.role).params)))
+            untrained = self.untrained.get(record.role)
+            if untrained is not None and not untrained.asked and _later(untrained, record):
+                untrained.asked = True
+                with torch.no_grad():
+                    weights = fingerprints(untrained.params, record.values.device)
+                self.pending.append(MoveCheck(untrained, record.step, weights))
         self.pending.append(records)  # read later, never inside the optimizer step (see observed)
 
     def read(self, parts: list[Tensor]) -> list[float]:
@@ -456,11 +519,23 @@ class Diagnostics:
                 self.check_sign(item, flat[at:at + n])
                 at += n
             elif isinstance(item, GradCheck):
-                norms = flat[at:at + len(item.params)]
-                at += len(item.params)
-                missing = sum(1 for n in norms if n == 0.0)
-                self.report(self.diagnoser.check_unreached(item.role, item.step, missing=missing,
-                                                           unreached=len(norms), trainable=item.trainable))
+                n = len(item.params)
+                norms, weights = flat[at:at + n], flat[at + n:at + 3 * n]
+                at += 3 * n
+                zero = [k for k, g in enumerate(norms) if g == 0.0]
+                if zero:  # judged at a later step: an auxiliary head trained at other steps moves in between
+                    self.untrained[item.role] = Untrained(
+                        item.role, item.step, item.segment, [item.params[k] for k in zero],
+                        [(weights[k], weights[n + k]) for k in zero], len(zero), n, item.trainable)
+            elif isinstance(item, MoveCheck):
+                u, n = item.untrained, len(item.untrained.params)
+                now = flat[at:at + 2 * n]
+                at += 2 * n
+                if self.untrained.get(u.role) is u:
+                    del self.untrained[u.role]
+                if not any(_moved(b, (now[k], now[n + k]), u.params[k].numel()) for k, b in enumerate(u.before)):
+                    self.report(self.diagnoser.check_unreached(u.role, item.step, missing=u.missing,
+                                                               unreached=u.unreached, trainable=u.trainable))
             else:
                 steps = {}
                 for record in item:
@@ -517,6 +592,8 @@ class Diagnostics:
             role = engine.role(record.role)
             v, b = steps[record.role], engine.bindings[record.role]
             if not role.moves:
+                if not record.observed:  # a step of another phase (an auxiliary one): no value loss was built
+                    continue
                 self.report(self.diagnoser.check_critic_step(record.role, record.step, CriticFacts(
                     grad_norm=v["grad_norm"], binding=b.fraction, lr_max=record.groups.lr_max,
                     segment=record.segment)))

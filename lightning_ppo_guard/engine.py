@@ -208,6 +208,8 @@ class StepRecord:
     groups: StepGroups  # lr (smallest, largest) and optimizer eps of the groups holding the role, at this step
     segment: int | None  # index of the rollout (or batch) this step belongs to; None when unknown
     fraction: float | None  # share of the fit done (None when the Trainer cannot tell)
+    observed: bool = True  # an observe came since this optimizer's previous step (a policy loss was built for it);
+    # False at a step of another phase (an auxiliary phase, a critic-only warm-up) of a fit that observes
 
 
 @dataclass(slots=True)
@@ -562,9 +564,10 @@ class MonitorEngine:
         fit.rows.queue(block, mask, plan.slots)
         step, groups = self.current_step, flight.groups.pop(key)
         segment = cadence.segments if cadence.segment_id is not None else None
+        observed = cadence.clocks[key].seen or cadence.observes == 0
         if self.listener is not None:
-            self.listener.stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction)
-                                   for i, name in enumerate(plan.names)])
+            self.listener.stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction,
+                                              observed) for i, name in enumerate(plan.names)])
         cadence.charge(t0)
 
     def skipped(self, opt_id: int) -> None:
@@ -601,6 +604,7 @@ class MonitorEngine:
         if fit is None or not fit.training or not torch.is_grad_enabled():
             return None
         cadence = fit.cadence
+        cadence.observes += 1
         actor = self.actors.get(role) or actor_role(self.actors, role)
         name, progress = actor.name, self.progress
         first_in_rollout, prev_updates, prev_observes = False, None, None

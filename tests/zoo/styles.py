@@ -386,6 +386,44 @@ class AuxHeadPPO(StylePPO):
         return super().ppo_loss(mb, rollout) + self.aux_coef * aux
 
 
+class PhasicAuxPPO(AuxHeadPPO):
+    """Phasic Policy Gradient's layout: the aux head is trained only in an auxiliary phase of its own (its own loss,
+    backward and optimizer steps after each rollout's policy phase), so at the policy steps it gets no gradient and
+    the last steps of each rollout build no policy or value loss."""
+
+    def ppo_loss(self, mb: dict[str, Tensor], rollout: int) -> Tensor:
+        return StylePPO.ppo_loss(self, mb, rollout)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        cfg = self.cfg
+        data = self.collect()
+        for _ in range(cfg.epochs):
+            for idx in self.minibatches(len(data["obs"])):
+                self.update({k: v[idx] for k, v in data.items()}, rollout=self.iteration)
+        opt = self.optimizers()
+        for idx in self.minibatches(len(data["obs"])):  # the auxiliary phase
+            aux = F.mse_loss(self.pi.predict_next_obs(data["obs"][idx], data["act"][idx]), data["next_obs"][idx])
+            opt.zero_grad()
+            self.manual_backward(aux)
+            opt.step()
+        self.iteration += 1
+
+
+class SeparateAuxStepPPO(AuxHeadPPO):
+    """The aux loss backward'ed and stepped on its own (same optimizer) before each policy minibatch's step."""
+
+    def ppo_loss(self, mb: dict[str, Tensor], rollout: int) -> Tensor:
+        return StylePPO.ppo_loss(self, mb, rollout)
+
+    def update(self, mb: dict[str, Tensor], rollout: int) -> None:
+        opt = self.optimizers()
+        aux = F.mse_loss(self.pi.predict_next_obs(mb["obs"], mb["act"]), mb["next_obs"])
+        opt.zero_grad()
+        self.manual_backward(aux)
+        opt.step()
+        super().update(mb, rollout)
+
+
 class MlpExtractor(nn.Module):
     """SB3's ``MlpExtractor``: separate policy and value MLPs on the extracted features."""
 
@@ -697,6 +735,17 @@ def aux_head(seed: int) -> tuple[Any, dict[str, Any]]:
     return _fit(AuxHeadPPO(StyleConfig(seed=seed)))
 
 
+def aux_head_own_phase(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Phasic Policy Gradient (Cobbe et al. 2021): the aux head is trained in an auxiliary phase after each policy
+    phase, never at a policy step."""
+    return _fit(PhasicAuxPPO(StyleConfig(seed=seed)))
+
+
+def aux_head_own_step(seed: int) -> tuple[Any, dict[str, Any]]:
+    """The aux loss stepped on its own before each policy step (its own backward and optimizer step)."""
+    return _fit(SeparateAuxStepPPO(StyleConfig(seed=seed)))
+
+
 def checkpointed_reentrant(seed: int) -> tuple[Any, dict[str, Any]]:
     """Activation checkpointing (``checkpoint(block, x, use_reentrant=True)``, the old default) on the policy's
     middle block, as users of large policies do to save memory: the autograd graph hides the block's weights
@@ -856,6 +905,11 @@ VARIANTS: list[Variant] = [
             note="one layer at lr 0 on purpose, the rest of the actor learning: not an actor-lr-zero"),
     Variant("aux-next-obs-head", "layout", aux_head,
             note="the aux head is outside new_logp's graph but trained by its own loss: not logp-graph-misses-actor"),
+    Variant("aux-head-own-phase", "layout", aux_head_own_phase,
+            note="Phasic Policy Gradient: the aux head gets its gradient in an auxiliary phase, never at a policy "
+                 "step (it moves between rollouts: not PPG102); the aux steps build no value loss (not PPG406)"),
+    Variant("aux-head-own-step", "layout", aux_head_own_step,
+            note="the aux loss stepped on its own before each policy step: not PPG102, not PPG406"),
     Variant("checkpoint-reentrant", "trainer-feature", checkpointed_reentrant,
             note="the checkpointed block's weights are reached through CheckpointFunctionBackward"),
     Variant("checkpoint-non-reentrant", "trainer-feature", checkpointed_non_reentrant,
