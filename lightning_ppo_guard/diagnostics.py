@@ -376,7 +376,8 @@ class Diagnostics:
             if b is not None:
                 self.report(self.diagnoser.check_setup(
                     role.name, role.kind, step, binding=b.fraction, lr=b.lr, trainable=len(role.params),
-                    frozen=len(role.frozen), stale_tensors=b.stale_tensors, frozen_parts=role.frozen_parts))
+                    frozen=len(role.frozen), stale_tensors=b.stale_tensors, frozen_parts=role.frozen_parts,
+                    lazy=role.lazy))
 
     def roles_changed(self, roles: list[Role]) -> None:
         for role in roles:

@@ -301,11 +301,15 @@ class Diagnoser:
 
     # ------------------------------------------------------------------ set-up
     def check_setup(self, role: str, kind: str, step: int, *, binding: float, lr: float, trainable: int,
-                    frozen: int, stale_tensors: int, frozen_parts: tuple[str, ...] = ()) -> list[Finding]:
+                    frozen: int, stale_tensors: int, frozen_parts: tuple[str, ...] = (), lazy: int = 0
+                    ) -> list[Finding]:
         """Set-up facts of a role of ``kind`` (actor, critic or shared). A frozen actor cannot learn (PPG005);
         a frozen trunk, critic or named part of a role (a Gaussian's ``log_std``) may be frozen on purpose, so it
-        is a warning (PPG006). A role left out of the optimizer is an error whatever its kind."""
+        is a warning (PPG006). A role left out of the optimizer is an error whatever its kind. A role whose
+        tensors are all lazy (``nn.LazyLinear`` before its first forward) is judged once they exist."""
         out: list[Finding] = []
+        if trainable == 0 and lazy:
+            return out
         if trainable == 0:
             if kind == "actor":
                 return self._emit(role, "PPG005", step, frozen=frozen)

@@ -635,6 +635,18 @@ class LazyLinearPPO(StylePPO):
         self.vf = ValueMLP(hidden)
 
 
+class LazyEverywherePPO(StylePPO):
+    """Every layer of the actor and the critic is lazy: at fit start neither role has a materialised tensor."""
+
+    def build_networks(self) -> None:
+        hidden = self.cfg.hidden
+        self.pi = nn.Sequential(nn.LazyLinear(hidden), nn.Tanh(), nn.LazyLinear(N_ACTIONS))
+        self.vf = nn.Sequential(nn.LazyLinear(hidden), nn.Tanh(), nn.LazyLinear(1))
+
+    def get_value(self, obs: Tensor) -> Tensor:
+        return self.vf(obs).reshape(-1)
+
+
 class TwoHeadPPO(StylePPO):
     """A factored action: two independent categorical heads, log-prob and entropy summed over the heads.
 
@@ -846,6 +858,11 @@ def lazy_linear(seed: int) -> tuple[Any, dict[str, Any]]:
     return _fit(LazyLinearPPO(StyleConfig(seed=seed)))
 
 
+def lazy_everywhere(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Both roles made of lazy modules only: no tensor of either exists at fit start (not a frozen actor)."""
+    return _fit(LazyEverywherePPO(StyleConfig(seed=seed)))
+
+
 def multi_categorical(seed: int) -> tuple[Any, dict[str, Any]]:
     """A multi-discrete action (two categorical heads as one ``Categorical`` of batch shape ``(B, 2)``), log-prob
     and entropy summed over the heads; the ``dist`` handed to ``observe`` is that per-head Categorical."""
@@ -946,6 +963,8 @@ VARIANTS: list[Variant] = [
             note="sparse gradients (SparseAdam) in the actor: measured, not a crash"),
     Variant("lazy-linear", "layout", lazy_linear,
             note="an uninitialised LazyLinear at fit start, materialised by the first rollout"),
+    Variant("lazy-everywhere", "layout", lazy_everywhere,
+            note="every layer of actor and critic lazy: no tensor at fit start is no frozen actor (not PPG005/PPG006)"),
     Variant("multi-categorical-two-heads", "distribution", multi_categorical,
             note="a (B, 2)-batched Categorical whose log-prob and entropy are summed over the heads"),
     Variant("nan-adv-one-sample-std", "advantages", nan_adv_one_sample,
