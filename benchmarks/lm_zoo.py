@@ -1,5 +1,6 @@
 """The token-level zoo (``tests/zoo/lm_rl.py``): each planted fault x loss style x observe call, the codes named and
-the step of the first; healthy fits on 3 seeds trained until the reward is reached. Prints markdown tables.
+the step of the first; healthy fits on 3 seeds trained until the reward is reached (the 5-rollout mean score
+past 0.5, then 30 rollouts more; at least ``--healthy-iterations``, at most twice that). Prints markdown tables.
 
     PYTHONPATH=. python benchmarks/lm_zoo.py [--workers 2] [--iterations 30] [--healthy-iterations 150]
 """
@@ -44,16 +45,19 @@ def one(job: tuple[str, str, str, str | None, int, int, str]) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     guard = PPOGuard(verbose=False)
+    until: dict[str, Any] = {} if fault is not None else {
+        "until_reward": 0.5, "min_iterations": iterations, "iterations": 2 * iterations}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PPOGuardWarning)
-        module = fit(LMArgs(algo=algo, style=style, observe=observe, fault=fault, seed=seed, iterations=iterations,
-                            reward=reward), [guard])
+        module = fit(LMArgs(**{"algo": algo, "style": style, "observe": observe, "fault": fault, "seed": seed,
+                               "iterations": iterations, "reward": reward, **until}), [guard])
     per = module.args.epochs * module.args.minibatches
     first = {}
     for f in guard.findings:
         first.setdefault(f.code, f.step)
     return {"job": job, "first": first, "per": per, "score": sum(module.scores[-5:]) / 5,
-            "notices": sorted({n["rule"] for n in guard.notices})}
+            "notices": sorted({n["rule"] for n in guard.notices}), "rollouts": len(module.scores),
+            "reached": module.reached}
 
 
 def main() -> None:
@@ -85,8 +89,9 @@ def main() -> None:
         print(f"| {fault} | {algo}/{style} | {observe} | {want or 'cannot tell'} | {named} (per rollout {r['per']}) "
               f"| {'yes' if ok else 'NO'} |")
     print()
-    print("| healthy | reward | observe | seeds | findings | last-5 mean reward | notices |")
-    print("|---|---|---|---|---|---|---|")
+    print("| healthy | reward | observe | seeds | findings | last-5 mean reward | reward 0.5 reached at / rollouts | "
+          "notices |")
+    print("|---|---|---|---|---|---|---|---|")
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in results[len(faults):]:
         algo, style, observe, _, _, _, reward = r["job"]
@@ -96,8 +101,10 @@ def main() -> None:
         found = sorted({c for r in rs for c in r["first"]})
         false_alarms += len(found)
         scores = ", ".join(f"{r['score']:.2f}" for r in rs)
+        reached = ", ".join(f"{r['reached'] or 'not'} / {r['rollouts']}" for r in rs)
         notices = ", ".join(sorted({n for r in rs for n in r["notices"]})) or "-"
-        print(f"| {loss} | {reward} | {observe} | {len(rs)} | {', '.join(found) or '0'} | {scores} | {notices} |")
+        print(f"| {loss} | {reward} | {observe} | {len(rs)} | {', '.join(found) or '0'} | {scores} | {reached} "
+              f"| {notices} |")
     print(f"\nfaults named as expected: {len(faults) - misses}/{len(faults)}; healthy findings: {false_alarms}")
 
 

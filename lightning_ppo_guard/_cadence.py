@@ -167,21 +167,29 @@ class Cadence:
         if not self.chosen:
             self.spent += time.perf_counter() - started
 
+    def uncharge(self, started: float) -> None:
+        """Take the time since ``started`` out of the current segment's work (a device-to-host read inside a
+        charged section: it waits for the queued training work)."""
+        if not self.chosen:
+            self.spent -= time.perf_counter() - started
+
     def _time_segment(self) -> None:
         """A segment ends (before the next one's start is counted): keep its work share, choose ``thin`` once
         enough segments were timed."""
         now = time.perf_counter()
         if self.timed and self.started_at is not None:
-            wall = now - self.started_at - self.spent
+            spent = max(self.spent, 0.0)
+            wall = now - self.started_at - spent
             if wall > 0:
-                self.shares.append(self.spent / wall)
+                self.shares.append(spent / wall)
         if self.segments >= self.grace and len(self.shares) >= _SAMPLES:
             assert self.budget is not None
             self.thin = min(_MAX_THIN, max(1, math.ceil(statistics.median(self.shares) / self.budget)))
             self.chosen = True
             return
         # timed: the segments after every optimizer's dense start (their cadence is the one thinned)
-        self.timed = bool(self.clocks) and all(c.steps >= self.dense_steps for c in self.clocks.values())
+        stepping = [c for c in self.clocks.values() if c.steps]  # an optimizer that never steps does not count
+        self.timed = bool(stepping) and all(c.steps >= self.dense_steps for c in stepping)
         self.started_at, self.spent = time.perf_counter(), 0.0
 
     def any_measuring(self) -> bool:
@@ -208,7 +216,9 @@ class Cadence:
     def _decide(self, clock: Clock) -> bool:
         if clock.steps < self.dense_steps or self.every == 1:
             return True
-        if clock.previous is None:  # no segment known: one step in ``every``, the phase shifting each period
+        # no segment known, or segments of one step (a manual loop with one minibatch per batch: a last step that
+        # is also the first never comes as "the step after the first"): one step in ``every``, the phase shifting
+        if clock.previous is None or clock.previous <= 1:
             n = clock.steps
             if n % _LR_EVERY == 0 and self.lrs_moved():  # a schedule's drop (to 0): its step rules need a streak
                 for c in self.clocks.values():

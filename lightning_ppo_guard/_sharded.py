@@ -77,7 +77,8 @@ def global_norms(tensors: Sequence[Tensor | None], device: torch.device) -> Tens
 def fingerprints(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """Per tensor, its L2 norm and its sum (``[2, n]``), global over the ranks as :func:`global_norms`: equal twice
     when nothing changed the tensor in between; both scaled by one factor when only a weight decay did."""
-    sums = torch.stack([torch.stack([local(t).detach().float().square().sum(), local(t).detach().float().sum()])
+    sums = torch.stack([torch.stack([torch.linalg.vector_norm(local(t).detach(), dtype=torch.float32).square(),
+                                     local(t).detach().sum(dtype=torch.float32)])
                         for t in tensors], dim=1) if tensors else torch.zeros(2, 0, device=device)
     shards = Shards.of(tensors, device)
     if shards is not None:

@@ -52,6 +52,9 @@ class GradCheck:
     norms: Tensor
     weights: Tensor  # [2, n]: each tensor's norm and sum at that step
     segment: int | None = None
+    # read back (``Diagnostics.process``): the tensors with no gradient at the step, and each tensor's (norm, sum)
+    zero: list[int] | None = None
+    before: list[tuple[float, float]] = field(default_factory=list)
 
     @classmethod
     def of(cls, record: StepRecord, params: list[nn.Parameter], trainable: int) -> GradCheck:
@@ -64,27 +67,14 @@ class GradCheck:
 
 
 @dataclass
-class Untrained:
-    """Tensors outside new_logp's graph that got no gradient at a measured step (``GradCheck``): PPG102 only if
-    nothing trained them by a later step either. An auxiliary head trained in a phase of its own (phasic policy
-    gradient, a separate backward and step) gets its gradient at other steps than the policy's, and moves."""
-
-    role: str
-    step: int
-    segment: int | None
-    params: list[nn.Parameter]
-    before: list[tuple[float, float]]  # each tensor's (norm, sum) then
-    missing: int
-    unreached: int
-    trainable: int
-    asked: bool = False  # a second look (a ``MoveCheck``) is pending
-
-
-@dataclass
 class MoveCheck:
-    """The second look at :class:`Untrained` tensors: their fingerprints now."""
+    """The second look at a :class:`GradCheck`'s tensors, at a measured step of a later rollout: their fingerprints
+    now. PPG102 names those that got no gradient at the first step and did not move since either; an auxiliary
+    head trained at other steps than the policy's (an auxiliary phase after each rollout, an aux loss stepped on its
+    own) gets its gradient there, and moves. Taken at every second look whatever the first one read, so that the
+    collective a sharded fingerprint needs runs on every rank at the same step."""
 
-    untrained: Untrained
+    check: GradCheck
     step: int
     weights: Tensor
 
@@ -173,12 +163,12 @@ Pending = ObserveRecord | list[StepRecord] | GradCheck | MoveCheck | GradientSig
 UNTRAINED_STEPS = 64
 
 
-def _later(untrained: Untrained, record: StepRecord) -> bool:
-    """Whether ``record`` comes late enough to look again at ``untrained``: in a later rollout (an auxiliary phase
-    runs between the policy phases), or ``UNTRAINED_STEPS`` steps later where rollouts are unknown."""
-    if untrained.segment is not None and record.segment is not None:
-        return record.segment != untrained.segment
-    return record.step >= untrained.step + UNTRAINED_STEPS
+def _later(check: GradCheck, record: StepRecord) -> bool:
+    """Whether ``record`` comes late enough to look again at ``check``'s tensors: in a later rollout (an auxiliary
+    phase runs between the policy phases), or ``UNTRAINED_STEPS`` steps later where rollouts are unknown."""
+    if check.segment is not None and record.segment is not None:
+        return record.segment != check.segment
+    return record.step >= check.step + UNTRAINED_STEPS
 
 
 def _tensors(item: Pending) -> list[Tensor]:
@@ -314,7 +304,7 @@ class Diagnostics:
         self.pending: list[Pending] = []  # waiting for the next host read
         self.walks: dict[str, int] = {}  # graph walks per role in this fit
         self.unreached: dict[str, list[nn.Parameter]] = {}  # role -> tensors new_logp's graph did not reach
-        self.untrained: dict[str, Untrained] = {}  # role -> ... that got no gradient at the step either
+        self.looks: dict[str, GradCheck] = {}  # role -> the check whose tensors are looked at again (MoveCheck)
         self.suspects: dict[str, Broadcast] = {}  # role -> a pair of observe's inputs whose shapes could broadcast
         self.readable: set[str] = set()  # "role:kind" of the hooks that fired at least once
         self.unread: dict[str, int] = {}  # ... and of those that never did: consecutive reads without a gradient
@@ -359,12 +349,12 @@ class Diagnostics:
 
     # ------------------------------------------------------------------ the listener
     def reset(self) -> None:
-        self.diagnoser, self.verdict, self.pending, self.walks, self.unreached, self.untrained = (
+        self.diagnoser, self.verdict, self.pending, self.walks, self.unreached, self.looks = (
             Diagnoser(self.config), Verdict(), [], {}, {}, {})
         self.suspects, self.readable, self.unread = {}, set(), {}
 
     def detached(self) -> None:
-        self.pending, self.unreached, self.untrained = [], {}, {}
+        self.pending, self.unreached, self.looks = [], {}, {}
 
     def refreshed(self) -> None:
         engine = self._engine()
@@ -453,15 +443,17 @@ class Diagnostics:
     def stepped(self, records: list[StepRecord]) -> None:
         engine = self._engine()
         for record in records:
+            look = self.looks.get(record.role)
+            if look is not None and _later(look, record):  # decided from step records alone: the same on every rank
+                del self.looks[record.role]
+                with torch.no_grad():
+                    weights = fingerprints(look.params, record.values.device)
+                self.pending.append(MoveCheck(look, record.step, weights))
             unreached = self.unreached.pop(record.role, None)
             if unreached:
-                self.pending.append(GradCheck.of(record, unreached, len(engine.role(record.role).params)))
-            untrained = self.untrained.get(record.role)
-            if untrained is not None and not untrained.asked and _later(untrained, record):
-                untrained.asked = True
-                with torch.no_grad():
-                    weights = fingerprints(untrained.params, record.values.device)
-                self.pending.append(MoveCheck(untrained, record.step, weights))
+                check = GradCheck.of(record, unreached, len(engine.role(record.role).params))
+                self.pending.append(check)
+                self.looks.setdefault(record.role, check)
         self.pending.append(records)  # read later, never inside the optimizer step (see observed)
 
     def read(self, parts: list[Tensor]) -> list[float]:
@@ -523,20 +515,18 @@ class Diagnostics:
                 n = len(item.params)
                 norms, weights = flat[at:at + n], flat[at + n:at + 3 * n]
                 at += 3 * n
-                zero = [k for k, g in enumerate(norms) if g == 0.0]
-                if zero:  # judged at a later step: an auxiliary head trained at other steps moves in between
-                    self.untrained[item.role] = Untrained(
-                        item.role, item.step, item.segment, [item.params[k] for k in zero],
-                        [(weights[k], weights[n + k]) for k in zero], len(zero), n, item.trainable)
+                # judged at the second look (MoveCheck): an auxiliary head trained at other steps moves in between
+                item.zero = [k for k, g in enumerate(norms) if g == 0.0]
+                item.before = [(weights[k], weights[n + k]) for k in range(n)]
             elif isinstance(item, MoveCheck):
-                u, n = item.untrained, len(item.untrained.params)
+                c, n = item.check, len(item.check.params)
                 now = flat[at:at + 2 * n]
                 at += 2 * n
-                if self.untrained.get(u.role) is u:
-                    del self.untrained[u.role]
-                if not any(_moved(b, (now[k], now[n + k]), u.params[k].numel()) for k, b in enumerate(u.before)):
-                    self.report(self.diagnoser.check_unreached(u.role, item.step, missing=u.missing,
-                                                               unreached=u.unreached, trainable=u.trainable))
+                stuck = [k for k in (c.zero or [])
+                         if not _moved(c.before[k], (now[k], now[n + k]), c.params[k].numel())]
+                if stuck:  # no gradient at the step, and nothing moved them by a later rollout either
+                    self.report(self.diagnoser.check_unreached(c.role, item.step, missing=len(stuck), unreached=n,
+                                                               trainable=c.trainable))
             else:
                 steps = {}
                 for record in item:

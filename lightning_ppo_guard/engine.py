@@ -564,7 +564,9 @@ class MonitorEngine:
         fit.rows.queue(block, mask, plan.slots)
         step, groups = self.current_step, flight.groups.pop(key)
         segment = cadence.segments if cadence.segment_id is not None else None
-        observed = cadence.clocks[key].seen or cadence.observes == 0
+        # a step with no observe since this optimizer's last, of an optimizer holding the policy, is of another phase
+        # (an auxiliary one); a critic's own optimizer steps on value losses alone (Spinning Up's train_v_iters)
+        observed = cadence.clocks[key].seen or cadence.observes == 0 or not plan.actors
         if self.listener is not None:
             self.listener.stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction,
                                               observed) for i, name in enumerate(plan.names)])
@@ -681,8 +683,17 @@ class MonitorEngine:
 
     # ------------------------------------------------------------------ rows and host reads
     def transfer(self, parts: list[Tensor]) -> list[float]:
-        """One device-to-host transfer for ``parts``, settling the pending clip-inference checks with it."""
-        return transfer(parts, self.fit.cache.every_plan() if self.fit is not None else [])
+        """One device-to-host transfer for ``parts``, settling the pending clip-inference checks with it. Its time is
+        taken out of the overhead budget's account: on an asynchronous device it is mostly the wait for the
+        training work queued before it, not the guard's."""
+        fit = self.fit
+        if fit is None:
+            return transfer(parts, [])
+        t0 = time.perf_counter()
+        try:
+            return transfer(parts, fit.cache.every_plan())
+        finally:
+            fit.cadence.uncharge(t0)
 
     def write_row(self) -> None:
         """Reduce the interval's statistics (over ranks too) and log them: one host transfer (the listener's

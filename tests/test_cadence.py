@@ -216,3 +216,13 @@ def test_an_lr_schedule_that_reaches_zero_early_is_named_without_rollout_ids() -
         per_rollout = cfg.update_epochs * cfg.num_minibatches
     assert set(results[False]) == {"PPG003"} and results[False]["PPG003"] <= 5 * per_rollout, results
     assert results[True] == {}, results
+
+
+def test_segments_of_one_step_are_measured_one_step_in_every(clock: FakeTime) -> None:
+    """A manual loop with one minibatch per training batch makes segments of one step: after the dense start one
+    step in ``every`` is measured (nothing at all was, before: no step of a one-step segment is its "last after the
+    first")."""
+    cadence = Cadence(16, 64, budget=None)
+    measured = run(cadence, clock, segments=400, steps=1, work=0.0, step_time=0.01)
+    later = [row[0] for row in measured[16:]]
+    assert 384 // 64 - 1 <= sum(later) <= 384 // 64 + 1

@@ -294,9 +294,13 @@ class StylePPO(L.LightningModule):
         for _ in range(cfg.epochs):
             for idx in self.minibatches(len(data["obs"])):
                 self.update({k: v[idx] for k, v in data.items()}, rollout=self.iteration)
+        self.after_policy_phase(data)
         self.iteration += 1
         if cfg.warmup or cfg.decay_to_zero:
             self.lr_schedulers().step()  # type: ignore[union-attr]
+
+    def after_policy_phase(self, data: dict[str, Tensor]) -> None:
+        """After a rollout's PPO epochs (an auxiliary phase goes here); nothing by default."""
 
     def update(self, mb: dict[str, Tensor], rollout: int) -> None:
         opt = self.optimizers()
@@ -394,19 +398,13 @@ class PhasicAuxPPO(AuxHeadPPO):
     def ppo_loss(self, mb: dict[str, Tensor], rollout: int) -> Tensor:
         return StylePPO.ppo_loss(self, mb, rollout)
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        cfg = self.cfg
-        data = self.collect()
-        for _ in range(cfg.epochs):
-            for idx in self.minibatches(len(data["obs"])):
-                self.update({k: v[idx] for k, v in data.items()}, rollout=self.iteration)
+    def after_policy_phase(self, data: dict[str, Tensor]) -> None:
         opt = self.optimizers()
         for idx in self.minibatches(len(data["obs"])):  # the auxiliary phase
             aux = F.mse_loss(self.pi.predict_next_obs(data["obs"][idx], data["act"][idx]), data["next_obs"][idx])
             opt.zero_grad()
             self.manual_backward(aux)
             opt.step()
-        self.iteration += 1
 
 
 class SeparateAuxStepPPO(AuxHeadPPO):
