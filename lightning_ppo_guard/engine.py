@@ -469,10 +469,8 @@ class MonitorEngine:
         fit.batches += 1
         fit.batch_idx = batch_idx
         cadence = fit.cadence
-        # a manual-optimization batch is usually one PPO iteration
-        if (fit.manual and not cadence.by_rollout and cadence.start_segment(("batch", fit.batches), rollout=False)
-                and not fit.thin_said and cadence.chosen):
-            self.said_thin(fit)
+        if fit.manual and not cadence.by_rollout:  # a manual-optimization batch is usually one PPO iteration
+            self.start_segment(fit, ("batch", fit.batches), rollout=False)
         if not cadence.quiet and cadence.any_measuring():  # binding and lr: re-read on the measurements' cadence
             t0 = time.perf_counter()
             self.refresh()
@@ -616,8 +614,7 @@ class MonitorEngine:
         if rollout is not None and progress.rollout.get(name) != rollout:
             first_in_rollout, prev_updates, prev_observes = progress.enter_rollout(name, rollout)
             if not inferred:  # manual batches are segments already
-                if cadence.start_segment(("rollout", rollout), rollout=True) and not fit.thin_said and cadence.chosen:
-                    self.said_thin(fit)
+                self.start_segment(fit, ("rollout", rollout), rollout=True)
             elif prev_observes is not None and prev_observes <= 1:
                 fit.one_minibatch_batches += 1
                 if fit.one_minibatch_batches >= 2:  # two batches of one minibatch each: batches are minibatches
@@ -633,10 +630,13 @@ class MonitorEngine:
         return Ticket(actor, first_in_rollout, prev_updates, measured, light, rollout, inferred, prev_observes,
                       time.perf_counter())
 
-    def said_thin(self, fit: FitState) -> None:
-        """Say once how the overhead budget thinned the cadence (nothing when it did not)."""
-        fit.thin_said = True
+    def start_segment(self, fit: FitState, segment_id: object, *, rollout: bool) -> None:
+        """A rollout (or a manual batch) may begin (:meth:`Cadence.start_segment`); once the overhead budget chose
+        its thinning, say so once (nothing when it measures every rollout)."""
         cadence = fit.cadence
+        if not cadence.start_segment(segment_id, rollout=rollout) or fit.thin_said or not cadence.chosen:
+            return
+        fit.thin_said = True
         if cadence.thin > 1:
             self.thinning = (cadence.thin, cadence.segments)
             self.info(f"{self.name}: measuring 1 rollout in {cadence.thin} from rollout {cadence.segments} on, to "
@@ -645,10 +645,13 @@ class MonitorEngine:
 
     def boundary(self, ticket: Ticket) -> None:
         """A kept ``observe`` whose tensors are not read: it only ends the previous rollout."""
-        if self.listener is not None:
-            self.listener.observed(ObserveRecord.boundary(ticket, self.current_step), None, ticket.role)
+        self._boundary(ticket)
         if self.fit is not None:
             self.fit.cadence.charge(ticket.started)
+
+    def _boundary(self, ticket: Ticket) -> None:
+        if self.listener is not None:
+            self.listener.observed(ObserveRecord.boundary(ticket, self.current_step), None, ticket.role)
 
     def record(self, term: PolicyTerm, ticket: Ticket) -> None:
         """Read a kept ``observe``'s statistics (on the device) and publish them."""
@@ -667,8 +670,7 @@ class MonitorEngine:
             self.warn("observe() got an empty new_logp/old_logp and skipped it; pass the minibatch's log-probs.")
             return
         if not ticket.reads:
-            if self.listener is not None:
-                self.listener.observed(ObserveRecord.boundary(ticket, self.current_step), None, role)
+            self._boundary(ticket)
             return
         # an off-cadence first minibatch feeds the first-minibatch rules only (its ratio), and is not logged
         stats = term.statistics(full=measured)
