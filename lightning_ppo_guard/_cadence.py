@@ -7,7 +7,9 @@ dense start each optimizer is measured **once per segment, at the step predicted
 A segment is a rollout when ``observe(rollout=...)`` says where they start, else a training batch in manual
 optimization (a batch is usually one PPO iteration). Without either (automatic optimization, no rollout ids),
 one step in ``every`` is measured with a phase that shifts by one each period, so over the run the measured
-steps fall on every position of any periodic structure.
+steps fall on every position of any periodic structure; over the first ``4 * every`` steps, one in ``every / 4``
+(the step rules count measured steps in a row: without rollouts they would otherwise wait a thousand steps for the
+evidence the first rollouts hold, and faults are what the first updates show).
 
 Each optimizer has its own counters, so two optimizers stepped in turn (critic first, then actor) are both
 measured, whatever their order.
@@ -44,6 +46,8 @@ _SAMPLES, _MAX_THIN = 4, 64
 #: segments measured in full after a learning rate moved by this factor or more while thinned; without segments,
 #: the learning rates are read every ``_LR_EVERY`` steps and ``_ATTEND_STEPS`` steps are measured after a move
 _ATTEND, _LR_FACTOR, _LR_EVERY, _ATTEND_STEPS = 4, 2.0, 8, 16
+#: without segments, one step in ``every // _EARLY`` is measured until ``_EARLY * every`` steps (then one in ``every``)
+_EARLY = 4
 
 
 def _moved(before: float, now: float) -> bool:
@@ -215,6 +219,8 @@ class Cadence:
 
     def _decide(self, clock: Clock) -> bool:
         if clock.steps < self.dense_steps or self.every == 1:
+            if self.lrs is None and self.read_lrs is not None:  # the reference: the rates the fit starts with
+                self.lrs = self.read_lrs()
             return True
         # no segment known, or segments of one step (a manual loop with one minibatch per batch: a last step that
         # is also the first never comes as "the step after the first"): one step in ``every``, the phase shifting
@@ -223,7 +229,8 @@ class Cadence:
             if n % _LR_EVERY == 0 and self.lrs_moved():  # a schedule's drop (to 0): its step rules need a streak
                 for c in self.clocks.values():
                     c.attend_until = c.steps + _ATTEND_STEPS
-            return n < clock.attend_until or (n + n // self.every) % self.every == 0
+            every = self.every if n >= _EARLY * self.every else max(1, self.every // _EARLY)  # denser early on
+            return n < clock.attend_until or (n + n // every) % every == 0
         if self.skipping:
             return False
         last, pos = max(clock.previous - 1, 1), clock.segment

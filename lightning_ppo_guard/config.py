@@ -78,6 +78,12 @@ class GuardConfig:
     below_eps: float = 0.1
     #: PPG402/PPG403 need this many consecutive such rollouts.
     weak_rollouts: int = 2
+    #: PPG403 without rollout ids (automatic optimization, no ``rollout=``): the clip starved the actor on this many
+    #: consecutive measured steps (without segments the cadence measures 1 step in 16 after the dense start) ...
+    starved_steps: int = 4
+    #: ... spanning at least this many optimizer steps (two to three rollouts of common sizes: a critic that only
+    #: dominates while it fits its first targets is not a stalled actor).
+    starved_span: int = 48
     #: PPG204 says "raise the lr" only below this lr for an optimizer with an eps (Adam-like steps are about lr per
     #: element; at a typical lr a tiny relative step has another cause).
     typical_adaptive_lr: float = 1e-5

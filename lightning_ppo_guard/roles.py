@@ -43,6 +43,9 @@ RoleKind = Literal["actor", "critic", "shared"]
 ACTOR_NAMES = ("actors", "actor", "policies", "policy", "policy_net", "pi", "actor_net", "actor_mean",
                "policy_head", "actor_head", "pi_head", "action_head", "policy_module", "actor_module",
                "actor_network", "policy_network")
+#: Attribute names of a container of one policy per agent (MAPPO): taken as the actors only when it is a ModuleList /
+#: ModuleDict whose entries hold no critic of their own (per-agent actor-critics are left to ``actors=``).
+AGENT_NAMES = ("agents", "agent_policies", "agent_actors", "policy_per_agent")
 #: Attribute names of a critic.
 CRITIC_NAMES = ("critic", "value", "value_net", "value_function", "vf", "v", "critic_net", "value_head",
                 "critic_head", "v_head", "value_module", "critic_module", "critic_network", "value_network")
@@ -157,6 +160,8 @@ def _suggested_line(root: nn.Module) -> str:
             if any(h in leaf for h in hints) and not any(p != path and path.startswith(p + ".") for p in found[kind]):
                 found[kind].append(path)
     actors, critics = found["actor"], found["critic"]
+    if not actors:  # one network per agent in a ModuleList / ModuleDict (MAPPO), whatever it is called
+        actors = [n for n, c in root.named_children() if _agent_policies(c) and n not in critics]
     if len(actors) == 1 and len(critics) <= 1 and not (critics and critics[0] == actors[0]):
         critic = f", critic={critics[0]!r}" if critics else ""
         return f"PPOGuard(actors={actors[0]!r}{critic})   # read from its submodules' names: check them"
@@ -307,6 +312,13 @@ def _sb3(path: str, module: nn.Module) -> Detected:
     return Detected(tuple(actor), tuple(critic), tuple(shared), f"SB3 ActorCriticPolicy at {path or 'the module'!r}")
 
 
+def _agent_policies(module: nn.Module) -> bool:
+    """A ModuleList / ModuleDict of per-agent networks, none of which holds a critic-named child."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or len(module) == 0 or not _has_params(module):
+        return False
+    return not any(name.rsplit(".", 1)[-1] in CRITIC_NAMES for name, _ in module.named_modules() if name)
+
+
 def _trainable(module: nn.Module) -> bool:
     """Some parameter requires grad (a frozen reference model has none: never a role)."""
     return any(p.requires_grad or is_lazy(p) for p in module.parameters())
@@ -332,6 +344,8 @@ def _match(path: str, module: nn.Module) -> Detected | str | None:
     if "action_net" in children and "value_net" in children:
         return _sb3(path, module)
     actors = [n for n in ACTOR_NAMES if n in children]
+    if not actors:  # MAPPO: ``self.agents = nn.ModuleDict(...)`` of policies, next to a centralised critic
+        actors = [n for n in AGENT_NAMES if n in children and _agent_policies(children[n])]
     if not actors:  # LM RL: the trainable language model (TRL's pretrained_model next to its v_head); a frozen
         # reference copy (every parameter requires_grad=False) is never the actor
         actors = [n for n, c in children.items() if causal_lm(c) and _trainable(c)]

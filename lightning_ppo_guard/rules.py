@@ -172,6 +172,8 @@ class RoleState:
     lr_zero_from: int | None = None
     tiny_update: int = 0
     tiny_from: int | None = None
+    starved: int = 0  # without rollout ids: consecutive measured steps the shared clip starved (PPG403) ...
+    starved_since: int | None = None  # ... and the optimizer step the streak began at
     skipped: int = 0
     lr_peak: float = 0.0  # the largest lr seen for the role
     annealed: bool = False  # an lr schedule has taken the lr far below its peak near the end of the fit
@@ -384,6 +386,8 @@ class Diagnoser:
         starved = f.policy and self._starved(f)
         s.r_steps += 1
         s.r_starved_n += starved
+        if f.segment is None:  # no rollouts to judge by: a streak of measured steps, over a span of the fit
+            s.starved, s.starved_since = _streak(starved, s.starved, s.starved_since, step)
         if _finite(f.critic_grad_norm) and _finite(f.clip_coef):
             s.r_clip_sum += f.clip_coef
             s.r_critic_ratio_sum += f.critic_grad_norm / max(f.grad_norm, 1e-30)
@@ -406,6 +410,10 @@ class Diagnoser:
         if s.unchanged >= cfg.unchanged_steps and not at_lr_zero and not self.rooted(role):
             out += self._emit(role, "PPG203", step, grad_norm_clipped=f.grad_norm_clipped, steps=s.unchanged,
                               lr=f.lr)
+        if (s.starved >= cfg.starved_steps and step - (s.starved_since or 0) >= cfg.starved_span
+                and not s.annealed and not self.rooted(role)):
+            out += self._emit(role, "PPG403", step, clip_coef=f.clip_coef, update_ratio=f.update_ratio,
+                              critic_ratio=f.critic_grad_norm / max(f.grad_norm, 1e-30))
         tiny_rollouts = _span(s.tiny_from, f.segment)
         if ((s.tiny_update >= cfg.tiny_update_steps or (s.tiny_update >= 3 and tiny_rollouts >= cfg.frozen_rollouts))
                 and not s.annealed and not self.rooted(role)):

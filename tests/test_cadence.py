@@ -166,9 +166,9 @@ def test_a_learning_rate_that_drops_while_thinned_is_measured_in_full(clock: Fak
 
 
 def test_without_segments_a_learning_rate_move_measures_the_next_16_steps(clock: FakeTime) -> None:
-    """Automatic optimization without rollout ids: one step in 64 after the dense start, but the learning rates are
-    read every 8 steps, and a drop to 0 gets the next 16 steps of each optimizer measured (PPG003 counts 16
-    consecutive measured steps at lr 0 where no rollout is known)."""
+    """Automatic optimization without rollout ids: one step in 16 after the dense start until step 256, then one in
+    64, but the learning rates are read every 8 steps, and a drop to 0 gets the next 16 steps of each optimizer
+    measured (PPG003 counts 16 consecutive measured steps at lr 0 where no rollout is known)."""
     cadence = Cadence(16, 64, budget=0.01)
     lr = [1e-3]
     cadence.read_lrs = lambda: (lr[0],)
@@ -180,7 +180,8 @@ def test_without_segments_a_learning_rate_move_measures_the_next_16_steps(clock:
         m = cadence.measuring(1)
         measured.append(m)
         cadence.stepped(1, measured=m)
-    assert all(measured[:16]) and sum(measured[16:296]) <= 280 // 64 + 1
+    assert all(measured[:16]) and 240 // 16 - 1 <= sum(measured[16:256]) <= 240 // 16 + 1
+    assert sum(measured[256:296]) <= 1
     assert all(measured[304:320])  # read at step 304 (every 8 steps), then 16 steps
     assert sum(measured[320:600]) <= 280 // 64 + 1
 
@@ -220,9 +221,10 @@ def test_an_lr_schedule_that_reaches_zero_early_is_named_without_rollout_ids() -
 
 def test_segments_of_one_step_are_measured_one_step_in_every(clock: FakeTime) -> None:
     """A manual loop with one minibatch per training batch makes segments of one step: after the dense start one
-    step in ``every`` is measured (nothing at all was, before: no step of a one-step segment is its "last after the
-    first")."""
+    step in ``every / 4`` until step ``4 * every``, then one in ``every`` (nothing at all was, before: no step of a
+    one-step segment is its "last after the first")."""
     cadence = Cadence(16, 64, budget=None)
-    measured = run(cadence, clock, segments=400, steps=1, work=0.0, step_time=0.01)
-    later = [row[0] for row in measured[16:]]
-    assert 384 // 64 - 1 <= sum(later) <= 384 // 64 + 1
+    measured = run(cadence, clock, segments=600, steps=1, work=0.0, step_time=0.01)
+    early, later = [row[0] for row in measured[16:256]], [row[0] for row in measured[256:]]
+    assert 240 // 16 - 1 <= sum(early) <= 240 // 16 + 1
+    assert 344 // 64 - 1 <= sum(later) <= 344 // 64 + 1
