@@ -373,6 +373,18 @@ def _peer(library: str, env: str) -> tuple[str, Callable[[], tuple[Any, dict[str
     return f"{library} PPO on {env}", make, namespace
 
 
+def _seed_mappo(iterations: int) -> tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any]:
+    """The seed's MAPPO (tests/zoo/seed_mappo.py: 3 agents, 40 masked actions, automatic optimization, the minimal
+    observe per agent, no rollout ids): its label, a maker, and where it calls observe."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test zoo: tests/zoo (not installed)
+    from tests.zoo import seed_mappo
+
+    def make() -> tuple[Any, dict[str, Any]]:
+        return seed_mappo.SeedMAPPO(seed_mappo.SeedMAPPOConfig(iterations=iterations)), seed_mappo.trainer_kwargs()
+
+    return f"the seed-like MAPPO, {iterations} rollouts (automatic, no rollout ids)", make, seed_mappo
+
+
 def bench_fit(repeats: int, workload: tuple[str, Callable[[], tuple[Any, dict[str, Any]]], Any],
               hooks_only: bool = False, **guard_kwargs: Any) -> None:
     from lightning_ppo_guard import diagnostics
@@ -445,13 +457,18 @@ def main() -> None:
     parser.add_argument("--short-dense", default="16,128", help="dense_steps values to time the short fit with")
     parser.add_argument("--shared", type=int, default=1, help="also time the shared-trunk fit (0 skips it)")
     parser.add_argument("--peers", type=int, default=0, help="also time the TorchRL and SB3 fits (1), or only them (2)")
+    parser.add_argument("--libraries", default="torchrl,sb3", help="which peer libraries --peers times")
+    parser.add_argument("--seed-mappo", type=int, default=0, help="time the seed-like MAPPO fit of this many "
+                        "rollouts first (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the small MLPs)")
     parser.add_argument("--hooks-only", action="store_true", help="time the guard's hooks only (no wall-time arms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    if args.seed_mappo:
+        bench_fit(args.fit_repeats, _seed_mappo(args.seed_mappo), args.hooks_only)
     if args.peers:
-        for library in ("torchrl", "sb3"):
+        for library in args.libraries.split(","):
             for env in ("CartPole-v1", "Pendulum-v1"):
                 bench_fit(args.fit_repeats, _peer(library, env), args.hooks_only)
         if args.peers == 2:

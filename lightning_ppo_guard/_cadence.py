@@ -25,10 +25,10 @@ so the cadence stays a deterministic function of the segment count from then on;
 rank must measure the same steps, and a time-based choice could differ between ranks.
 
 A thinned cadence still watches the learning rates (host numbers, read at each segment start through
-``read_lrs``): a schedule that drops the actor's lr by 2x or more (to 0, a decay typo) is the most common fault that
-starts late, and its rules count measured steps, so the next ``_ATTEND`` segments are measured in full and the new
+``read_lrs``): a schedule that drops the actor's lr by 100x or more (to 0, a decay typo) is the most common fault
+that starts late, and its rules count measured steps, so the next ``_ATTEND`` segments are measured in full and the new
 rates become the reference. Without segments (automatic optimization, no rollout ids: one step in ``every``) the
-rates are read every 8 steps, and a move gets the next 16 steps of every optimizer measured: PPG003 and PPG204
+rates are read every 8 steps, and such a drop gets the next 16 steps of every optimizer measured: PPG003 and PPG204
 count consecutive measured steps, which one step in 64 would take a thousand steps to give.
 """
 
@@ -45,18 +45,22 @@ __all__ = ["Cadence", "Clock"]
 _SAMPLES, _MAX_THIN = 4, 64
 #: segments measured in full after a learning rate moved by this factor or more while thinned; without segments,
 #: the learning rates are read every ``_LR_EVERY`` steps and ``_ATTEND_STEPS`` steps are measured after a move
-_ATTEND, _LR_FACTOR, _LR_EVERY, _ATTEND_STEPS = 4, 2.0, 8, 16
+_ATTEND, _LR_FACTOR, _LR_EVERY, _ATTEND_STEPS = 4, 100.0, 8, 16
 #: without segments, one step in ``every // _EARLY`` is measured until ``_EARLY * every`` steps (then one in ``every``)
 _EARLY = 4
 
 
 def _moved(before: float, now: float) -> bool:
-    """Whether a learning rate moved by ``_LR_FACTOR`` or more (to 0 included); NaN is no evidence."""
+    """Whether a learning rate dropped by ``_LR_FACTOR`` or more (to 0 included), or rose from 0; NaN is no evidence.
+
+    What the step rules can name: lr 0 (PPG003), and a step too small (PPG204: a relative update below 1e-6, where a
+    healthy one is 1e-4 and more: only a drop of 100x or more gets there). A schedule that halves, or anneals to 0
+    over the fit, is measured in full only near its end, not at every halving."""
     if not (math.isfinite(before) and math.isfinite(now)):
         return False
     if before <= 0.0:
         return now > 0.0
-    return now <= before / _LR_FACTOR or now >= before * _LR_FACTOR
+    return now <= before / _LR_FACTOR
 
 
 class Clock:
@@ -144,8 +148,8 @@ class Cadence:
         return True
 
     def lrs_moved(self) -> bool:
-        """Read the learning rates (``read_lrs``): whether one moved by 2x or more since the reference, which then
-        becomes the rates read now."""
+        """Read the learning rates (``read_lrs``): whether one dropped by 100x or more (or rose from 0) since the
+        reference, which then becomes the rates read now."""
         if self.read_lrs is None:
             return False
         lrs = self.read_lrs()

@@ -145,24 +145,24 @@ def test_the_budget_thins_a_tiny_language_model_fit_and_says_so(caplog: pytest.L
 
 
 def test_a_learning_rate_that_drops_while_thinned_is_measured_in_full(clock: FakeTime) -> None:
-    """Thinned to 1 segment in 5, the actor's lr drops 10x (a decay typo) at segment 30: the next 4 segments are
-    measured in full, then the thinning resumes with the new rate as the reference; a slow decay (5% per segment)
-    attends once per halving, never at every segment."""
+    """Thinned to 1 segment in 5, the actor's lr drops 1000x (a decay typo) at segment 30: the next 4 segments are
+    measured in full, then the thinning resumes with the new rate as the reference; a decay of 20% per segment
+    attends once per 100x, never at every segment (a halving alone can name nothing)."""
     cadence = Cadence(16, 64, budget=0.01, grace=8)
     lr = [1e-3]
     cadence.read_lrs = lambda: (lr[0],)
     run(cadence, clock, segments=30, steps=4, work=0.02, step_time=0.1)
     assert cadence.thin == 5
-    lr[0] = 1e-4
+    lr[0] = 1e-6
     measured = run(cadence, clock, segments=10, steps=4, work=0.02, step_time=0.1)
     assert [any(row) for row in measured[:4]] == [True] * 4
     assert [any(row) for row in measured[4:]] == [(31 + 4 + i) % 5 == 0 for i in range(6)]
     attended = 0
     for _ in range(30):
-        lr[0] *= 0.95
+        lr[0] *= 0.8
         run(cadence, clock, segments=1, steps=4, work=0.02, step_time=0.1)
         attended += cadence.attend == 3  # set to 4 at the segment's start, which it counts
-    assert attended == 2  # 0.95**14 < 1/2: two halvings in 30 segments
+    assert attended == 1  # 0.8**21 < 1/100 < 0.8**20: one 100x drop in 30 segments
 
 
 def test_without_segments_a_learning_rate_move_measures_the_next_16_steps(clock: FakeTime) -> None:
