@@ -4,8 +4,8 @@ Three agents in a ``ModuleDict`` called ``agents``, up to 40 masked candidate ac
 under the Trainer's shared grad-norm clip, AUTOMATIC optimization, and ``observe(new_logp, old_logp, advantages,
 role=...)`` per agent with no rollout id. A rollout is 16 optimizer steps. The guard must find the roles itself,
 name an lr schedule that reaches 0 (PPG003) and unscaled rewards whose critic eats the shared clip (PPG403) within 5
-rollouts, say once per agent that it cannot tell the rollout-level rules without ``rollout=``, and stay quiet on
-healthy fits that learn.
+rollouts, say once per agent that it cannot tell the rollout-level rules without ``rollout=`` (a rollout/update
+mismatch, PPG105, is named once ``rollout=`` is passed), and stay quiet on healthy fits that learn.
 """
 
 from __future__ import annotations
@@ -91,3 +91,20 @@ def test_per_agent_actor_critics_are_not_taken_for_actors():
 
     with pytest.raises(ValueError):  # several actor/critic candidates one level down: the user must name them
         detect(Team())
+
+
+def test_a_rollout_update_mismatch_needs_rollout_ids_and_says_so_without_them():
+    """The update forgets the rollout's action mask: every first ratio of a rollout is off. With ``rollout=`` it is
+    PPG105 for each agent at the first rollout read; the minimal call cannot tell, and says so once per agent."""
+    with_ids, guard, _ = _fit(SeedMAPPOConfig(seed=0, fault="mask_mismatch", iterations=6, rollout_ids=True))
+    assert {f.code for f in guard.findings} == {"PPG105"} and guard.notices == [], guard.summary()
+    assert sorted(f.role for f in guard.findings) == sorted(AGENTS)
+    assert max(f.step for f in guard.findings) < 2 * with_ids.cfg.steps_per_rollout
+    _, blind, said = _fit(SeedMAPPOConfig(seed=0, fault="mask_mismatch", iterations=6))
+    assert blind.findings == [] and len(said) == len(AGENTS) and all("PPG105" in m for m in said)
+
+
+def test_healthy_seed_like_mappo_with_rollout_ids_is_quiet():
+    module, guard, said = _fit(SeedMAPPOConfig(seed=1, iterations=24, rollout_ids=True))
+    assert guard.findings == [] and guard.notices == [] and said == [], guard.summary()
+    assert module.hit_rates[-1] > 0.3

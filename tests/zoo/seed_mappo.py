@@ -16,6 +16,10 @@ Faults (``fault=``):
   gradient sits far below Adam's eps (the seed's "value_loss 700+, the actor hardly moves"). At ``reward_scale=1e3``
   the actors' clipped gradient starts at half of eps (their steps a third of healthy ones) and falls below a tenth of
   it by rollout 6, where PPG403 is named.
+- ``"mask_mismatch"``: the update builds the distribution without the action mask the rollout sampled with (a
+  rollout/update mismatch, as a hidden state or an observation normaliser gives): every ratio is off from the first
+  minibatch of each rollout. PPG105 reads that first minibatch, so it needs ``rollout=`` (``rollout_ids=True``);
+  without it the guard says once per agent that it cannot tell.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from lightning_ppo_guard import observe
 
 __all__ = ["FAULTS", "SeedMAPPO", "SeedMAPPOConfig", "trainer_kwargs"]
 
-FAULTS = ("lr_to_zero", "unscaled_rewards")
+FAULTS = ("lr_to_zero", "unscaled_rewards", "mask_mismatch")
 AGENTS = ("scout", "tank", "medic")  # the ModuleDict's keys (role names in the guard: agent paths)
 
 
@@ -60,6 +64,7 @@ class SeedMAPPOConfig:
     gae_lambda: float = 0.95
     reward_scale: float = 1.0
     fault: str | None = None
+    rollout_ids: bool = False  # observe(..., rollout=...): the seed's minimal call has none
 
     @property
     def steps_per_rollout(self) -> int:
@@ -137,14 +142,14 @@ class Rollouts(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         m, cfg = self.module, self.module.cfg
-        for _ in range(cfg.iterations):
+        for it in range(cfg.iterations):
             data = m.collect()
             size = len(data["obs"])
             for _ in range(cfg.epochs):
                 perm = torch.randperm(size, generator=m.shuffler)
                 for start in range(0, size, cfg.minibatch):
                     idx = perm[start:start + cfg.minibatch]
-                    yield {k: v[idx] for k, v in data.items()}
+                    yield {**{k: v[idx] for k, v in data.items()}, "rollout": torch.tensor(it)}
 
 
 class SeedMAPPO(L.LightningModule):
@@ -224,13 +229,18 @@ class SeedMAPPO(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         cfg = self.cfg
         loss = torch.zeros(())
+        rollout = int(batch.pop("rollout")) if cfg.rollout_ids else None
+        batch.pop("rollout", None)
         for i, name in enumerate(AGENTS):
-            dist = self.agents[name](batch["obs"][:, i], batch["mask"][:, i])
+            mask = batch["mask"][:, i]
+            if cfg.fault == "mask_mismatch":
+                mask = torch.ones_like(mask)  # planted: the update forgets the rollout's action mask
+            dist = self.agents[name](batch["obs"][:, i], mask)
             new_logp = dist.log_prob(batch["actions"][:, i])
             old_logp = batch["logp"][:, i]
             adv = batch["advantages"][:, i]
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            observe(self, new_logp=new_logp, old_logp=old_logp, advantages=adv, role=name)  # the minimal call
+            observe(self, new_logp=new_logp, old_logp=old_logp, advantages=adv, role=name, rollout=rollout)  # minimal
             ratio = (new_logp - old_logp).exp()
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)).mean()
             loss = loss + pg - cfg.ent_coef * dist.entropy().mean()
