@@ -191,7 +191,8 @@ _SHAPES_ONLY = ("{pair[0]} has shape {pair[1]} and {pair[2]} {pair[3]}, which wo
                 "unsqueezes its log-ratio), and the gradient that would be cannot be read without advantages= and a "
                 "new_logp that requires grad. Pass them, or reshape the inputs to one value per sample.")
 _WINDOWS = ("observe() gets no rollout id, and the loop shows no rollout boundary (automatic optimization, or one "
-            "minibatch per training batch): the rollout-level rules judge windows of 16 observes, and PPG105 (the "
+            "minibatch per training batch): the rollout-level rules judge windows of 16 measured observes (at the "
+            "default cadence 256 to 1,024 steps: named late), and PPG105 (the "
             "first ratio of a rollout), PPG108 (old log-probs from the current policy) and PPG302 (an early stop at "
             "its first check) cannot be judged. Pass rollout= (the PPO iteration number, e.g. "
             "rollout=int(batch['rollout'])).")

@@ -678,6 +678,11 @@ class Diagnoser:
         exact = self._exact_ratio(role, step, upd, updates)
         out += exact
         frozen = _finite(kl) and kl < cfg.frozen_kl and s.r_ratio_dev < cfg.frozen_ratio_dev
+        if frozen and not s.r_known and s.r_ratio_dev <= cfg.exact_ratio_dev:
+            # a window of observes (no rollout boundary known) whose every ratio is exactly 1: one update per rollout
+            # (no minibatch comes after a step of its rollout) or old log-probs from the current policy (PPG108,
+            # which needs rollout boundaries). Neither is a policy that does not move: no evidence either way.
+            frozen = False
         s.frozen_rollouts = s.frozen_rollouts + 1 if frozen else 0
         # PPG402: tiny advantages that are not normalised (normalised ones have std 1 per minibatch).
         tiny = _finite(adv_std) and adv_std < cfg.tiny_adv_std and abs(adv_std - 1.0) > 0.05

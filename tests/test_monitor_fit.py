@@ -312,3 +312,16 @@ def test_every_attached_monitor_and_guard_receives_the_observes(tmp_path):
 def test_two_monitors_sharing_a_prefix_are_told_to_take_their_own():
     with pytest.warns(PPOGuardWarning, match=r"2 PPOMonitor/PPOGuard callbacks log under the same prefix"):
         fit(CartPolePPO(_cfg(1)), [PPOMonitor(), PPOGuard()], quiet=False)
+
+
+def test_one_update_per_rollout_without_rollout_ids_is_no_frozen_policy():
+    """PPO with 1 epoch x 1 minibatch (each rollout's only update sees a ratio of exactly 1), automatic optimization,
+    the minimal observe (no rollout ids: windows of observes): a healthy run that learns, once named PPG301 ("take
+    larger steps") at step ~150. A denser cadence (1 step in 4) makes the windows close within the fit."""
+    guard = PPOGuard(measure_every_n_steps=4)
+    module = CartPolePPOAuto(_cfg(200, observe="minimal", update_epochs=1, num_minibatches=1))
+    fit(module, [guard])
+    assert guard.findings == [], guard.summary()
+    assert [n["rule"] for n in guard.notices] == ["rollout="]
+    recent = module.recent_returns[-20:]
+    assert sum(recent) / len(recent) > 60  # it learns (from ~20)

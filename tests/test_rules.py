@@ -545,3 +545,19 @@ def test_precedence_table_names_one_code_per_cause():
     d = Diagnoser()
     d.state("a").raised.append("PPG304")
     assert d._emit("a", "PPG407", 3, share=1.0, reward=0.0, rollouts=2) == []
+
+
+def test_a_window_of_exact_ratios_without_rollout_ids_is_no_frozen_policy():
+    """Without rollout boundaries (windows of observes) a ratio of exactly 1 on every measured minibatch while the
+    actor moves is one update per rollout (PPO with 1 epoch x 1 minibatch: each minibatch is a rollout's first) or
+    old log-probs recomputed (PPG108, which needs rollout=): neither is PPG301's "take larger steps" (the false
+    alarm a healthy 1x1 run got at step ~1,400). A policy that barely moves (ratio 7e-7) still is PPG301."""
+    def windows(ratio_dev: float) -> list:
+        d, out = Diagnoser(), []
+        for n in range(16 * 6):
+            out += d.check_observe("actor", n, obs(rollout=None, approx_kl=0.0, ratio_dev=ratio_dev))
+            out += d.check_step("actor", n, step(segment=None))
+        return out
+
+    assert windows(0.0) == [] and windows(2e-7) == []
+    assert codes(windows(7e-7)) == ["PPG301"]
