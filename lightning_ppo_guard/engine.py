@@ -344,7 +344,7 @@ class MonitorEngine:
 
     def __init__(self, actors: RoleSpec = None, critic: PartsSpec = None, *, shared: PartsSpec = None,
                  log_every_n_steps: int | None = None, dense_steps: int = 16, measure_every_n_steps: int = 64,
-                 overhead_budget: float | None = 0.01, prefix: str = "ppo_guard", name: str = "PPOMonitor",
+                 overhead_budget: float | None = 0.005, prefix: str = "ppo_guard", name: str = "PPOMonitor",
                  warn: Callable[[str], None] = _warn, info: Callable[[str], None] = _log.info,
                  listener: Listener | None = None) -> None:
         validate(log_every_n_steps, dense_steps, measure_every_n_steps, prefix, overhead_budget)

@@ -72,7 +72,7 @@ class PPOGuard(PPOMonitor):
         log_every_n_steps: int | None = None,
         dense_steps: int = 16,
         measure_every_n_steps: int = 64,
-        overhead_budget: float | None = 0.01,
+        overhead_budget: float | None = 0.005,
         prefix: str = "ppo_guard",
     ) -> None:
         if on_stall not in ("warn", "raise", "stop"):
