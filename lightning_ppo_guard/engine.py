@@ -168,7 +168,15 @@ class FitState:
         slots = {name: torch.arange(o, o + len(layout.observe_names), device=device)
                  for name, o in layout.observe_offset.items()}
         fit = cls(trainer, module, layout, RowBuffer(layout, device), slots, RoleCache(layout, device), cadence)
-        cadence.read_lrs = lambda: learning_rates(trainer.optimizers)
+
+        def read_lrs() -> tuple[float, ...]:
+            # past LR_WATCH_UNTIL of the fit a drop is the end of a schedule, which no rule names: not read then
+            done = fit.fraction
+            if done is not None and done >= LR_WATCH_UNTIL and cadence.lrs is not None:
+                return cadence.lrs
+            return learning_rates(trainer.optimizers)
+
+        cadence.read_lrs = read_lrs
         fit.manual = not module.automatic_optimization
         fit.log_every_batches = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
         # the trunk probe hooks the heads' inputs only in training forwards of measured steps
@@ -285,6 +293,11 @@ class Listener(Protocol):
 
     def train_ended(self) -> None:
         """Training ends: read everything pending (the engine writes its last row after this)."""
+
+
+#: The share of the fit after which the learning rates are no longer watched (``GuardConfig.annealed_fraction``'s
+#: default: an lr that reaches 0 past it is a schedule's end, never named).
+LR_WATCH_UNTIL = 0.9
 
 
 def learning_rates(optimizers: Sequence[Any]) -> tuple[float, ...]:
