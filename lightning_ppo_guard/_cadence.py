@@ -29,7 +29,8 @@ A thinned cadence still watches the learning rates (host numbers, read at each s
 that starts late, and its rules count measured steps, so the next ``_ATTEND`` segments are measured in full and the new
 rates become the reference. Without segments (automatic optimization, no rollout ids: one step in ``every``) the
 rates are read every 8 steps, and such a drop gets the next 16 steps of every optimizer measured: PPG003 and PPG204
-count consecutive measured steps, which one step in 64 would take a thousand steps to give.
+count consecutive measured steps, which one step in 64 would take a thousand steps to give. The engine stops the
+watch at 90% of the fit (a drop after it is a schedule's end, which no rule names).
 """
 
 from __future__ import annotations
