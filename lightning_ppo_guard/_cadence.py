@@ -44,7 +44,7 @@ __all__ = ["Cadence", "Clock"]
 
 #: segments timed before ``thin`` is chosen (after the dense start), and the largest ``thin``
 _SAMPLES, _MAX_THIN = 4, 64
-#: segments measured in full after a learning rate moved by this factor or more while thinned; without segments,
+#: segments measured in full after a learning rate dropped by this factor or more while thinned; without segments,
 #: the learning rates are read every ``_LR_EVERY`` steps and ``_ATTEND_STEPS`` steps are measured after a move
 _ATTEND, _LR_FACTOR, _LR_EVERY, _ATTEND_STEPS = 4, 100.0, 8, 16
 #: without segments, one step in ``every // _EARLY`` is measured until ``_EARLY * every`` steps (then one in ``every``)
