@@ -229,8 +229,8 @@ class SeedMAPPO(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         cfg = self.cfg
         loss = torch.zeros(())
-        rollout = int(batch.pop("rollout")) if cfg.rollout_ids else None
-        batch.pop("rollout", None)
+        rollout_id = int(batch.pop("rollout"))
+        rollout = rollout_id if cfg.rollout_ids else None  # the seed's minimal call passes none
         for i, name in enumerate(AGENTS):
             mask = batch["mask"][:, i]
             if cfg.fault == "mask_mismatch":
