@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, TransformedDistribution
 
-from lightning_ppo_guard.functional import policy_stats, sequence_stats
+from lightning_ppo_guard.functional import policy_vector, sequence_stats
 
 __all__ = ["PolicyTerm", "as_number"]
 
@@ -300,19 +300,30 @@ class PolicyTerm:
     def statistics(self, full: bool = True) -> dict[str, Tensor]:
         """The minibatch's statistics by name (:func:`~lightning_ppo_guard.functional.policy_stats`): every one
         the inputs allow, or with ``full=False`` those of the ratio alone (KL, ratio range)."""
+        vector, names = self.vector(full)
+        return dict(zip(names, vector.unbind(), strict=True))
+
+    @torch.no_grad()
+    def vector(self, full: bool = True) -> tuple[Tensor, tuple[str, ...]]:
+        """:meth:`statistics` as one vector and the name of each entry
+        (:func:`~lightning_ppo_guard.functional.policy_vector`, with the per-sequence statistics after it)."""
         given = self.log_ratio
         log_ratio = (given.reshape(-1).float() if given is not None
                      else self.new_logp.reshape(-1).float() - self.old_logp.reshape(-1).float())
         if not full:
-            return policy_stats(log_ratio)
+            return policy_vector(log_ratio)
         entropy, num_actions = self.entropy_and_actions()
-        stats = policy_stats(log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values,
-                             returns=self.returns, entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
-                             logp=None if given is self.new_logp else self.new_logp,  # a log-ratio is no log-prob
-                             ref_logp=self.ref_logp)
+        vector, names = policy_vector(
+            log_ratio, clip_eps=self.clip_eps, advantages=self.advantages, values=self.values, returns=self.returns,
+            entropy=entropy, num_actions=num_actions, log_std=self.log_std(),
+            logp=None if given is self.new_logp else self.new_logp,  # a log-ratio is no log-prob
+            ref_logp=self.ref_logp)
         if self.rewards is not None or self.group is not None:
-            stats.update(sequence_stats(self.seq_adv, self.rewards, self.group))
-        return stats
+            seq = sequence_stats(self.seq_adv, self.rewards, self.group)
+            if seq:
+                vector = torch.cat([vector, torch.stack(list(seq.values()))])
+                names += tuple(seq)
+        return vector, names
 
     def log_std(self) -> Tensor | None:
         """log of a Gaussian policy's std per sample and dimension, squashed (tanh) or not (None for other

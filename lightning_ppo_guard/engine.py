@@ -65,7 +65,7 @@ from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
-from lightning_ppo_guard.metrics import Layout, RowBuffer, host_values, stack
+from lightning_ppo_guard.metrics import Layout, RowBuffer, arrange, host_values
 from lightning_ppo_guard.observe import attach_monitor, detach_monitor
 from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec, actor_role, announcement, resolve_roles
 
@@ -84,7 +84,7 @@ class Progress:
 
     optimizer_steps: int = 0
     observes: int = 0
-    entropy0: dict[str, Any] = field(default_factory=dict)  # entropy at each actor's first observe (0-d tensor)
+    entropy0: dict[str, Any] = field(default_factory=dict)  # entropy at each actor's first observe (1-element tensor)
     rollout: dict[str, int | None] = field(default_factory=dict)  # each actor's current rollout id
     rollout_steps: dict[str, int] = field(default_factory=dict)  # its optimizer steps in that rollout so far
     rollout_observes: dict[str, int] = field(default_factory=dict)  # its observe calls in that rollout so far
@@ -686,10 +686,13 @@ class MonitorEngine:
             self._boundary(ticket)
             return
         # an off-cadence first minibatch feeds the first-minibatch rules only (its ratio), and is not logged
-        stats = term.statistics(full=measured)
-        if "entropy" in stats:
-            stats["entropy_drift"] = stats["entropy"] - progress.entropy0.setdefault(name, stats["entropy"])
-        values, present = stack(stats, fit.layout.observe_names)
+        vector, names = term.vector(full=measured)
+        if "entropy" in names:
+            at = names.index("entropy")
+            entropy = vector[at:at + 1]
+            vector = torch.cat([vector, entropy - progress.entropy0.setdefault(name, entropy)])
+            names += ("entropy_drift",)
+        values, present = arrange(vector, names, fit.layout.observe_names)
         if measured:
             fit.rows.queue(values, fit.rows.mask(present), fit.observe_slots[name])
         progress.observes += 1

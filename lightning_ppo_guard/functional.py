@@ -36,6 +36,7 @@ __all__ = [
     "normalized_entropy",
     "per_sample",
     "policy_stats",
+    "policy_vector",
     "ratio_stats",
     "sequence_stats",
 ]
@@ -59,6 +60,160 @@ def per_sample(t: Tensor, n: int) -> Tensor:
     if n > 0 and flat.numel() % n == 0:
         return flat.reshape(n, -1).sum(-1)
     return flat.mean()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as a flat float32 vector (no op at all when it is one already: the common case)."""
+    return t if t.dim() == 1 and t.dtype == torch.float32 else t.reshape(-1).float()
+
+
+#: (the per-sample rows, the ratio given, explained variance given, the entropy scale, device) -> the affine map
+#: from the raw vector ``[means, stds, lo, hi, max |r - 1|, residual var / returns var]`` to the named
+#: statistics (cached: a handful of input patterns per fit).
+_AFFINE: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, tuple[str, ...]]] = {}
+#: (value, device) -> a 0-d float32 tensor: a Python number in a tensor op costs more than the op on CPU
+_CONSTANTS: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def _constant(value: float, device: torch.device) -> Tensor:
+    t = _CONSTANTS.get((value, device))
+    if t is None:
+        t = _CONSTANTS[value, device] = torch.tensor(value, dtype=torch.float32, device=device)
+    return t
+
+
+def _affine(rows: tuple[str, ...], ratio: bool, ev: bool, entropy_scale: float | None,
+            device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[str, ...]]:
+    """Where each named statistic sits in the raw vector, and its scale and offset (``out = offset + raw *
+    scale``): every statistic of :func:`policy_stats` but ``log_std`` and a per-sample ``entropy_norm`` is one
+    entry of the raw vector, shifted or scaled, so that all of them together are one gather and one ``addcmul``."""
+    key = (rows, ratio, ev, entropy_scale, device)
+    hit = _AFFINE.get(key)
+    if hit is not None:
+        return hit
+    r = len(rows)
+    mean, std = {name: i for i, name in enumerate(rows)}, {name: r + i for i, name in enumerate(rows)}
+    spec: list[tuple[str, int, float, float]] = []  # (name, index in the raw vector, scale, offset)
+    if ratio:
+        lo, hi, dev = 2 * r, 2 * r + 1, 2 * r + 2
+        spec += [("approx_kl", mean["k3"], 1.0, 0.0), ("approx_kl_k1", mean["log_ratio"], -1.0, 0.0)]
+        if "clipped" in mean:
+            spec.append(("clip_fraction", mean["clipped"], 1.0, 0.0))
+        spec += [("ratio_mean", mean["ratio_m1"], 1.0, 1.0), ("ratio_min", lo, 1.0, 1.0),
+                 ("ratio_max", hi, 1.0, 1.0), ("ratio_dev", dev, 1.0, 0.0)]
+    if "logp" in mean:
+        spec.append(("logp_mean", mean["logp"], 1.0, 0.0))
+    if "ref_k3" in mean:
+        spec.append(("ref_kl", mean["ref_k3"], 1.0, 0.0))
+    if "adv" in mean:
+        spec += [("adv_mean", mean["adv"], 1.0, 0.0), ("adv_std", std["adv"], 1.0, 0.0),
+                 ("adv_zero_frac", mean["adv_zero"], 1.0, 0.0)]
+    if ev:  # 1 - Var[returns - values] / Var[returns]
+        spec.append(("explained_variance", 2 * r + (3 if ratio else 0), -1.0, 1.0))
+    if "entropy" in mean:
+        spec.append(("entropy", mean["entropy"], 1.0, 0.0))
+        if entropy_scale is not None:  # entropy / (components * log(num_actions)); 0 * mean + 1 with one action
+            spec.append(("entropy_norm", mean["entropy"], entropy_scale, 0.0 if entropy_scale else 1.0))
+    names = tuple(name for name, *_ in spec)
+    index = torch.tensor([i for _, i, _, _ in spec], dtype=torch.long, device=device)
+    scale = torch.tensor([a for *_, a, _ in spec], dtype=torch.float32, device=device)
+    offset = torch.tensor([b for *_, b in spec], dtype=torch.float32, device=device)
+    hit = _AFFINE[key] = (index, scale, offset, names)
+    return hit
+
+
+@torch.no_grad()
+def policy_vector(
+    log_ratio: Tensor | None = None,
+    *,
+    clip_eps: float | None = None,
+    advantages: Tensor | None = None,
+    values: Tensor | None = None,
+    returns: Tensor | None = None,
+    entropy: Tensor | None = None,
+    num_actions: int | Tensor | None = None,
+    log_std: Tensor | None = None,
+    logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+) -> tuple[Tensor, tuple[str, ...]]:
+    """:func:`policy_stats` as one float32 vector and the name of each entry (what the monitor logs: one vector
+    per minibatch, built in ~20 torch calls whatever is given). Same arguments as :func:`policy_stats`."""
+    anchor = next((t for t in (log_ratio, advantages, values) if t is not None), None)
+    n = anchor.numel() if anchor is not None else (entropy.numel() if entropy is not None else 0)
+    names: list[str] = []  # per-sample series, each of n values: one row of the var_mean
+    rows: list[Tensor] = []
+    ratio_m1 = None
+    if log_ratio is not None:
+        log_ratio = _flat(log_ratio)
+        ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation
+        names += ["k3", "log_ratio"]
+        rows += [ratio_m1 - log_ratio, log_ratio]
+        abs_m1 = ratio_m1.abs()
+        if clip_eps is not None:
+            names.append("clipped")
+            rows.append(abs_m1.gt(_constant(clip_eps, abs_m1.device)).float())
+        names.append("ratio_m1")
+        rows.append(ratio_m1)
+    if logp is not None and logp.numel() == n:
+        logp = _flat(logp)
+        names.append("logp")
+        rows.append(logp)
+        if ref_logp is not None and ref_logp.numel() == n:
+            ref_diff = _flat(ref_logp) - logp
+            names.append("ref_k3")
+            rows.append(torch.expm1(ref_diff) - ref_diff)
+    if advantages is not None:
+        adv = _flat(advantages)
+        names += ["adv", "adv_zero"]  # GRPO: a group whose samples got one reward has exactly 0
+        rows += [adv, torch.logical_not(adv).float()]
+    ev = values is not None and returns is not None
+    if ev:
+        ret = _flat(returns)  # type: ignore[arg-type]
+        names += ["residual", "ret"]
+        rows += [ret - _flat(values), ret]  # type: ignore[arg-type]
+    ent, components = None, 1
+    if entropy is not None:
+        ent = per_sample(entropy, n)
+        if ent.dim() == 1:  # aligned with the samples: a row of its own
+            names.append("entropy")
+            rows.append(ent)
+            components = max(entropy.numel() // max(n, 1), 1)
+    device = (anchor if anchor is not None else entropy).device if (anchor is not None or entropy is not None) \
+        else torch.device("cpu")
+    extra: list[tuple[str, Tensor]] = []  # statistics outside the affine map (0-d)
+    entropy_scale = None
+    if ent is not None and num_actions is not None:
+        if isinstance(num_actions, Tensor):
+            extra.append(("entropy_norm", normalized_entropy(ent, num_actions)))
+        else:
+            entropy_scale = 1.0 / (components * math.log(num_actions)) if num_actions > 1 else 0.0
+    if ent is not None and "entropy" not in names:  # not one per sample: its mean
+        extra.append(("entropy", ent.mean()))
+        if entropy_scale is not None:
+            extra.append(("entropy_norm", extra[-1][1] * entropy_scale if entropy_scale else
+                          ent.new_ones(())))
+        entropy_scale = None
+    if log_std is not None and log_std.numel():
+        extra.append(("log_std", log_std.detach().float().mean()))
+    parts: list[Tensor] = []
+    order: tuple[str, ...] = ()
+    if rows:
+        var, mean = torch.var_mean(torch.stack(rows), dim=1, correction=0)
+        parts += [mean, var.sqrt()]
+        if ratio_m1 is not None:
+            parts += [torch.stack(torch.aminmax(ratio_m1)), abs_m1.amax(0, keepdim=True)]
+        if ev:  # [res, ret] / ret = [res / ret, 1 (NaN where Var[returns] is 0)]: its product is NaN there too
+            at = names.index("residual")
+            res_ret = var[at:at + 2]  # adjacent rows
+            parts.append((res_ret / res_ret[1:]).prod(0, keepdim=True))
+        index, scale, offset, order = _affine(tuple(names), ratio_m1 is not None, ev, entropy_scale, device)
+        vector = torch.addcmul(offset, torch.cat(parts).index_select(0, index), scale)
+    else:
+        vector = torch.zeros(0, device=device)
+    if extra:
+        vector = torch.cat([vector, torch.stack([t.float() for _, t in extra])])
+        order += tuple(name for name, _ in extra)
+    return vector, order
 
 
 @torch.no_grad()
@@ -88,75 +243,14 @@ def policy_stats(
     (with ``logp``) give ``ref_kl``, the k3 estimate of KL(pi_new || pi_ref) that LM RL's KL penalty holds down.
 
     Every per-sample series is one row of a stacked tensor whose means and variances are one ``var_mean``
-    call, so the whole minibatch costs a fixed handful of ops whatever is given. Names whose inputs are
-    missing are absent from the result (never NaN-filled here).
+    call, and every statistic is an entry of that (shifted or scaled: one gather and one ``addcmul``), so the
+    whole minibatch costs a fixed handful of ops whatever is given (:func:`policy_vector` is the same as one
+    vector). Names whose inputs are missing are absent from the result (never NaN-filled here).
     """
-    anchor = next((t for t in (log_ratio, advantages, values) if t is not None), None)
-    n = anchor.numel() if anchor is not None else (entropy.numel() if entropy is not None else 0)
-    rows: dict[str, Tensor] = {}  # per-sample series, each of n values: one row of the var_mean
-    ratio_m1 = None
-    if log_ratio is not None:
-        log_ratio = log_ratio.reshape(-1).float()
-        ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation
-        rows["k3"], rows["log_ratio"] = ratio_m1 - log_ratio, log_ratio
-        if clip_eps is not None:
-            rows["clipped"] = (ratio_m1.abs() > clip_eps).float()
-        rows["ratio_m1"] = ratio_m1
-    if logp is not None and logp.numel() == n:
-        rows["logp"] = logp.detach().reshape(-1).float()
-        if ref_logp is not None and ref_logp.numel() == n:
-            ref_diff = ref_logp.detach().reshape(-1).float() - rows["logp"]
-            rows["ref_k3"] = torch.expm1(ref_diff) - ref_diff
-    if advantages is not None:
-        rows["adv"] = advantages.reshape(-1).float()
-        rows["adv_zero"] = (rows["adv"] == 0).float()  # GRPO: a group whose samples got one reward has exactly 0
-    if values is not None and returns is not None:
-        ret = returns.reshape(-1).float()
-        rows["residual"], rows["ret"] = ret - values.reshape(-1).float(), ret
-    ent, components = None, 1
-    if entropy is not None:
-        ent = per_sample(entropy, n)
-        if ent.dim() == 1:  # aligned with the samples: a row of its own
-            rows["entropy"] = ent
-            components = max(entropy.numel() // max(n, 1), 1)
-    out: dict[str, Tensor] = {}
-    if rows:
-        var, mean = torch.var_mean(torch.stack(list(rows.values())), dim=1, correction=0)
-        at = {name: i for i, name in enumerate(rows)}
-        m, v = mean.unbind(), var.unbind()
-        if ratio_m1 is not None:
-            lo, hi = torch.aminmax(ratio_m1)
-            out["approx_kl"], out["approx_kl_k1"] = m[at["k3"]], -m[at["log_ratio"]]
-            if "clipped" in at:
-                out["clip_fraction"] = m[at["clipped"]]
-            out["ratio_mean"] = m[at["ratio_m1"]] + 1.0
-            out["ratio_min"], out["ratio_max"] = lo + 1.0, hi + 1.0
-            out["ratio_dev"] = torch.maximum(-lo, hi)
-        if "logp" in at:
-            out["logp_mean"] = m[at["logp"]]
-        if "ref_k3" in at:
-            out["ref_kl"] = m[at["ref_k3"]]
-        if "adv" in at:
-            out["adv_mean"], out["adv_std"] = m[at["adv"]], v[at["adv"]].sqrt()
-            out["adv_zero_frac"] = m[at["adv_zero"]]
-        if "residual" in at:
-            var_ret = v[at["ret"]]
-            out["explained_variance"] = torch.where(var_ret > 0, 1.0 - v[at["residual"]] / var_ret,
-                                                    var_ret.new_full((), math.nan))
-        if "entropy" in at:
-            out["entropy"] = m[at["entropy"]]
-    if ent is not None and "entropy" not in out:
-        out["entropy"] = ent.mean()
-    if log_std is not None and log_std.numel():
-        out["log_std"] = log_std.detach().float().mean()
-    if ent is not None and num_actions is not None:
-        if isinstance(num_actions, Tensor):
-            out["entropy_norm"] = normalized_entropy(ent, num_actions)
-        elif num_actions > 1:
-            out["entropy_norm"] = out["entropy"] / (components * math.log(num_actions))
-        else:
-            out["entropy_norm"] = out["entropy"].new_ones(())
-    return out
+    vector, names = policy_vector(log_ratio, clip_eps=clip_eps, advantages=advantages, values=values,
+                                  returns=returns, entropy=entropy, num_actions=num_actions, log_std=log_std,
+                                  logp=logp, ref_logp=ref_logp)
+    return dict(zip(names, vector.unbind(), strict=True))
 
 
 @torch.no_grad()

@@ -165,13 +165,25 @@ def _check_tables() -> None:
             raise RuntimeError("metric names must be unique within a table")
 
 
-def stack(stats: Mapping[str, Tensor], names: Sequence[str]) -> tuple[Tensor, tuple[bool, ...]]:
-    """Named 0-d statistics as one vector in the order of ``names`` (NaN where absent), and which are present.
+#: (names of a vector, the names wanted, device) -> where each wanted name sits (the last index: NaN), presence
+_ARRANGE: dict[tuple[object, ...], tuple[Tensor, tuple[bool, ...]]] = {}
 
-    The one place a vector of named statistics is built; its reader maps it back with the same ``names``.
+
+def arrange(vector: Tensor, names: tuple[str, ...], wanted: tuple[str, ...]) -> tuple[Tensor, tuple[bool, ...]]:
+    """A vector of named statistics (``vector[i]`` is ``names[i]``) in the order of ``wanted`` (NaN where absent),
+    and which are present: one concatenation and one gather, the index cached per pair of name tuples.
+
+    The one place a vector of named statistics is laid out; its reader maps it back with the same ``wanted``.
     """
-    nan = next(iter(stats.values())).new_full((), math.nan)
-    return torch.stack([stats.get(name, nan) for name in names]), tuple(name in stats for name in names)
+    key = (names, wanted, vector.device)
+    hit = _ARRANGE.get(key)
+    if hit is None:
+        at = {name: i for i, name in enumerate(names)}
+        nan = len(names)
+        hit = _ARRANGE[key] = (torch.tensor([at.get(name, nan) for name in wanted], dtype=torch.long,
+                                            device=vector.device), tuple(name in at for name in wanted))
+    index, present = hit
+    return torch.cat([vector, vector.new_full((1,), math.nan)])[index], present
 
 
 @dataclass(frozen=True)
@@ -179,7 +191,7 @@ class Layout:
     """Where each role's statistics live in the fit's one :class:`VectorStats`, and the logged keys.
 
     Built once per fit from the roles and the metric tables *by name*: the producers of vectors
-    (:class:`~lightning_ppo_guard._plan.StepPlan`'s columns, :func:`stack` in ``observe_names`` order) and the
+    (:class:`~lightning_ppo_guard._plan.StepPlan`'s columns, :func:`arrange` in ``observe_names`` order) and the
     readers of logged rows all go through :meth:`step_slot` / ``observe_names``, so the order of a table is
     never relied on anywhere else.
     """
