@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["OBSERVE_METRICS", "STEP_METRICS", "Layout", "MetricSpec", "RowBuffer", "VectorStats", "metric_key", "stack"]
+__all__ = ["OBSERVE_METRICS", "STEP_METRICS", "Layout", "MetricSpec", "RowBuffer", "VectorStats", "arrange",
+           "metric_key"]
 
 Reduce = Literal["mean", "min", "max", "sum"]
 
