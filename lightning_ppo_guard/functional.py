@@ -178,8 +178,8 @@ def policy_vector(
             names.append("entropy")
             rows.append(ent)
             components = max(entropy.numel() // max(n, 1), 1)
-    device = (anchor if anchor is not None else entropy).device if (anchor is not None or entropy is not None) \
-        else torch.device("cpu")
+    source = anchor if anchor is not None else entropy
+    device = source.device if source is not None else torch.device("cpu")
     extra: list[tuple[str, Tensor]] = []  # statistics outside the affine map (0-d)
     entropy_scale = None
     if ent is not None and num_actions is not None:
