@@ -95,6 +95,10 @@ class Cadence:
         grace: segments always measured.
     """
 
+    __slots__ = ("attend", "budget", "by_rollout", "chosen", "clocks", "dense_steps", "every", "grace", "lrs",
+                 "observes", "quiet", "read_lrs", "segment_id", "segments", "shares", "skipping", "spent", "started_at",
+                 "thin", "timed")
+
     def __init__(self, dense_steps: int, every: int, budget: float | None = None, grace: int = 8) -> None:
         self.dense_steps, self.every = dense_steps, every
         self.budget, self.grace = budget, grace
@@ -244,16 +248,25 @@ class Cadence:
         return pos == 1 and not clock.late_before  # the last segment ended before its predicted last step
 
     def stepped(self, key: int, measured: bool = False) -> None:
-        """Count a step of optimizer ``key`` (``measured``: whether it was)."""
+        """Count a step of optimizer ``key`` (``measured``: whether it was). With one optimizer, its coming step is
+        decided here already (unless that needs a read of the learning rates, which waits for the step itself):
+        the hooks of an unmeasured step then read one cached flag, :attr:`quiet`."""
         clock = self.clocks.get(key) or self.clock(key)
-        clock.seen, clock.observes_at = self.observes != clock.observes_at, self.observes
+        observes = self.observes
+        clock.seen, clock.observes_at = observes != clock.observes_at, observes
         if measured:
             clock.measured += 1
             clock.late = clock.late or clock.segment > 0
-        clock.steps += 1
+        n = clock.steps = clock.steps + 1
         clock.segment += 1
-        clock.decision = None
-        self.quiet = False
+        previous = clock.previous
+        segmentless = previous is None or previous <= 1
+        if len(self.clocks) == 1 and n >= self.dense_steps and self.every != 1 and (not segmentless or n % _LR_EVERY):
+            decision = clock.decision = self._decide(clock)
+            self.quiet = not decision
+        else:
+            clock.decision = None
+            self.quiet = False
 
     def sampled_segment(self) -> bool:
         """Whether the current segment gets the per-rollout wiring reads (the first minibatch's ratio, the backward

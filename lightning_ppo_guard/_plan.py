@@ -406,10 +406,13 @@ def transfer(parts: Sequence[Tensor], plans: Sequence[StepPlan]) -> list[float]:
     """One device-to-host transfer of ``parts`` (flattened, in order) and of every clip-inference check the
     ``plans`` hold, which it settles; returns the values of ``parts``."""
     checks = [(plan, plan.clip.take_checks()) for plan in plans if plan.clip.checks]
-    tensors = [t.reshape(-1).float() for t in parts] + [c for _, cs in checks for c in cs]
+    # most parts are flat float32 already (rows of a step block, observe vectors): no op for them
+    tensors = [t if t.dim() == 1 and t.dtype == torch.float32 else t.reshape(-1).float() for t in parts]
+    tensors += [c for _, cs in checks for c in cs]
     if not tensors:
         return []
-    flat = torch.cat([t.to(tensors[0].device) for t in tensors]).cpu().tolist()
+    device = tensors[0].device
+    flat = torch.cat([t if t.device == device else t.to(device) for t in tensors]).cpu().tolist()
     at = n = len(flat) - sum(len(cs) for _, cs in checks)
     for plan, cs in checks:
         plan.clip.settle(flat[at:at + len(cs)])

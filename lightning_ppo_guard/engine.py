@@ -78,7 +78,7 @@ def _warn(message: str) -> None:
     warnings.warn(message, PPOGuardWarning, stacklevel=3)
 
 
-@dataclass
+@dataclass(slots=True)
 class Progress:
     """The engine's progress through a fit: saved in checkpoints and restored on resume."""
 
@@ -108,7 +108,8 @@ class Progress:
         return True, ended, observed
 
     def state_dict(self) -> dict[str, Any]:
-        state = {name: (dict(value) if isinstance(value, dict) else value) for name, value in vars(self).items()}
+        state = {name: (dict(value) if isinstance(value, dict) else value)
+                 for name, value in ((name, getattr(self, name)) for name in self.__dataclass_fields__)}
         state["entropy0"] = {k: float(v) for k, v in self.entropy0.items()}  # one host read, at checkpoints only
         return state
 
@@ -118,7 +119,7 @@ class Progress:
         return cls(**{name: state[name] for name in cls.__dataclass_fields__ if name in state})
 
 
-@dataclass
+@dataclass(slots=True)
 class InFlight:
     """What one optimizer step hands from one hook to the next; empty between steps."""
 
@@ -128,7 +129,7 @@ class InFlight:
     awaiting: set[int] = field(default_factory=set)  # optimizers past before_optimizer_step, step not run yet
 
 
-@dataclass
+@dataclass(slots=True)
 class FitState:
     """Everything bound to the fit in progress (built at :meth:`MonitorEngine.attach`, dropped at its end)."""
 
@@ -151,6 +152,8 @@ class FitState:
     steps_since_row: int = 0
     batches_since_row: int = 0
     thin_said: bool = False  # the thinned cadence was announced
+    plans: dict[int, Any] = field(default_factory=dict)  # the roles' cache's step plans (id(optimizer) -> plan)
+    trunk: bool = False  # the cache hooks a shared trunk's heads (re-armed after each step)
 
     @property
     def fraction(self) -> float | None:
@@ -456,6 +459,7 @@ class MonitorEngine:
             return
         changed = fit.cache.refresh(self.roles, fit.trainer.optimizers, fit.module, self.progress.optimizer_steps)
         self.bindings = fit.cache.bindings
+        fit.plans, fit.trunk = fit.cache.plans, fit.cache.trunk is not None  # read by every step's post-hook
         if changed is not None:
             self.snapshot_bytes = fit.cache.snapshot_bytes
             self.flight.pre_clip = None
@@ -536,12 +540,13 @@ class MonitorEngine:
 
     def post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """The optimizer's step post-hook: count the step; measure it if the pre-hook took a snapshot."""
-        # every step of every optimizer runs this: the unmeasured path is kept to a few dict operations
-        fit, flight, key = self.fit, self.flight, id(optimizer)
+        # every step of every optimizer runs this: the unmeasured path is kept to a few slot and dict operations
+        fit = self.fit
         if fit is None:
             return
+        key, flight = id(optimizer), self.flight
         flight.awaiting.discard(key)
-        plan = fit.cache.plans.get(key)
+        plan = fit.plans.get(key)
         if plan is None:
             return
         progress = self.progress
@@ -549,14 +554,12 @@ class MonitorEngine:
         counts = progress.rollout_steps
         for name in plan.actor_names:
             counts[name] = counts.get(name, 0) + 1
-        param_sq = flight.param_sq.pop(key, None) if flight.param_sq else None
-        cadence = fit.cadence
-        if param_sq is None:
-            cadence.stepped(key)
+        if flight.param_sq and key in flight.param_sq:
+            self.measured(fit, plan, key, flight.param_sq.pop(key))
         else:
-            self.measured(fit, plan, key, param_sq)
-        if fit.cache.trunk is not None:
-            fit.cache.hook_trunk(cadence)
+            fit.cadence.stepped(key)
+        if fit.trunk:
+            fit.cache.hook_trunk(fit.cadence)
         if self.log_every is not None:
             fit.steps_since_row += 1
             if fit.steps_since_row >= self.log_every:
@@ -587,7 +590,7 @@ class MonitorEngine:
         """An optimizer step was announced and never ran."""
         self.flight.awaiting.discard(opt_id)
         self.flight.param_sq.pop(opt_id, None)
-        plan = self.fit.cache.plans.get(opt_id) if self.fit is not None else None
+        plan = self.fit.plans.get(opt_id) if self.fit is not None else None
         if plan is None:
             return
         self.progress.count_skipped(plan.names)

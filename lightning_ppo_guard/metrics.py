@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -304,6 +305,26 @@ class VectorStats(Metric):
 
 
 
+def reduce_rows(values: np.ndarray, mask: np.ndarray, slots: np.ndarray, size: int) -> list[float]:
+    """:class:`VectorStats`' ``update`` then ``compute`` on the host, flat (mean, min, max, sum, count of every slot):
+    the same numbers for the same measurements (a NaN inside the mask reaches the mean and the sum; min and max
+    skip it; NaN where a slot got nothing). For an interval read in one piece by one process."""
+    slots, values = slots[mask], values[mask].astype(np.float64)
+    count = np.bincount(slots, minlength=size).astype(np.float64)
+    total = np.bincount(slots, weights=values, minlength=size)
+    valid = ~np.isnan(values)
+    low, high = np.full(size, np.inf), np.full(size, -np.inf)
+    np.minimum.at(low, slots[valid], values[valid])
+    np.maximum.at(high, slots[valid], values[valid])
+    measured = count > 0
+    # float32 like the device states: the sums of one interval are within float32's range
+    total = total.astype(np.float32).astype(np.float64)
+    mean = np.where(measured, total / np.maximum(count, 1), np.nan)
+    rows = [mean, np.where(measured, low, np.nan), np.where(measured, high, np.nan), np.where(measured, total, np.nan),
+            count]
+    return np.concatenate(rows).astype(np.float32).tolist()
+
+
 class RowBuffer:
     """The measurements of one logging interval: queued on the device as they come, reduced into one
     :class:`VectorStats` (over the interval and across ranks) when a row is written.
@@ -326,6 +347,7 @@ class RowBuffer:
         self.queued: list[tuple[Tensor, Tensor, Tensor]] = []  # (values, mask, slots) not yet in ``stats``
         self.last_host: dict[str, float] = {}
         self._masks: dict[tuple[bool, ...], Tensor] = {}
+        self._on_host: dict[int, tuple[Tensor, np.ndarray]] = {}  # id -> (a queued mask or slots tensor, its copy)
 
     def mask(self, pattern: tuple[bool, ...]) -> Tensor:
         """The device tensor of a presence pattern (cached: a handful of patterns per fit)."""
@@ -368,9 +390,25 @@ class RowBuffer:
         if self.empty and host == self.last_host:
             return None
         self.last_host = host
-        metrics = {} if self.empty else self.read(to_host([self.compute()]))
+        if self.empty:
+            metrics = {}
+        elif self.distributed or self.folded:
+            metrics = self.read(to_host([self.compute()]))
+        else:  # one process, nothing folded yet: the raw measurements are read and reduced on the host (fewer ops)
+            queued, self.queued = self.queued, []
+            values = np.asarray(to_host([torch.cat([v for v, _, _ in queued])]), dtype=np.float32)
+            mask = np.concatenate([self._host(m) for _, m, _ in queued])
+            slots = np.concatenate([self._host(i) for _, _, i in queued])
+            metrics = self.read(reduce_rows(values, mask, slots, self.layout.size))
         metrics.update(host)
         return metrics
+
+    def _host(self, t: Tensor) -> np.ndarray:
+        """A queued mask's or slots' host copy (a handful of distinct tensors per fit, each held while cached)."""
+        hit = self._on_host.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self._on_host[id(t)] = (t, t.detach().cpu().reshape(-1).numpy())
+        return hit[1]
 
     def read(self, flat: Sequence[float]) -> dict[str, float]:
         """The logged values of a computed row (host numbers), by key; resets the interval."""
@@ -379,7 +417,7 @@ class RowBuffer:
         rows = {"mean": mean, "min": low, "max": high, "sum": total}
         if self.distributed:
             self.stats.reset()
-        else:
+        elif self.folded:
             self.stats.clear()
         self.folded = False
         return {key: rows[reduce][slot] for key, reduce, slot in self.layout.keys if count[slot] > 0}
