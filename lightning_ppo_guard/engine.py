@@ -621,8 +621,14 @@ class MonitorEngine:
             return None
         cadence = fit.cadence
         cadence.observes += 1
+        progress = self.progress
+        if cadence.quiet and rollout is not None and progress.rollout.get(role) == rollout:
+            # the common case: a minibatch inside a known rollout of an actor named as such, its step not measured
+            counts = progress.rollout_observes
+            counts[role] = counts.get(role, 0) + 1
+            return None
         actor = self.actors.get(role) or actor_role(self.actors, role)
-        name, progress = actor.name, self.progress
+        name = actor.name
         first_in_rollout, prev_updates, prev_observes = False, None, None
         inferred = rollout is None and fit.manual and fit.infer_rollouts  # no rollout id: a manual batch is one
         if inferred:
