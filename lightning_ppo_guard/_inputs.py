@@ -104,15 +104,45 @@ def _token_mask(mask: Any, like: Tensor) -> Tensor:
     return mask
 
 
-def _tokens(name: str, t: Any, mask: Tensor) -> Tensor | None:
-    """A per-token tensor (or one value per sequence, spread over its tokens) at the mask's valid tokens."""
+class _Valid:
+    """The mask's valid tokens as flat indices, found once per ``observe`` and shared by every tensor read there
+    (a boolean index finds them again for each tensor)."""
+
+    __slots__ = ("_index", "_rows", "mask")
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+        self._index: Tensor | None = None
+        self._rows: Tensor | None = None
+
+    @property
+    def index(self) -> Tensor:
+        if self._index is None:
+            self._index = self.mask.reshape(-1).nonzero().squeeze(1)
+        return self._index
+
+    @property
+    def rows(self) -> Tensor:
+        """The sequence of each valid token."""
+        if self._rows is None:
+            self._rows = torch.div(self.index, max(self.mask[0].numel(), 1), rounding_mode="floor")
+        return self._rows
+
+
+def _tokens(name: str, t: Any, valid: _Valid) -> Tensor | None:
+    """A per-token tensor (or one value per sequence, spread over its tokens) at the mask's valid tokens. A tensor
+    the loss trains through is indexed by the mask itself (its gradient is read there: ``graph.watch_gradient``
+    knows that selection); a detached one is gathered at the shared indices."""
     if t is None:
         return None
     if not isinstance(t, Tensor):
         raise TypeError(f"observe(): {name} must be a torch.Tensor or None, got {type(t).__name__}.")
+    mask = valid.mask
     if t.shape == mask.shape:
-        return t[mask]
+        return t[mask] if t.requires_grad else t.reshape(-1).index_select(0, valid.index)
     if mask.dim() >= 2 and t.numel() == mask.shape[0]:  # one value per sequence (GRPO's advantages): every token
+        if not t.requires_grad:
+            return t.reshape(-1).index_select(0, valid.rows)
         return t.reshape(mask.shape[0], *([1] * (mask.dim() - 1))).expand(mask.shape)[mask]
     raise ValueError(
         f"observe(): {name} has shape {tuple(t.shape)} but mask has shape {tuple(mask.shape)}; with mask= pass "
@@ -228,11 +258,12 @@ class PolicyTerm:
             if rewards is not None and isinstance(advantages, Tensor) and token_mask.dim() >= 2:
                 seq_adv = _sequence_mean(advantages, token_mask)  # one per sequence, beside its reward
             new_logp = new_logp[token_mask]  # the hooks read it at the tensor the loss uses (graph.watch_gradient)
-            old_logp = cast(Tensor, _tokens("old_logp", old_logp, token_mask))
-            log_ratio = _tokens("log_ratio", log_ratio, token_mask)
-            advantages, entropy = _tokens("advantages", advantages, token_mask), _tokens("entropy", entropy, token_mask)
-            values, returns = _tokens("values", values, token_mask), _tokens("returns", returns, token_mask)
-            ref_logp = _tokens("ref_logp", ref_logp, token_mask)
+            valid = _Valid(token_mask)
+            old_logp = cast(Tensor, _tokens("old_logp", old_logp, valid))
+            log_ratio = _tokens("log_ratio", log_ratio, valid)
+            advantages, entropy = _tokens("advantages", advantages, valid), _tokens("entropy", entropy, valid)
+            values, returns = _tokens("values", values, valid), _tokens("returns", returns, valid)
+            ref_logp = _tokens("ref_logp", ref_logp, valid)
             if action_mask is not None:
                 action_mask = action_mask[token_mask]
             if isinstance(num_actions, Tensor) and num_actions.shape == token_mask.shape:

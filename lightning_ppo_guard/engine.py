@@ -62,7 +62,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_ppo_guard._binding import Binding, RoleCache, StepGroups, step_groups
 from lightning_ppo_guard._cadence import Cadence
 from lightning_ppo_guard._inputs import PolicyTerm
-from lightning_ppo_guard._plan import PreClip, transfer
+from lightning_ppo_guard._plan import PreClip, StepPlan, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import Layout, RowBuffer, arrange, host_values
@@ -152,7 +152,7 @@ class FitState:
     steps_since_row: int = 0
     batches_since_row: int = 0
     thin_said: bool = False  # the thinned cadence was announced
-    plans: dict[int, Any] = field(default_factory=dict)  # the roles' cache's step plans (id(optimizer) -> plan)
+    plans: dict[int, StepPlan] = field(default_factory=dict)  # the roles' cache's step plans, by id(optimizer)
     trunk: bool = False  # the cache hooks a shared trunk's heads (re-armed after each step)
 
     @property

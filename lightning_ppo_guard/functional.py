@@ -264,8 +264,8 @@ def sequence_stats(advantages: Tensor | None, rewards: Tensor | None, group: Ten
     task's); ``zero_group_reward``, the mean reward of the groups without spread (NaN when there are none).
     ``advantages`` (one per sequence, e.g. each sequence's mean over its tokens) with ``rewards`` give
     ``adv_reward_corr``: their correlation within groups (over the minibatch without groups); advantages that rise
-    with the rewards give a positive one, +1 exactly for GRPO's. Group ids are made dense with ``torch.unique`` (a
-    host read of the number of groups, once per call).
+    with the rewards give a positive one, +1 exactly for GRPO's. Group ids are made dense with ``torch.unique`` (which
+    sizes its output on the host: one device sync per call on a GPU).
     """
     out: dict[str, Tensor] = {}
     r = None if rewards is None else rewards.detach().reshape(-1).float()
@@ -275,8 +275,8 @@ def sequence_stats(advantages: Tensor | None, rewards: Tensor | None, group: Ten
     spread_of = r if r is not None else a
     inverse, count = None, None
     if group is not None and spread_of is not None and group.numel() == spread_of.numel() and group.numel():
-        _, inverse = torch.unique(group.reshape(-1), return_inverse=True)
-        k = int(inverse.max()) + 1
+        ids, inverse = torch.unique(group.reshape(-1), return_inverse=True)
+        k = ids.numel()
         count = spread_of.new_zeros(k).index_add_(0, inverse, torch.ones_like(spread_of))
         hi = spread_of.new_full((k,), -math.inf).scatter_reduce(0, inverse, spread_of, "amax")
         lo = spread_of.new_full((k,), math.inf).scatter_reduce(0, inverse, spread_of, "amin")
