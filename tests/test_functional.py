@@ -214,3 +214,81 @@ def test_sequence_stats_groups_and_the_advantages_order():
     assert F.sequence_stats(None, rewards, None).keys() == {"reward_mean", "reward_min", "reward_max"}
     # no rewards: the spread of each group's advantages
     assert F.sequence_stats(adv, None, group)["zero_adv_groups"].item() == pytest.approx(2 / 3)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([0.5, -3.0, 2.25, 0.0, math.nan, math.inf, -math.inf,
+                                                               1e-7, 123.25]),
+                          st.booleans()), min_size=1, max_size=60))
+def test_reduce_rows_on_the_host_gives_vector_stats_numbers(entries):
+    """A row read in one piece is reduced on the host (``reduce_rows``): the numbers of ``VectorStats``' update and
+    compute for the same measurements (NaN reaches the mean and the sum, min/max skip it, NaN where nothing came)."""
+    import numpy as np
+
+    from lightning_ppo_guard.metrics import VectorStats, reduce_rows
+
+    slots, values, mask = ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+    stats = VectorStats(6)
+    stats.update(torch.tensor(values), torch.tensor(mask), torch.tensor(slots))
+    device = stats.compute().reshape(-1).tolist()
+    host = reduce_rows(np.array(values, dtype=np.float32), np.array(mask), np.array(slots), 6)
+    assert len(host) == len(device)
+    for a, b in zip(device, host, strict=True):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-30)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 80), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([None, 1, 2, 7, "per-sample"]),
+       st.integers(0, 10_000))
+def test_policy_vector_is_policy_stats_in_one_vector(n, clip, adv, ev, actions, seed):
+    """The two faces of one implementation: ``policy_stats`` is ``policy_vector`` by name, and each statistic
+    equals its own definition (computed here entry by entry, independently of the fused path)."""
+    g = torch.Generator().manual_seed(seed)
+    lr = torch.randn(n, generator=g) * 0.2
+    a = torch.randn(n, generator=g) if adv else None
+    if a is not None:
+        a[: n // 3] = 0.0
+    values, returns = (torch.randn(n, generator=g), torch.randn(n, generator=g)) if ev else (None, None)
+    ent = torch.rand(n, generator=g)
+    num = torch.randint(1, 5, (n,), generator=g) if actions == "per-sample" else actions
+    kw = dict(clip_eps=0.2 if clip else None, advantages=a, values=values, returns=returns, entropy=ent,
+              num_actions=num)
+    vector, names = F.policy_vector(lr, **kw)
+    stats = F.policy_stats(lr, **kw)
+    assert tuple(stats) == names and vector.shape == (len(names),)
+    assert all(torch.equal(stats[k], vector[i]) or bool(stats[k].isnan() & vector[i].isnan())
+               for i, k in enumerate(names))
+    r = lr.double().exp()
+    expect = {"approx_kl": ((r - 1) - lr.double()).mean(), "approx_kl_k1": -lr.double().mean(),
+              "ratio_mean": r.mean(), "ratio_min": r.min(), "ratio_max": r.max(), "ratio_dev": (r - 1).abs().max(),
+              "entropy": ent.double().mean()}
+    if clip:
+        expect["clip_fraction"] = ((r - 1).abs() > 0.2).double().mean()
+    if adv:
+        expect.update(adv_mean=a.double().mean(), adv_std=a.double().std(correction=0),
+                      adv_zero_frac=(a == 0).double().mean())
+    if ev:
+        expect["explained_variance"] = 1 - (returns - values).double().var(correction=0) / returns.double().var(
+            correction=0)
+    if actions == "per-sample":
+        log_n = num.double().log()
+        expect["entropy_norm"] = torch.where(log_n > 0, ent.double() / log_n.clamp_min(1e-12), 1.0).mean()
+    elif actions is not None:
+        expect["entropy_norm"] = ent.double().mean() / math.log(actions) if actions > 1 else torch.tensor(1.0)
+    assert set(names) == set(expect)
+    for name, value in expect.items():
+        got, want = stats[name].item(), float(value)
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=2e-5, abs=2e-6), name
+
+
+def test_explained_variance_is_nan_without_spread_in_the_returns():
+    stats = F.policy_stats(values=torch.randn(16), returns=torch.full((16,), 3.0))
+    assert math.isnan(stats["explained_variance"].item())
+
+
+def test_arrange_lays_a_named_vector_out_by_name():
+    from lightning_ppo_guard.metrics import arrange
+
+    values, present = arrange(torch.tensor([1.0, 2.0, 3.0]), ("b", "a", "c"), ("a", "x", "c", "b"))
+    assert present == (True, False, True, True)
+    assert values[0].item() == 2.0 and math.isnan(values[1].item()) and values[2].item() == 3.0
+    assert values[3].item() == 1.0

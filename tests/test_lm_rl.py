@@ -172,6 +172,11 @@ def test_mask_gives_statistics_over_the_valid_tokens_only():
     assert stats["adv_std"].item() == pytest.approx(tok_adv.std(unbiased=False).item(), rel=1e-5)
     assert stats["ref_kl"].item() == pytest.approx(math.expm1(-0.05) + 0.05, rel=1e-4)
     assert stats["adv_reward_corr"].item() == pytest.approx(1.0)
+    # detached tensors are gathered at the valid tokens found once; the live one is selected by the mask itself
+    # (its gradient is read where the loss's arrives), in the same order
+    assert torch.equal(term.old_logp, padded[mask]) and torch.equal(term.advantages, tok_adv)
+    assert torch.equal(term.ref_logp, (new.detach() - 0.05)[mask])
+    assert type(term.new_logp.grad_fn).__name__ == "IndexBackward0" and torch.equal(term.new_logp, new[mask])
 
 
 def test_bad_token_inputs_say_what_to_pass():
