@@ -210,7 +210,7 @@ class Cadence:
         for clock in self.clocks.values():
             decision = clock.decision
             if decision is None:
-                decision = clock.decision = self._decide(clock)
+                decision = clock.decision = bool(self._decide(clock))
             if decision:
                 self.quiet = False
                 return True
@@ -223,21 +223,28 @@ class Cadence:
         clock = self.clocks.get(key) or self.clock(key)
         decision = clock.decision
         if decision is None:
-            decision = clock.decision = self._decide(clock)
+            decision = clock.decision = bool(self._decide(clock))
         return decision
 
-    def _decide(self, clock: Clock) -> bool:
+    def _decide(self, clock: Clock, early: bool = False) -> bool | None:
+        """Whether ``clock``'s coming step is measured. ``early`` (at the step before): None where the decision
+        reads the learning rates, which is left to the step itself (a scheduler steps after the optimizer)."""
         if clock.steps < self.dense_steps or self.every == 1:
             if self.lrs is None and self.read_lrs is not None:  # the reference: the rates the fit starts with
+                if early:
+                    return None
                 self.lrs = self.read_lrs()
             return True
         # no segment known, or segments of one step (a manual loop with one minibatch per batch: a last step that
         # is also the first never comes as "the step after the first"): one step in ``every``, the phase shifting
         if clock.previous is None or clock.previous <= 1:
             n = clock.steps
-            if n % _LR_EVERY == 0 and self.lrs_moved():  # a schedule's drop (to 0): its step rules need a streak
-                for c in self.clocks.values():
-                    c.attend_until = c.steps + _ATTEND_STEPS
+            if n % _LR_EVERY == 0:
+                if early:
+                    return None
+                if self.lrs_moved():  # a schedule's drop (to 0): its step rules need a streak
+                    for c in self.clocks.values():
+                        c.attend_until = c.steps + _ATTEND_STEPS
             every = self.every if n >= _EARLY * self.every else max(1, self.every // _EARLY)  # denser early on
             return n < clock.attend_until or (n + n // every) % every == 0
         if self.skipping:
@@ -257,16 +264,10 @@ class Cadence:
         if measured:
             clock.measured += 1
             clock.late = clock.late or clock.segment > 0
-        n = clock.steps = clock.steps + 1
+        clock.steps += 1
         clock.segment += 1
-        previous = clock.previous
-        segmentless = previous is None or previous <= 1
-        if len(self.clocks) == 1 and n >= self.dense_steps and self.every != 1 and (not segmentless or n % _LR_EVERY):
-            decision = clock.decision = self._decide(clock)
-            self.quiet = not decision
-        else:
-            clock.decision = None
-            self.quiet = False
+        decision = self._decide(clock, early=True) if len(self.clocks) == 1 else None
+        clock.decision, self.quiet = decision, decision is False
 
     def sampled_segment(self) -> bool:
         """Whether the current segment gets the per-rollout wiring reads (the first minibatch's ratio, the backward

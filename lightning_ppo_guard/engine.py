@@ -62,7 +62,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_ppo_guard._binding import Binding, RoleCache, StepGroups, step_groups
 from lightning_ppo_guard._cadence import Cadence
 from lightning_ppo_guard._inputs import PolicyTerm
-from lightning_ppo_guard._plan import PreClip, StepPlan, transfer
+from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
 from lightning_ppo_guard._warnings import PPOGuardWarning
 from lightning_ppo_guard.metrics import Layout, RowBuffer, arrange, host_values
@@ -152,8 +152,6 @@ class FitState:
     steps_since_row: int = 0
     batches_since_row: int = 0
     thin_said: bool = False  # the thinned cadence was announced
-    plans: dict[int, StepPlan] = field(default_factory=dict)  # the roles' cache's step plans, by id(optimizer)
-    trunk: bool = False  # the cache hooks a shared trunk's heads (re-armed after each step)
 
     @property
     def fraction(self) -> float | None:
@@ -459,7 +457,6 @@ class MonitorEngine:
             return
         changed = fit.cache.refresh(self.roles, fit.trainer.optimizers, fit.module, self.progress.optimizer_steps)
         self.bindings = fit.cache.bindings
-        fit.plans, fit.trunk = fit.cache.plans, fit.cache.trunk is not None  # read by every step's post-hook
         if changed is not None:
             self.snapshot_bytes = fit.cache.snapshot_bytes
             self.flight.pre_clip = None
@@ -546,7 +543,7 @@ class MonitorEngine:
             return
         key, flight = id(optimizer), self.flight
         flight.awaiting.discard(key)
-        plan = fit.plans.get(key)
+        plan = fit.cache.plans.get(key)
         if plan is None:
             return
         progress = self.progress
@@ -558,7 +555,7 @@ class MonitorEngine:
             self.measured(fit, plan, key, flight.param_sq.pop(key))
         else:
             fit.cadence.stepped(key)
-        if fit.trunk:
+        if fit.cache.trunk is not None:
             fit.cache.hook_trunk(fit.cadence)
         if self.log_every is not None:
             fit.steps_since_row += 1
@@ -590,7 +587,7 @@ class MonitorEngine:
         """An optimizer step was announced and never ran."""
         self.flight.awaiting.discard(opt_id)
         self.flight.param_sq.pop(opt_id, None)
-        plan = self.fit.plans.get(opt_id) if self.fit is not None else None
+        plan = self.fit.cache.plans.get(opt_id) if self.fit is not None else None
         if plan is None:
             return
         self.progress.count_skipped(plan.names)
