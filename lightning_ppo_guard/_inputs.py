@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, TransformedDistribution
 
-from lightning_ppo_guard.functional import policy_vector, sequence_stats
+from lightning_ppo_guard.functional import flat, policy_vector, sequence_stats
 
 __all__ = ["PolicyTerm", "as_number"]
 
@@ -339,8 +339,7 @@ class PolicyTerm:
         """:meth:`statistics` as one vector and the name of each entry
         (:func:`~lightning_ppo_guard.functional.policy_vector`, with the per-sequence statistics after it)."""
         given = self.log_ratio
-        log_ratio = (given.reshape(-1).float() if given is not None
-                     else self.new_logp.reshape(-1).float() - self.old_logp.reshape(-1).float())
+        log_ratio = flat(given) if given is not None else flat(self.new_logp) - flat(self.old_logp)
         if not full:
             return policy_vector(log_ratio)
         entropy, num_actions = self.entropy_and_actions()

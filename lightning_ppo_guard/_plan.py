@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_ppo_guard._sharded import Shards, local
 from lightning_ppo_guard._trunk import POLICY, VALUE, TrunkProbe
+from lightning_ppo_guard.functional import flat
 from lightning_ppo_guard.metrics import STEP_METRICS, Layout
 from lightning_ppo_guard.roles import Role
 
@@ -406,15 +407,14 @@ def transfer(parts: Sequence[Tensor], plans: Sequence[StepPlan]) -> list[float]:
     """One device-to-host transfer of ``parts`` (flattened, in order) and of every clip-inference check the
     ``plans`` hold, which it settles; returns the values of ``parts``."""
     checks = [(plan, plan.clip.take_checks()) for plan in plans if plan.clip.checks]
-    # most parts are flat float32 already (rows of a step block, observe vectors): no op for them
-    tensors = [t if t.dim() == 1 and t.dtype == torch.float32 else t.reshape(-1).float() for t in parts]
+    tensors = [flat(t) for t in parts]  # most are flat float32 already (step rows, observe vectors): no op for them
     tensors += [c for _, cs in checks for c in cs]
     if not tensors:
         return []
     device = tensors[0].device
-    flat = torch.cat([t if t.device == device else t.to(device) for t in tensors]).cpu().tolist()
-    at = n = len(flat) - sum(len(cs) for _, cs in checks)
+    values = torch.cat([t if t.device == device else t.to(device) for t in tensors]).cpu().tolist()
+    at = n = len(values) - sum(len(cs) for _, cs in checks)
     for plan, cs in checks:
-        plan.clip.settle(flat[at:at + len(cs)])
+        plan.clip.settle(values[at:at + len(cs)])
         at += len(cs)
-    return flat[:n]
+    return values[:n]

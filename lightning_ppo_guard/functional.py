@@ -33,6 +33,7 @@ __all__ = [
     "approx_kl_k1",
     "clip_fraction",
     "explained_variance",
+    "flat",
     "normalized_entropy",
     "per_sample",
     "policy_stats",
@@ -54,16 +55,16 @@ def per_sample(t: Tensor, n: int) -> Tensor:
     """``t`` as one value per sample of an ``n``-sample minibatch: flattened, and summed over any extra
     per-sample entries (``(B, act_dim)`` -> ``(B,)``); a tensor that cannot be split that way is averaged
     (returned 0-d)."""
-    flat = t.reshape(-1).float()
-    if flat.numel() == n:
-        return flat
-    if n > 0 and flat.numel() % n == 0:
-        return flat.reshape(n, -1).sum(-1)
-    return flat.mean()
+    v = flat(t)
+    if v.numel() == n:
+        return v
+    if n > 0 and v.numel() % n == 0:
+        return v.reshape(n, -1).sum(-1)
+    return v.mean()
 
 
-def _flat(t: Tensor) -> Tensor:
-    """``t`` as a flat float32 vector (no op at all when it is one already: the common case)."""
+def flat(t: Tensor) -> Tensor:
+    """``t`` as a flat float32 vector: ``t`` itself when it is one already (the common case: no torch call)."""
     return t if t.dim() == 1 and t.dtype == torch.float32 else t.reshape(-1).float()
 
 
@@ -75,9 +76,16 @@ _AFFINE: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, tuple[str, ...]]
 _CONSTANTS: dict[tuple[float, torch.device], Tensor] = {}
 
 
+#: the most entries a cache keyed by values may hold before it starts afresh (a clip range on a schedule changes
+#: every rollout: a new key each time)
+_CACHE_LIMIT = 64
+
+
 def _constant(value: float, device: torch.device) -> Tensor:
     t = _CONSTANTS.get((value, device))
     if t is None:
+        if len(_CONSTANTS) >= _CACHE_LIMIT:
+            _CONSTANTS.clear()
         t = _CONSTANTS[value, device] = torch.tensor(value, dtype=torch.float32, device=device)
     return t
 
@@ -114,6 +122,8 @@ def _affine(rows: tuple[str, ...], ratio: bool, ev: bool, entropy_scale: float |
         spec.append(("entropy", mean["entropy"], 1.0, 0.0))
         if entropy_scale is not None:  # entropy / (components * log(num_actions)); 0 * mean + 1 with one action
             spec.append(("entropy_norm", mean["entropy"], entropy_scale, 0.0 if entropy_scale else 1.0))
+    if len(_AFFINE) >= _CACHE_LIMIT:  # keyed by the entropy's scale too (num_actions may change per call)
+        _AFFINE.clear()
     names = tuple(name for name, *_ in spec)
     index = torch.tensor([i for _, i, _, _ in spec], dtype=torch.long, device=device)
     scale = torch.tensor([a for *_, a, _ in spec], dtype=torch.float32, device=device)
@@ -144,7 +154,7 @@ def policy_vector(
     rows: list[Tensor] = []
     ratio_m1 = None
     if log_ratio is not None:
-        log_ratio = _flat(log_ratio)
+        log_ratio = flat(log_ratio)
         ratio_m1 = torch.expm1(log_ratio)  # r - 1 without cancellation
         names += ["k3", "log_ratio"]
         rows += [ratio_m1 - log_ratio, log_ratio]
@@ -155,22 +165,22 @@ def policy_vector(
         names.append("ratio_m1")
         rows.append(ratio_m1)
     if logp is not None and logp.numel() == n:
-        logp = _flat(logp)
+        logp = flat(logp)
         names.append("logp")
         rows.append(logp)
         if ref_logp is not None and ref_logp.numel() == n:
-            ref_diff = _flat(ref_logp) - logp
+            ref_diff = flat(ref_logp) - logp
             names.append("ref_k3")
             rows.append(torch.expm1(ref_diff) - ref_diff)
     if advantages is not None:
-        adv = _flat(advantages)
+        adv = flat(advantages)
         names += ["adv", "adv_zero"]  # GRPO: a group whose samples got one reward has exactly 0
         rows += [adv, torch.logical_not(adv).float()]
     ev = values is not None and returns is not None
     if ev:
-        ret = _flat(returns)  # type: ignore[arg-type]
+        ret = flat(returns)  # type: ignore[arg-type]
         names += ["residual", "ret"]
-        rows += [ret - _flat(values), ret]  # type: ignore[arg-type]
+        rows += [ret - flat(values), ret]  # type: ignore[arg-type]
     ent, components = None, 1
     if entropy is not None:
         ent = per_sample(entropy, n)

@@ -180,6 +180,8 @@ def arrange(vector: Tensor, names: tuple[str, ...], wanted: tuple[str, ...]) -> 
     key = (names, wanted, vector.device)
     hit = _ARRANGE.get(key)
     if hit is None:
+        if len(_ARRANGE) >= 64:  # a handful of patterns per fit; bounded all the same
+            _ARRANGE.clear()
         at = {name: i for i, name in enumerate(names)}
         nan = len(names)
         hit = _ARRANGE[key] = (torch.tensor([at.get(name, nan) for name in wanted], dtype=torch.long,
@@ -407,6 +409,8 @@ class RowBuffer:
         """A queued mask's or slots' host copy (a handful of distinct tensors per fit, each held while cached)."""
         hit = self._on_host.get(id(t))
         if hit is None or hit[0] is not t:
+            if len(self._on_host) >= 64:  # the plans' tensors are rebuilt when the roles' tensors change
+                self._on_host.clear()
             hit = self._on_host[id(t)] = (t, t.detach().cpu().reshape(-1).numpy())
         return hit[1]
 

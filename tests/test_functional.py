@@ -292,3 +292,14 @@ def test_arrange_lays_a_named_vector_out_by_name():
     assert present == (True, False, True, True)
     assert values[0].item() == 2.0 and math.isnan(values[1].item()) and values[2].item() == 3.0
     assert values[3].item() == 1.0
+
+
+def test_a_clip_range_on_a_schedule_does_not_grow_the_caches():
+    """The constants and affine maps are cached by value; a clip range that changes every rollout (SB3's
+    ``clip_range`` schedules) must not make that a leak."""
+    lr = _lr(32)
+    for k in range(500):
+        eps = 0.2 * (1 - k / 500)
+        assert F.policy_stats(lr, clip_eps=eps)["clip_fraction"].item() == pytest.approx(
+            ((lr.exp() - 1).abs() > eps).float().mean().item())
+    assert len(F._CONSTANTS) <= F._CACHE_LIMIT and len(F._AFFINE) <= F._CACHE_LIMIT
