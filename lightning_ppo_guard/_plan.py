@@ -1,8 +1,10 @@
 """``StepPlan``: the fused measurement of one optimizer step, for every role that optimizer holds.
 
 Each pass over the roles' tensors is one multi-tensor call for all roles together (``_foreach_norm``,
-``_foreach_copy_``, ``_foreach_sub_``); per-tensor results are summed into roles with one ``index_add_``
-(a NaN or an Inf stays in its own role). A measured step is ~50 small ops whatever the number of roles
+``_foreach_copy_``, ``_foreach_sub_``). The per-tensor norms of a step (after backward, after the clip, of the
+update, of the parameters before it) and its nonzero counts are summed into roles with one ``index_add_`` (a NaN or
+an Inf stays in its own role), and the ``[roles, STEP_METRICS]`` block is laid out from those sums by one cached
+gather and one ``addcdiv`` (:meth:`StepPlan.after`). A measured step is ~30 small ops whatever the number of roles
 and tensors, nothing is allocated in proportion to the model, and nothing is copied to the host.
 
 Pure torch, no Lightning: :class:`~lightning_ppo_guard.PPOMonitor` builds one plan per optimizer at each
@@ -28,19 +30,14 @@ __all__ = ["COLUMNS", "ClipInference", "PreClip", "StepPlan", "transfer"]
 
 #: The columns of every role (gradients), then of the roles that move (actors, a shared trunk: the snapshot and
 #: the nonzero count), then of the shared trunk alone (the heads' gradients): each group named by
-#: ``MetricSpec.roles`` in :data:`~lightning_ppo_guard.metrics.STEP_METRICS`. Blocks are built from named
-#: columns (:func:`_stack`), so this grouping is the one order there is; readers map by these names.
+#: ``MetricSpec.roles`` in :data:`~lightning_ppo_guard.metrics.STEP_METRICS`. Blocks are laid out by column name
+#: (:meth:`StepPlan._layout`), so this grouping is the one order there is; readers map by these names.
 COMMON_COLUMNS = tuple(s.name for s in STEP_METRICS if s.roles == "all")
 ACTOR_COLUMNS = tuple(s.name for s in STEP_METRICS if s.roles == "actor")
 SHARED_COLUMNS = tuple(s.name for s in STEP_METRICS if s.roles == "shared")
 COLUMNS = COMMON_COLUMNS + ACTOR_COLUMNS + SHARED_COLUMNS
-
-
-def _stack(names: tuple[str, ...], **columns: Tensor) -> Tensor:
-    """A ``[rows, len(names)]`` block from one tensor per named column (every name given, no other)."""
-    if columns.keys() != set(names):
-        raise RuntimeError(f"a step block needs exactly the columns {names}, got {tuple(columns)}")
-    return torch.stack([columns[name] for name in names], dim=1)
+# the trunk probe reads [policy, value] norms: the order of the first two shared columns
+assert (POLICY, VALUE) == (0, 1) and SHARED_COLUMNS[:2] == ("head_grad_policy", "head_grad_value")
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -55,9 +52,9 @@ _PARAM_NORM_EVERY = 8
 
 def _norms(tensors: list[Tensor], ord: float, low_precision: bool) -> Tensor:
     """Per-tensor norms as one float32 vector (one fused call; accumulated in float32 for half tensors)."""
-    out = torch._foreach_norm(tensors, ord, dtype=torch.float32) if low_precision else torch._foreach_norm(
-        tensors, ord)
-    return torch.stack(out).float()
+    out = torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32) if low_precision else
+                      torch._foreach_norm(tensors, ord))
+    return out if out.dtype == torch.float32 else out.float()
 
 
 def _by_role(per_tensor: Tensor, owner: Tensor, n_roles: int) -> Tensor:
@@ -81,7 +78,7 @@ class StepPlan:
         self.actors = [r for r in self.roles if r.moves]  # the roles whose update is measured
         self.params: list[Tensor] = [p for r in self.roles for p in r.params]
         self._owner = [i for i, r in enumerate(self.roles) for _ in r.params]
-        n_roles, n_actors = len(self.roles), len(self.actors)
+        n_roles = len(self.roles)
         self.actor_params = self.params[:sum(len(r.params) for r in self.actors)]
         self.seg = torch.tensor(self._owner, dtype=torch.long, device=device)
         self.actor_seg = self.seg[:len(self.actor_params)]
@@ -93,16 +90,19 @@ class StepPlan:
         self._actors_index = slice(0, len(self.actor_params))
         self.per_tensor_count = sum(r.numel for r in self.actors) > _PER_TENSOR_COUNT
         self.device = device
-        self._zero = torch.zeros((), device=device)
-        self._ones = torch.ones(n_roles, device=device)
-        self._nan_actors = torch.full((n_actors,), math.nan, device=device)
-        self._pad = torch.full((n_roles - n_actors, len(ACTOR_COLUMNS)), math.nan, device=device)
-        self._nan_shared = torch.full((n_roles, len(SHARED_COLUMNS)), math.nan, device=device)
+        f32 = torch.float32  # explicit: a fit in true half or double precision changes the default dtype
+        self._zero = torch.zeros((), dtype=f32, device=device)
+        self._ones = torch.ones(n_roles, dtype=f32, device=device)
+        # the heads' values when not measured, and the NaN every empty entry of a block is gathered from
+        self._nan = torch.full((len(SHARED_COLUMNS) + 1,), math.nan, dtype=f32, device=device)
         shared = [i for i, r in enumerate(self.roles) if r.kind == "shared" and r.params]
         self.shared_row = shared[0] if shared else None
-        self._shared_rows = (torch.arange(n_roles, device=device) == (shared[0] if shared else -1)).unsqueeze(1)
         self.trunk: TrunkProbe | None = None  # set by the roles' cache when the trunk's heads are hooked
         self._none: dict[tuple[int, ...], Tensor] = {}
+        # (pre-clip norms given, nonzero counted) -> index of each summed entry; (counted, heads) -> the block's layout
+        self._sum_index: dict[tuple[bool, bool], Tensor] = {}
+        self._layouts: dict[tuple[bool, bool], tuple[Tensor, Tensor, Tensor]] = {}
+        self._within: dict[int, Tensor | None] = {}  # id(another plan) -> where this plan's tensors sit in its order
         # where each entry of the flattened block goes in VectorStats, and which entries hold a measurement
         self.slots = torch.tensor([layout.step_slot(r.name, c) for r in self.roles for c in COLUMNS],
                                   dtype=torch.long, device=device)
@@ -138,7 +138,7 @@ class StepPlan:
         self.large = sum(r.numel for r in self.roles) >= _LARGE
         # post-clip norms may be inferred on large models only (a pass costs less than the inference elsewhere)
         self.clip = ClipInference(self.large and not self.low_precision and bool(probe))
-        self._param_sq: Tensor | None = None  # the actors' last squared parameter norms, and measured steps since
+        self._param_norms: Tensor | None = None  # the actors' last per-tensor parameter norms, and measured steps since
         self._param_age = 0
 
     def _norms(self, tensors: list[Tensor], ord: float, index: Sequence[int] | slice | Tensor | None = None) -> Tensor:
@@ -178,19 +178,26 @@ class StepPlan:
         return tuple((id(p.grad), p.grad._version) if p.grad is not None else (0, 0) for p in self.params)
 
     @torch.no_grad()
-    def grad_norms(self) -> tuple[Tensor, Tensor | None]:
-        """Each role's gradient L2 norm, and the per-tensor norms (one fused call for all roles)."""
+    def grad_norms(self) -> Tensor | None:
+        """Every tensor's gradient L2 norm (one fused call for all roles; None without tensors)."""
         grads, _ = self.grads()
-        if not grads:
-            return torch.zeros(len(self.roles), device=self.device), None
-        norms = self._norms(grads, 2)
-        return _by_role(norms.square(), self.seg, len(self.roles)).sqrt(), norms
+        return self._norms(grads, 2) if grads else None
+
+    def within(self, other: StepPlan) -> Tensor | None:
+        """Where this plan's tensors sit in ``other``'s tensor order (None when one is not there)."""
+        index = self._within.get(id(other), self)
+        if index is self:
+            at = {id(p): k for k, p in enumerate(other.params)}
+            index = self._within[id(other)] = (
+                torch.tensor([at[id(p)] for p in self.params], dtype=torch.long, device=self.device)
+                if all(id(p) in at for p in self.params) else None)
+        return index  # type: ignore[return-value]
 
     @torch.no_grad()
     def post_norms(self) -> Tensor:
         """Per-tensor norms of the gradients as they are now (one fused pass over every role's tensors)."""
         grads = self.grads()[0]
-        return self._norms(grads, 2) if grads else torch.zeros(0, device=self.device)
+        return self._norms(grads, 2) if grads else self._zero.new_zeros(0)
 
     def _coef(self, post_probe: Tensor, pre: Tensor) -> Tensor:
         """Each role's clip coefficient, sqrt(sum post^2 / sum pre^2) over its probes (1 where they are 0)."""
@@ -220,126 +227,194 @@ class StepPlan:
 
     @torch.no_grad()
     def before(self) -> Tensor:
-        """At the optimizer's step pre-hook: snapshot the actors; returns their squared parameter norms.
+        """At the optimizer's step pre-hook: snapshot the actors; returns their per-tensor parameter norms.
 
         In automatic optimization this hook runs before the closure (forward and backward) inside
         ``optimizer.step``, so it reads parameters only: the gradients are read at :meth:`after`.
 
-        On large models (:data:`_LARGE` elements) the parameter norm, a full pass, is re-read on every 8th
-        call only; between, the last one is returned. It is then at most 7 measured steps old, and by the
+        On large models (:data:`_LARGE` elements) the parameter norms, a full pass, are re-read on every 8th
+        call only; between, the last ones are returned. They are then at most 7 measured steps old, and by the
         triangle inequality off by at most the sum of those steps' ``update_norm`` (relative error below the
         sum of their ``update_ratio``: ~1e-3 per step in healthy PPO, so ``update_ratio`` and ``param_norm`` are
         within ~1% there). ``update_norm`` itself is always exact.
         """
         if not self.actor_params:
-            return torch.zeros(len(self.actors), device=self.device)
+            return self._zero.new_zeros(0)
         torch._foreach_copy_(self.snap, self._local_actor_params())
-        if self._param_sq is None or not self.large or self._param_age >= _PARAM_NORM_EVERY - 1:
-            norms = self._norms(self.actor_params, 2, self._actors_index)
-            self._param_sq = _by_role(norms.square(), self.actor_seg, len(self.actors))
+        if self._param_norms is None or not self.large or self._param_age >= _PARAM_NORM_EVERY - 1:
+            self._param_norms = self._norms(self.actor_params, 2, self._actors_index)
             self._param_age = 0
         else:
             self._param_age += 1
-        return self._param_sq
+        return self._param_norms
 
-    def measure(self, param_sq: Tensor, pre: PreClip | None, count_nonzero: bool
+    def measure(self, params_before: Tensor, pre: PreClip | None, count_nonzero: bool
                 ) -> tuple[Tensor, list[int], Tensor]:
         """At the step post-hook of a measured step: :meth:`after`, with the pre-clip norms taken from ``pre``
         (once) and the post-clip norms reused, inferred or measured by :attr:`clip`; and the block's mask."""
         post = self.clip.post_norms(self, pre)
         norms, inv_scale = (pre.take(self), pre.inv_scale) if pre is not None else (None, 1.0)
-        block, nones = self.after(param_sq, norms, inv_scale if norms is not None else 1.0, count_nonzero, post)
+        block, nones = self.after(params_before, norms, inv_scale if norms is not None else 1.0, count_nonzero, post)
         return block, nones, self.masks[count_nonzero, self._heads]
 
-    def _shared_columns(self) -> Tensor:
-        """The shared trunk's row of heads' gradients (policy, value, value share), NaN elsewhere."""
+    def _shared_values(self) -> Tensor:
+        """The shared trunk's heads' gradients ``[policy, value, value share]``, and a NaN (NaN throughout when
+        they were not both measured)."""
         self._heads = False
         if self.trunk is None or self.shared_row is None:
-            return self._nan_shared
+            return self._nan
         norms, both = self.trunk.read()
         if not both:
-            return self._nan_shared
+            return self._nan
         self._heads = True
-        policy, value = norms[POLICY], norms[VALUE]
-        row = _stack(SHARED_COLUMNS, head_grad_policy=policy.reshape(1), head_grad_value=value.reshape(1),
-                     value_grad_share=(value / norms.sum().clamp_min(1e-30)).reshape(1)).reshape(-1)
-        return torch.where(self._shared_rows, row, self._nan_shared)
+        return torch.cat([norms, norms[VALUE:] / norms.sum().clamp_min(1e-30), self._nan[:1]])
+
+    def _index(self, pre: bool, counted: bool) -> Tensor:
+        """Where each entry :meth:`after` sums goes (see :meth:`_slots`): per-tensor squared norms after the clip,
+        (before it), of the update and of the parameters, then each gradient's finiteness and (the nonzero counts)."""
+        key = (pre, counted)
+        index = self._sum_index.get(key)
+        if index is None:
+            post, before, update, param, finite, nonzero = self._slots()
+            seg, actor_seg = self._owner, self._owner[:len(self.actor_params)]
+            entries = [post + k for k in seg] + ([before + k for k in seg] if pre else [])
+            entries += [update + k for k in actor_seg] + [param + k for k in actor_seg] + [finite + k for k in seg]
+            entries += [nonzero + k for k in actor_seg] if counted else []
+            index = self._sum_index[key] = torch.tensor(entries, dtype=torch.long, device=self.device)
+        return index
+
+    def _slots(self) -> tuple[int, int, int, int, int, int]:
+        """Offsets of the sums :meth:`after` keeps per role (R) or per actor (A): post-clip squared norm (R),
+        pre-clip (R), update (A), parameters (A), finite gradient tensors (R), nonzero gradient elements (A)."""
+        n, a = len(self.roles), len(self.actors)
+        return 0, n, 2 * n, 2 * n + a, 2 * n + 2 * a, 3 * n + 2 * a
+
+    def _layout(self, counted: bool, heads: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The block as ``offset + source[gather] / divisor``, where the source is :meth:`after`'s
+        ``[sums, roots, grad_norm, clip_coef, update_ratio, grad_none, heads' values, NaN]``: each column named."""
+        key = (counted, heads)
+        layout = self._layouts.get(key)
+        if layout is None:
+            n, a = len(self.roles), len(self.actors)
+            post, _, update, param, finite, nonzero = self._slots()
+            k = 3 * n + 3 * a
+            roots, norm_at, coef_at, ratio_at, none_at = k, 2 * k, 2 * k + n, 2 * k + 2 * n, 2 * k + 2 * n + a
+            heads_at = none_at + n
+            nan_at = heads_at + len(SHARED_COLUMNS)
+            counted = counted and bool(self.actor_params)  # parameterless actors: nothing to count
+            gather, divisor, offset = [], [], []
+            for i, role in enumerate(self.roles):
+                actor = i < a  # actors first
+                where: dict[str, tuple[int, float, float]] = {
+                    "grad_norm": (norm_at + i, 1.0, 0.0), "grad_norm_clipped": (roots + post + i, 1.0, 0.0),
+                    "clip_coef": (coef_at + i, 1.0, 0.0), "grad_none": (none_at + i, 1.0, 0.0),
+                    # tensors with a NaN/Inf gradient: the role's tensors less its finite ones
+                    "grad_nonfinite": (finite + i, -1.0, float(len(role.params))),
+                    "grad_nonzero_frac": ((nonzero + i, float(max(role.numel, 1)), 0.0) if actor and counted
+                                          else (nan_at, 1.0, 0.0)),
+                    "update_norm": (roots + update + i, 1.0, 0.0) if actor else (nan_at, 1.0, 0.0),
+                    "update_ratio": (ratio_at + i, 1.0, 0.0) if actor else (nan_at, 1.0, 0.0),
+                    "param_norm": (roots + param + i, 1.0, 0.0) if actor else (nan_at, 1.0, 0.0),
+                }
+                for j, column in enumerate(SHARED_COLUMNS):
+                    where[column] = (heads_at + j, 1.0, 0.0) if heads and i == self.shared_row else (nan_at, 1.0, 0.0)
+                for column in COLUMNS:
+                    at, div, off = where[column]
+                    gather.append(at)
+                    divisor.append(div)
+                    offset.append(off)
+            layout = self._layouts[key] = (torch.tensor(gather, dtype=torch.long, device=self.device),
+                                           torch.tensor(divisor, dtype=torch.float32, device=self.device),
+                                           torch.tensor(offset, dtype=torch.float32, device=self.device))
+        return layout
 
     @torch.no_grad()
-    def after(self, param_sq: Tensor, pre: Tensor | None, inv_scale: float, count_nonzero: bool = True,
+    def after(self, params_before: Tensor, pre: Tensor | None, inv_scale: float, count_nonzero: bool = True,
               norms: Tensor | None = None) -> tuple[Tensor, list[int]]:
         """At the step post-hook: the ``[roles, STEP_METRICS]`` block of this step (still on the device), and
         the ``None`` gradient count per role (host).
 
         The gradients are the ones the optimizer stepped with (after every clip; an optimizer does not write
-        them). ``pre`` is each role's gradient norm before clipping (AMP-scaled by ``1 / inv_scale``), if
-        measured; ``norms`` the per-tensor norms of these very gradients if nothing wrote them since (no
-        clipping): reused instead of a second pass. ``count_nonzero=False`` skips the nonzero count (a full
-        pass over the actor's gradients, the costliest part on large actors) and gives NaN there.
+        them). ``params_before`` are :meth:`before`'s per-tensor parameter norms; ``pre`` each tensor's gradient norm
+        before clipping (AMP-scaled by ``1 / inv_scale``), if measured; ``norms`` the per-tensor norms of these very
+        gradients if known (nothing wrote them since, or inferred): reused instead of a second pass.
+        ``count_nonzero=False`` skips the nonzero count (a full pass over the actor's gradients, the costliest part
+        on large actors) and gives NaN there. Every per-tensor number is summed into its role by one ``index_add_``,
+        and the block laid out by one gather (:meth:`_layout`).
         """
         grads, nones = self.grads()
-        n_roles, n_actors = len(self.roles), len(self.actors)
+        n_roles = len(self.roles)
+        counted = count_nonzero and bool(self.actor_params)
+        squares: list[Tensor] = []
+        finite: Tensor | None = None
+        counts: list[Tensor] = []
         if grads:
             if norms is None:
                 norms = self._norms(grads, 2)
-            per = _by_role(torch.stack([norms.square(), (~torch.isfinite(norms)).float()], dim=1), self.seg, n_roles)
+            squares.append(norms)
+            if pre is not None:
+                squares.append(pre)
+            finite = norms.isfinite()
+        if self.actor_params:
+            if counted:
+                actor_grads = grads[:len(self.actor_params)]
+                counts.append(torch.stack([g.count_nonzero() for g in actor_grads]).float()
+                              if self.per_tensor_count and self.shards is None else
+                              self._norms(actor_grads, 0, self._actors_index))
+            torch._foreach_sub_(self.snap, self._local_actor_params())
+            squares += [self._norms(self.snap, 2, self._actors_index), params_before]
+        post_at, pre_at, update_at, param_at, _, _ = self._slots()
+        size = 3 * n_roles + 3 * len(self.actors)
+        if squares:
+            values = torch.cat([torch.cat(squares).square(), *([finite] if finite is not None else []), *counts])
+            sums = torch.zeros(size, dtype=torch.float32, device=self.device).index_add_(
+                0, self._index(pre is not None and bool(grads), counted), values)
         else:
-            per = torch.zeros(n_roles, 2, device=self.device)
-        post = per[:, 0].sqrt()
-        grad_norm = post if pre is None else pre * inv_scale
+            sums = torch.zeros(size, dtype=torch.float32, device=self.device)
+        roots = sums.sqrt()
+        post = roots[post_at:post_at + n_roles]
+        if pre is not None and grads:
+            grad_norm = roots[pre_at:pre_at + n_roles]
+            if inv_scale != 1.0:
+                grad_norm = grad_norm * inv_scale
+        else:
+            grad_norm = post
         clip_coef = torch.where(grad_norm > 0, post / grad_norm, self._ones)
+        n_actors = len(self.actors)
+        ratio = roots[update_at:update_at + n_actors] / roots[param_at:param_at + n_actors].clamp_min(1e-12)
         key = tuple(nones)
         none = self._none.get(key)
         if none is None:
             none = self._none[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
-        block = _stack(COMMON_COLUMNS, grad_norm=grad_norm, grad_norm_clipped=post, clip_coef=clip_coef,
-                       grad_none=none, grad_nonfinite=per[:, 1])
-        if not self.actors:
-            return torch.cat([block, self._pad, self._nan_shared], dim=1), nones
-        nonzero = self._nan_actors
-        if not self.actor_params:  # parameterless actors: nothing moved
-            update = self._nan_actors.new_zeros(n_actors)
-        else:
-            if count_nonzero:
-                actor_grads = grads[:len(self.actor_params)]
-                if self.per_tensor_count and self.shards is None:
-                    counts = torch.stack([g.count_nonzero() for g in actor_grads]).float()
-                else:
-                    counts = self._norms(actor_grads, 0, self._actors_index)
-                nonzero = _by_role(counts, self.actor_seg, n_actors)
-            torch._foreach_sub_(self.snap, self._local_actor_params())
-            update = _by_role(self._norms(self.snap, 2, self._actors_index).square(), self.actor_seg,
-                              n_actors).sqrt()
-        param_norm = param_sq.sqrt()
-        actor = _stack(ACTOR_COLUMNS, grad_nonzero_frac=nonzero / self.numel, update_norm=update,
-                       update_ratio=update / param_norm.clamp_min(1e-12), param_norm=param_norm)
-        return torch.cat([block, torch.cat([actor, self._pad]) if len(self._pad) else actor, self._shared_columns()],
-                         dim=1), nones
+        source = torch.cat([sums, roots, grad_norm, clip_coef, ratio, none, self._shared_values()])
+        gather, divisor, offset = self._layout(counted, self._heads)
+        return torch.addcdiv(offset, source[gather], divisor).view(n_roles, len(COLUMNS)), nones
 
 
 class PreClip:
-    """The gradient norms every role had after backward, waiting for the optimizer step(s) that use them.
+    """The gradient norms every tensor had after backward, waiting for the optimizer step(s) that use them.
 
-    Taken by the all-roles plan; each optimizer's step takes its own roles' norms once (:meth:`take`).
+    Taken by the all-roles plan; each optimizer's step takes its own tensors' norms once (:meth:`take`).
     """
 
-    __slots__ = ("inv_scale", "norms", "per_tensor", "plan", "state", "unused")
+    __slots__ = ("inv_scale", "per_tensor", "plan", "state", "unused")
 
     def __init__(self, plan: StepPlan, inv_scale: float) -> None:
-        self.plan = plan  # the all-roles plan the norms were taken with (its role and tensor order)
-        self.norms, self.per_tensor = plan.grad_norms()
+        self.plan = plan  # the all-roles plan the norms were taken with (its tensor order)
+        self.per_tensor = plan.grad_norms()
         self.inv_scale = inv_scale  # 1 / AMP scale of the gradients they were taken from
         self.state = plan.grad_state()  # identity and version of each gradient then
         self.unused = set(plan.names)  # roles whose step has not used them yet
 
     def take(self, plan: StepPlan) -> Tensor | None:
-        """``plan``'s roles' norms (AMP-scaled by ``1 / inv_scale``), once; None when already taken or missing."""
-        if not self.unused.issuperset(plan.names):
+        """``plan``'s tensors' norms (AMP-scaled by ``1 / inv_scale``), once; None when already taken or missing."""
+        if self.per_tensor is None or not self.unused.issuperset(plan.names):
             return None
         self.unused.difference_update(plan.names)
         if plan is self.plan:
-            return self.norms
-        return self.norms[[self.plan.names.index(n) for n in plan.names]]
+            return self.per_tensor
+        index = plan.within(self.plan)
+        return None if index is None else self.per_tensor[index]
 
 
 class ClipInference:

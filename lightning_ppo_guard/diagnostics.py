@@ -29,6 +29,7 @@ from lightning_ppo_guard._sharded import fingerprints, global_norms
 from lightning_ppo_guard.config import GuardConfig
 from lightning_ppo_guard.diagnoses import CATALOG, Finding
 from lightning_ppo_guard.engine import MonitorEngine, ObserveRecord, StepRecord
+from lightning_ppo_guard.functional import flat
 from lightning_ppo_guard.graph import logp_by_hand, reached_leaves, watch_gradient
 from lightning_ppo_guard.metrics import OBSERVE_METRICS
 from lightning_ppo_guard.roles import Role
@@ -119,38 +120,41 @@ class GradientSign:
     kind: str
     role: str
     step: int
-    value: Tensor
+    value: Tensor | None = None  # what the backward wrote (None until then: NaN when read back)
     weights: Tensor | None = None  # the advantages (policy kind) or values - returns (value kind), dropped once read
     alt: Tensor | None = None  # values - mean(returns) (value kind); the KL penalty's gradient (policy kind)
 
     @classmethod
     def hook(cls, kind: str, role: str, step: int, tensor: Tensor, weights: Tensor | None = None,
              alt: Tensor | None = None) -> GradientSign:
-        item = cls(kind, role, step, torch.full((len(SIGN_FIELDS[kind]),), math.nan, device=tensor.device),
-                   None if weights is None else weights.detach().reshape(-1).float(),
-                   None if alt is None else alt.detach().reshape(-1).float())
+        item = cls(kind, role, step, None, None if weights is None else flat(weights.detach()),
+                   None if alt is None else flat(alt.detach()))
         watch_gradient(tensor, item.read)  # at the tensor the loss uses, for a view, selection or copy of it
         return item
 
     def read(self, grad: Tensor) -> None:
         """The tensor hook: write the numbers from the gradient the backward produced."""
-        g = grad.detach().reshape(-1).float()
+        g = flat(grad.detach() if grad.requires_grad else grad)  # create_graph=True: a gradient with a graph
         if self.kind == "entropy":
-            self.value.copy_(g.sum().reshape(1))
+            self.value = g.sum().reshape(1)
         elif self.kind == "policy" and self.weights is not None:
             w, g_norm = self.weights, g.norm()
             dot = torch.dot(g, w)
             kl = (torch.dot(g, self.alt) / (g_norm * self.alt.norm()) if self.alt is not None
                   else g_norm.new_full((), math.nan))
-            self.value.copy_(torch.stack((dot, -dot / (g_norm * w.norm()),
-                                          g.sum().abs() / (g_norm * g.numel() ** 0.5), kl)))
+            self.value = torch.stack((dot, -dot / (g_norm * w.norm()), g.sum().abs() / (g_norm * g.numel() ** 0.5), kl))
         elif self.kind == "value" and self.weights is not None and self.alt is not None:
             g_norm, mag = g.norm(), g.abs()
             hi = mag.max()
-            self.value.copy_(torch.stack((torch.dot(g, self.weights) / (g_norm * self.weights.norm()),
-                                          torch.dot(g, self.alt) / (g_norm * self.alt.norm()),
-                                          (hi - mag.min()) / hi)))
+            self.value = torch.stack((torch.dot(g, self.weights) / (g_norm * self.weights.norm()),
+                                      torch.dot(g, self.alt) / (g_norm * self.alt.norm()), (hi - mag.min()) / hi))
         self.weights = self.alt = None
+
+    def written(self) -> Tensor:
+        """What the backward wrote, or NaN for each field where it never did (the loss does not use the tensor)."""
+        if self.value is None:
+            self.value = torch.full((len(SIGN_FIELDS[self.kind]),), math.nan)
+        return self.value
 
     def fields(self, values: list[float]) -> dict[str, float]:
         return dict(zip(SIGN_FIELDS[self.kind], values, strict=True))
@@ -179,7 +183,7 @@ def _tensors(item: Pending) -> list[Tensor]:
     if isinstance(item, MoveCheck):
         return [item.weights.reshape(-1)]
     if isinstance(item, GradientSign):
-        return [item.value]
+        return [item.written()]
     return [record.values for record in item]
 
 
@@ -509,7 +513,7 @@ class Diagnostics:
                 self.check_observe(item, dict(zip(names, flat[at:at + len(names)], strict=True)))
                 at += len(names)
             elif isinstance(item, GradientSign):
-                n = item.value.numel()
+                n = len(SIGN_FIELDS[item.kind])
                 self.check_sign(item, flat[at:at + n])
                 at += n
             elif isinstance(item, GradCheck):

@@ -141,6 +141,23 @@ def _compose(parts: list[Part]) -> Part:
     return part
 
 
+def _on_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
+    """Call ``read`` with d loss / d ``tensor`` in the coming backward: a pre-hook on the node that made it (what a
+    tensor hook on a non-leaf is, without ``Tensor.register_hook``'s Python bookkeeping), or a tensor hook on a leaf."""
+    node = tensor.grad_fn
+    if node is None:
+        tensor.register_hook(read)
+        return
+    slot = tensor.output_nr
+
+    def pre(grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = grad_outputs[slot] if slot < len(grad_outputs) else None
+        if grad is not None:
+            read(grad)
+
+    node.register_prehook(pre)
+
+
 def watch_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
     """Call ``read`` in the coming backward with d loss / d ``tensor``, read where the loss's gradient arrives.
 
@@ -153,7 +170,7 @@ def watch_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
     view = _view_part(tensor)
     if view is not None:
         base, part = view
-        base.register_hook(lambda g: read(part(g)))
+        _on_gradient(base, lambda g: read(part(g)))
         return
     parts: list[Part] = []
     node, slot, shape = tensor.grad_fn, 0, tuple(tensor.shape)
@@ -168,7 +185,7 @@ def watch_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
     except (RuntimeError, AttributeError):  # saved tensors freed (observe after backward), or another torch's nodes
         parts = []
     if not parts or node is None:
-        tensor.register_hook(read)
+        _on_gradient(tensor, read)
         return
     part = _compose(parts)
 

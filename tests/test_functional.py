@@ -154,6 +154,85 @@ def test_step_plan_gradient_columns_match_their_definitions(chunks):
     assert row["update_norm"] == 0.0 and row["param_norm"] == pytest.approx(math.sqrt(n))  # no optimizer step
 
 
+_GRAD = st.sampled_from([0.0, 0.0, 1.5, -2.0, 1e-3, 7.0, math.nan, math.inf])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.lists(_GRAD, min_size=1, max_size=6), min_size=0, max_size=3), min_size=3, max_size=3),
+       st.sampled_from([None, 0.5, 1.0]), st.sampled_from([1.0, 1 / 1024]), st.booleans(), st.integers(0, 2 ** 31))
+def test_step_plan_block_matches_its_definitions_for_every_role(chunks, clip, inv_scale, counted, seed):
+    """Every column of every role's row (actor, critic, shared trunk; a role may hold no tensor) against its
+    element-by-element definition, float64: the pre-clip norms taken after backward (AMP-scaled), a clip that
+    scales the gradients after them, an optimizer step between the snapshot and the read, the nonzero count
+    skipped, a parameterless role."""
+    from lightning_ppo_guard._plan import COLUMNS, PreClip, StepPlan
+    from lightning_ppo_guard.metrics import Layout
+    from lightning_ppo_guard.roles import Role
+
+    gen = torch.Generator().manual_seed(seed)
+    roles, grads = [], {}
+    for name, kind, role_chunks in zip(("actor", "critic", "trunk"), ("actor", "critic", "shared"), chunks,
+                                       strict=True):
+        params = [torch.nn.Parameter(torch.randn(len(c), generator=gen)) for c in role_chunks]
+        for p, c in zip(params, role_chunks, strict=True):
+            p.grad = torch.tensor(c, dtype=torch.float32)
+            grads[id(p)] = list(c)
+        roles.append(Role(name, kind, (name,), params=params, numel=sum(len(c) for c in role_chunks),
+                          ids=frozenset(id(p) for p in params)))
+    layout = Layout.build("ppo_guard", [(r.name, r.kind != "critic") for r in roles])
+    snapshots = {r.name: [torch.empty_like(p) for p in r.params] for r in roles if r.moves}
+    plan = StepPlan(roles, snapshots, layout, torch.device("cpu"))
+    before = {id(p): p.detach().double().clone() for r in roles for p in r.params}
+    params_before = plan.before()
+    pre = PreClip(plan, inv_scale)
+    if clip is not None:  # a clip that rewrites the gradients after the pre-clip norms were taken
+        for r in roles:
+            for p in r.params:
+                p.grad.mul_(clip)
+    with torch.no_grad():  # an optimizer step
+        for r in roles:
+            for p in r.params:
+                p.add_(torch.randn(p.shape, generator=gen))
+    block, nones = plan.after(params_before, pre.take(plan), pre.inv_scale if pre.per_tensor is not None else 1.0,
+                              counted)
+    assert nones == [0] * len(roles) and tuple(block.shape) == (len(roles), len(COLUMNS))
+
+    def norm(values):
+        return math.sqrt(sum(v * v for v in values))
+
+    def close(got, want):
+        if math.isnan(want):
+            return math.isnan(got)
+        return got == pytest.approx(want, rel=1e-5, abs=1e-30)
+
+    for i, role in enumerate(plan.roles):
+        row = dict(zip(COLUMNS, block[i].tolist(), strict=True))
+        g = [v for p in role.params for v in grads[id(p)]]
+        post = [v * (clip if clip is not None else 1.0) for v in g]
+        nonfinite = sum(not all(math.isfinite(v) for v in grads[id(p)]) for p in role.params)
+        assert row["grad_nonfinite"] == nonfinite, (role.name, row)
+        assert close(row["grad_norm_clipped"], norm(post)), (role.name, row)
+        grad_norm = norm(g) * inv_scale
+        assert close(row["grad_norm"], grad_norm), (role.name, row)
+        if grad_norm > 0:
+            assert close(row["clip_coef"], norm(post) / grad_norm), (role.name, row)
+        else:  # no gradient to clip (NaN included: NaN > 0 is false)
+            assert row["clip_coef"] == 1.0, (role.name, row)
+        actor_columns = ("grad_nonzero_frac", "update_norm", "update_ratio", "param_norm")
+        if not role.moves:
+            assert all(math.isnan(row[c]) for c in actor_columns), (role.name, row)
+        else:
+            theta = [float(v) for p in role.params for v in before[id(p)]]
+            delta = [float(v) for p in role.params for v in (before[id(p)] - p.detach().double())]
+            assert close(row["param_norm"], norm(theta)) and close(row["update_norm"], norm(delta)), (role.name, row)
+            assert close(row["update_ratio"], norm(delta) / max(norm(theta), 1e-12)), (role.name, row)
+            if counted and plan.actor_params:
+                assert close(row["grad_nonzero_frac"], sum(v != 0 for v in post) / max(role.numel, 1)), row
+            else:
+                assert math.isnan(row["grad_nonzero_frac"]), (role.name, row)
+        assert all(math.isnan(row[c]) for c in ("head_grad_policy", "head_grad_value", "value_grad_share"))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=2, max_size=64),
        st.lists(st.floats(-50, 50, allow_nan=False), min_size=2, max_size=64))
