@@ -1,5 +1,10 @@
 """Which optimizer steps are measured: dense at the start, then by rollouts, per optimizer. Pure Python.
 
+The dense start (``dense_steps``, 8 by default) is as long as the longest run of consecutive measured steps a step
+rule needs (PPG204's 8; the others 2 or 3), so that a fault present from the first update is named at its first
+possible step. Without segments, a learning rate of 0 at the start gets its first 16 steps measured (PPG003's run
+there: a warm-up from 0 rises sooner).
+
 A cadence of "1 step in N" aliases with the steps per rollout (16, 32, 64 are common): it then sees only a
 rollout's first minibatch, where the ratio is exactly 1, and a healthy run logs ``approx_kl`` 0. So after the
 dense start each optimizer is measured **once per segment, at the step predicted to be the segment's last**
@@ -99,7 +104,7 @@ class Cadence:
                  "observes", "quiet", "read_lrs", "segment_id", "segments", "shares", "skipping", "spent", "started_at",
                  "thin", "timed")
 
-    def __init__(self, dense_steps: int, every: int, budget: float | None = None, grace: int = 8) -> None:
+    def __init__(self, dense_steps: int, every: int, budget: float | None = None, grace: int = 5) -> None:
         self.dense_steps, self.every = dense_steps, every
         self.budget, self.grace = budget, grace
         self.thin = 1  # one segment in ``thin`` is measured (chosen once, see the module docstring)
@@ -234,6 +239,9 @@ class Cadence:
                 if early:
                     return None
                 self.lrs = self.read_lrs()
+                if any(lr == 0.0 for lr in self.lrs):  # without segments, PPG003 counts 16 steps at lr 0
+                    for c in self.clocks.values():
+                        c.attend_until = c.steps + _ATTEND_STEPS
             return True
         # no segment known, or segments of one step (a manual loop with one minibatch per batch: a last step that
         # is also the first never comes as "the step after the first"): one step in ``every``, the phase shifting

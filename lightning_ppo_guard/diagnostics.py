@@ -37,7 +37,8 @@ from lightning_ppo_guard.rules import CriticFacts, Diagnoser, ObserveFacts, Step
 
 __all__ = ["Diagnostics", "GradCheck", "GradientSign", "Verdict", "broadcast_pair", "head_ratio", "train_mode_layers"]
 
-GRAPH_WALK_ROLLOUTS = 8  # the graph walk runs at a role's first observe and at its first rollouts' starts
+GRAPH_WALK_ROLLOUTS = 3  # the graph walk runs at a role's first observe and at its first rollouts' starts (a wiring
+# fact: the path from the loss to the parameters; a loop that cuts it later is named by the step rules)
 MAX_PENDING = 64  # records read in one transfer at the latest (bounds the delay of a finding and the memory)
 
 

@@ -357,7 +357,7 @@ class MonitorEngine:
     """
 
     def __init__(self, actors: RoleSpec = None, critic: PartsSpec = None, *, shared: PartsSpec = None,
-                 log_every_n_steps: int | None = None, dense_steps: int = 16, measure_every_n_steps: int = 64,
+                 log_every_n_steps: int | None = None, dense_steps: int = 8, measure_every_n_steps: int = 64,
                  overhead_budget: float | None = 0.005, prefix: str = "ppo_guard", name: str = "PPOMonitor",
                  warn: Callable[[str], None] = _warn, info: Callable[[str], None] = _log.info,
                  listener: Listener | None = None) -> None:

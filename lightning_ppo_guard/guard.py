@@ -70,7 +70,7 @@ class PPOGuard(PPOMonitor):
         config: GuardConfig | None = None,
         verbose: bool = True,
         log_every_n_steps: int | None = None,
-        dense_steps: int = 16,
+        dense_steps: int = 8,
         measure_every_n_steps: int = 64,
         overhead_budget: float | None = 0.005,
         prefix: str = "ppo_guard",

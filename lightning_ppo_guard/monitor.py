@@ -54,14 +54,16 @@ class PPOMonitor(Callback):
         log_every_n_steps: optimizer steps per logged row; ``None`` logs when Lightning logs: every
             ``Trainer(log_every_n_steps=...)`` training batches (a manual-optimization PPO batch may hold many
             optimizer steps; the row then holds their reduction).
-        dense_steps: measure every step of each optimizer for this many steps from the start of fit, ...
+        dense_steps: measure every step of each optimizer for this many steps from the start of fit (8: the
+            longest run of measured steps a step rule needs, PPG204's; without rollouts, a learning rate of 0 at
+            the start gets 16, PPG003's), ...
         measure_every_n_steps: ... then each rollout's (predicted) last step, and one step in n inside longer
             rollouts (see ``lightning_ppo_guard._cadence``). ``1`` measures every step for the whole run.
-        overhead_budget: the share of a rollout's time the measurements may take after the first 8 rollouts
-            (default 0.5%: with the dense start, the first 8 rollouts and the unmeasured steps' bookkeeping, the
+        overhead_budget: the share of a rollout's time the measurements may take after the first 5 rollouts
+            (default 0.5%: with the dense start, the first 5 rollouts and the unmeasured steps' bookkeeping, the
             whole fit stays under 2%). Where a measured rollout costs the guard more than that (short rollouts of a
             small model), it measures 1 rollout in ``k`` from then on, ``k`` chosen once from the timed rollouts and
-            announced; the first 8 rollouts are always measured, and so are the 4 after any learning rate dropped
+            announced; the first 5 rollouts are always measured, and so are the 4 after any learning rate dropped
             100x or to 0. A rollout left out is no evidence either way, so a fault that starts later is named up
             to ``k`` rollouts later. ``None`` measures every rollout. Off under a process group (every rank must measure
             the same steps).
@@ -83,7 +85,7 @@ class PPOMonitor(Callback):
         *,
         shared: PartsSpec = None,
         log_every_n_steps: int | None = None,
-        dense_steps: int = 16,
+        dense_steps: int = 8,
         measure_every_n_steps: int = 64,
         overhead_budget: float | None = 0.005,
         prefix: str = "ppo_guard",

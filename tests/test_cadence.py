@@ -118,7 +118,7 @@ def test_a_bad_budget_is_refused_with_the_fix(budget: object) -> None:
 
 def test_the_budget_thins_a_tiny_language_model_fit_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     """A real fit: tiny GPT-2 GRPO, 40 rollouts of 4 steps (12 ms each on a CPU). The guard's measured work is
-    several percent of such a rollout (~7%), so a budget of 1% measures 1 rollout in k > 1 after the first 8,
+    several percent of such a rollout (~7%), so a budget of 1% measures 1 rollout in k > 1 after the first 5,
     announces it once, and reads fewer observes than ``overhead_budget=None``, which measures every rollout; both
     stay quiet (a healthy run)."""
     pytest.importorskip("transformers")
@@ -137,7 +137,7 @@ def test_the_budget_thins_a_tiny_language_model_fit_and_says_so(caplog: pytest.L
         else:
             assert guard.thinning is not None, said
             k, first = guard.thinning
-            assert k > 1 and first >= 9 and len(said) == 1 and f"1 rollout in {k} from rollout {first}" in said[0]
+            assert k > 1 and first > 5 and len(said) == 1 and f"1 rollout in {k} from rollout {first}" in said[0]
             assert f"measured 1 rollout in {k} from rollout {first} on" in guard.summary()
         assert guard.optimizer_steps == 160
         steps[name] = guard.observes  # the observes read (measured or a first minibatch's ratio)
