@@ -1,7 +1,7 @@
 """What the guard costs: whole-fit wall time and per-update-step time, arms alternated, medians printed.
 
     python benchmarks/overhead.py [--fit-repeats 5] [--step-repeats 5] [--sizes 10k,1M,25M] [--skip-fit]
-                                  [--short-fit 10] [--short-dense 16,128] [--shared 1] [--peers 0|1|2]
+                                  [--short-fit 10] [--short-dense default,128] [--long 1] [--shared 1] [--peers 0|1|2]
 
 (a) Whole ``Trainer.fit`` of the reference CartPole PPO (default config, env included, a CSVLogger in both
     arms, as a user has), with and without ``PPOGuard()`` at default settings: wall time, and the time spent
@@ -454,7 +454,9 @@ def main() -> None:
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--short-fit", type=int, default=10, help="PPO iterations of the short fit (40 optimizer "
                         "steps each; 0 skips it)")
-    parser.add_argument("--short-dense", default="16,128", help="dense_steps values to time the short fit with")
+    parser.add_argument("--short-dense", default="default,128", help="dense_steps values to time the short fit with "
+                        "('default': the guard's own)")
+    parser.add_argument("--long", type=int, default=1, help="time the long reference fit (0 skips it)")
     parser.add_argument("--shared", type=int, default=1, help="also time the shared-trunk fit (0 skips it)")
     parser.add_argument("--peers", type=int, default=0, help="also time the TorchRL and SB3 fits (1), or only them (2)")
     parser.add_argument("--libraries", default="torchrl,sb3", help="which peer libraries --peers times")
@@ -475,9 +477,11 @@ def main() -> None:
             return
     if not args.skip_fit:
         only = args.hooks_only
-        bench_fit(args.fit_repeats, _reference(None), only)
-        for dense in (int(d) for d in args.short_dense.split(",") if args.short_fit):
-            bench_fit(2 * args.fit_repeats + 1, _reference(args.short_fit), only, dense_steps=dense)
+        if args.long:
+            bench_fit(args.fit_repeats, _reference(None), only)
+        for dense in (d for d in args.short_dense.split(",") if args.short_fit):
+            kwargs = {} if dense == "default" else {"dense_steps": int(dense)}
+            bench_fit(2 * args.fit_repeats + 1, _reference(args.short_fit), only, **kwargs)
         if args.shared:
             bench_fit(args.fit_repeats, _shared_trunk(), only)
     bench_steps([s for s in args.sizes.split(",") if s], args.step_repeats)
