@@ -2,8 +2,8 @@
 
 The dense start (``dense_steps``, 8 by default) is as long as the longest run of consecutive measured steps a step
 rule needs (PPG204's 8; the others 2 or 3), so that a fault present from the first update is named at its first
-possible step. Without segments, a learning rate of 0 at the start gets its first 16 steps measured (PPG003's run
-there: a warm-up from 0 rises sooner).
+possible step. Without segments (and in a first segment, whose length is not known yet), a learning rate of 0 at
+the start gets its first 16 steps measured (PPG003's run there: a warm-up from 0 rises sooner).
 
 A cadence of "1 step in N" aliases with the steps per rollout (16, 32, 64 are common): it then sees only a
 rollout's first minibatch, where the ratio is exactly 1, and a healthy run logs ``approx_kl`` 0. So after the

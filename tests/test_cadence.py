@@ -186,6 +186,27 @@ def test_without_segments_a_learning_rate_move_measures_the_next_16_steps(clock:
     assert sum(measured[320:600]) <= 280 // 64 + 1
 
 
+@pytest.mark.parametrize("lr0", [0.0, 1e-3])
+def test_the_dense_start_is_8_steps_and_16_without_segments_at_lr_0(lr0: float) -> None:
+    """The dense start holds PPG204's run of 8 measured steps; without segments a learning rate of 0 at the start gets
+    16 (PPG003 counts 16 consecutive measured steps at lr 0 there). So does a first rollout, whose length is not
+    known yet: until a segment ended, the cadence measures as without segments."""
+    for segments in (False, True):
+        cadence = Cadence(8, 64, budget=0.01)
+        cadence.read_lrs = lambda: (lr0,)
+        cadence.clock(1)
+        measured = []
+        for n in range(64):
+            if segments and n % 32 == 0:
+                cadence.start_segment(n // 32, rollout=True)
+            m = cadence.measuring(1)
+            measured.append(m)
+            cadence.stepped(1, measured=m)
+        dense = 16 if lr0 == 0.0 else 8
+        assert all(measured[:dense]), (segments, measured)
+        assert sum(measured[dense:32]) <= 2, (segments, measured)  # one in 16 without segments; the last with
+
+
 def test_an_lr_schedule_that_reaches_zero_early_is_named_without_rollout_ids() -> None:
     """The seed's situation in automatic optimization with the minimal call (no rollout ids, so one step in 64 is
     measured): the actor's lr schedule reaches 0 at the 4th rollout (a LambdaLR whose horizon is 3 rollouts, not
