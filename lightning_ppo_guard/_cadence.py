@@ -240,8 +240,7 @@ class Cadence:
                     return None
                 self.lrs = self.read_lrs()
                 if any(lr == 0.0 for lr in self.lrs):  # without segments, PPG003 counts 16 steps at lr 0
-                    for c in self.clocks.values():
-                        c.attend_until = c.steps + _ATTEND_STEPS
+                    self._attend_steps()
             return True
         # no segment known, or segments of one step (a manual loop with one minibatch per batch: a last step that
         # is also the first never comes as "the step after the first"): one step in ``every``, the phase shifting
@@ -251,8 +250,7 @@ class Cadence:
                 if early:
                     return None
                 if self.lrs_moved():  # a schedule's drop (to 0): its step rules need a streak
-                    for c in self.clocks.values():
-                        c.attend_until = c.steps + _ATTEND_STEPS
+                    self._attend_steps()
             every = self.every if n >= _EARLY * self.every else max(1, self.every // _EARLY)  # denser early on
             return n < clock.attend_until or (n + n // every) % every == 0
         if self.skipping:
@@ -261,6 +259,11 @@ class Cadence:
         if pos == last or (pos < last and pos % self.every == self.every - 1):
             return True
         return pos == 1 and not clock.late_before  # the last segment ended before its predicted last step
+
+    def _attend_steps(self) -> None:
+        """Without segments: every optimizer's next ``_ATTEND_STEPS`` steps are measured (an lr at or to 0)."""
+        for c in self.clocks.values():
+            c.attend_until = c.steps + _ATTEND_STEPS
 
     def stepped(self, key: int, measured: bool = False) -> None:
         """Count a step of optimizer ``key`` (``measured``: whether it was). With one optimizer, its coming step is

@@ -81,9 +81,7 @@ class StepPlan:
         n_roles = len(self.roles)
         self.actor_params = self.params[:sum(len(r.params) for r in self.actors)]
         self.seg = torch.tensor(self._owner, dtype=torch.long, device=device)
-        self.actor_seg = self.seg[:len(self.actor_params)]
         self.snap = [b for r in self.actors for b in snapshots.get(r.name, [])]
-        self.numel = torch.tensor([max(r.numel, 1) for r in self.actors], dtype=torch.float32, device=device)
         self.low_precision = any(p.dtype in _LOW_PRECISION for p in self.params)
         # FSDP2: DTensor parameters are measured on their local shards and summed over the ranks (_sharded.py)
         self.shards = Shards.of(self.params, device)
@@ -117,7 +115,6 @@ class StepPlan:
                 if heads and self.shared_row is not None:
                     m[self.shared_row, len(COMMON_COLUMNS) + len(ACTOR_COLUMNS):] = True
                 self.masks[counted, heads] = m.reshape(-1)
-        self.mask = self.masks[True, False]
         self._heads = False  # whether the last block holds the shared trunk's heads' gradients
         self.names = [r.name for r in self.roles]
         self.actor_names = [r.name for r in self.actors]  # the roles whose steps count for their rollout
@@ -291,7 +288,8 @@ class StepPlan:
 
     def _layout(self, counted: bool, heads: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The block as ``offset + source[gather] / divisor``, where the source is :meth:`after`'s
-        ``[sums, roots, grad_norm, clip_coef, update_ratio, grad_none, heads' values, NaN]``: each column named."""
+        ``[sums, roots, grad_norm, clip_coef, update_ratio, grad_none, heads' values, NaN]``: each column named.
+        ``counted``: the sums hold nonzero counts (:meth:`after` never counts for parameterless actors)."""
         key = (counted, heads)
         layout = self._layouts.get(key)
         if layout is None:
@@ -301,7 +299,6 @@ class StepPlan:
             roots, norm_at, coef_at, ratio_at, none_at = k, 2 * k, 2 * k + n, 2 * k + 2 * n, 2 * k + 2 * n + a
             heads_at = none_at + n
             nan_at = heads_at + len(SHARED_COLUMNS)
-            counted = counted and bool(self.actor_params)  # parameterless actors: nothing to count
             gather, divisor, offset = [], [], []
             for i, role in enumerate(self.roles):
                 actor = i < a  # actors first

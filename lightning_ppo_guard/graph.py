@@ -141,14 +141,8 @@ def _compose(parts: list[Part]) -> Part:
     return part
 
 
-def _on_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
-    """Call ``read`` with d loss / d ``tensor`` in the coming backward: a pre-hook on the node that made it (what a
-    tensor hook on a non-leaf is, without ``Tensor.register_hook``'s Python bookkeeping), or a tensor hook on a leaf."""
-    node = tensor.grad_fn
-    if node is None:
-        tensor.register_hook(read)
-        return
-    slot = tensor.output_nr
+def _at_node(node: Any, slot: int, read: Callable[[Tensor], None]) -> None:
+    """Call ``read`` with the gradient ``node`` receives for its output ``slot`` in the coming backward (when any)."""
 
     def pre(grad_outputs: tuple[Tensor | None, ...]) -> None:
         grad = grad_outputs[slot] if slot < len(grad_outputs) else None
@@ -156,6 +150,15 @@ def _on_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
             read(grad)
 
     node.register_prehook(pre)
+
+
+def _on_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
+    """Call ``read`` with d loss / d ``tensor`` in the coming backward: a pre-hook on the node that made it (what a
+    tensor hook on a non-leaf is, without ``Tensor.register_hook``'s Python bookkeeping), or a tensor hook on a leaf."""
+    if tensor.grad_fn is None:
+        tensor.register_hook(read)
+    else:
+        _at_node(tensor.grad_fn, tensor.output_nr, read)
 
 
 def watch_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
@@ -188,10 +191,4 @@ def watch_gradient(tensor: Tensor, read: Callable[[Tensor], None]) -> None:
         _on_gradient(tensor, read)
         return
     part = _compose(parts)
-
-    def pre(grad_outputs: tuple[Tensor | None, ...]) -> None:
-        grad = grad_outputs[slot] if slot < len(grad_outputs) else None
-        if grad is not None:
-            read(part(grad))
-
-    node.register_prehook(pre)
+    _at_node(node, slot, lambda g: read(part(g)))
