@@ -54,6 +54,8 @@ _SAMPLES, _MAX_THIN = 4, 64
 _ATTEND, _LR_FACTOR, _LR_EVERY, _ATTEND_STEPS = 4, 100.0, 8, 16
 #: without segments, one step in ``every // _EARLY`` is measured until ``_EARLY * every`` steps (then one in ``every``)
 _EARLY = 4
+#: ``Clock.quiet_until`` when no step of the segment is measured any more
+_NEVER = 1 << 62
 
 
 def _moved(before: float, now: float) -> bool:
@@ -72,20 +74,25 @@ def _moved(before: float, now: float) -> bool:
 class Clock:
     """One optimizer's steps: in the fit, and in the current and the previous segment."""
 
-    __slots__ = ("attend_until", "decision", "late", "late_before", "measured", "observes_at", "previous", "seen",
-                 "segment", "steps")
+    __slots__ = ("attend_until", "decision", "late", "late_before", "measured", "observes_at", "previous",
+                 "quiet_until", "seen", "start", "steps")
 
     def __init__(self) -> None:
         self.steps = 0  # optimizer steps taken in this fit
         self.measured = 0  # ... of which measured
-        self.segment = 0  # steps in the current segment (= the position of the coming step)
+        self.start = 0  # ``steps`` when the current segment began (``steps - start``: the coming step's position)
         self.previous: int | None = None  # steps in the last segment this optimizer stepped in
         self.late = False  # a step after the current segment's first was measured
         self.late_before = True  # ... and in the previous segment
         self.decision: bool | None = None  # whether the coming step is measured (None: not decided yet)
+        # in a segment, the coming steps are unmeasured (``decision`` False) while ``steps`` is below this: the
+        # next measured position, found when a decision came out False (a new segment sets it back to 0). Counting
+        # an unmeasured step whose count stays below it changes ``steps`` and ``observes_at`` only: the engine's step
+        # hook does that itself, on every such step (one call less), and calls :meth:`Cadence.stepped` otherwise
+        self.quiet_until = 0
         self.attend_until = 0  # without segments: every step is measured until this many (a learning rate moved)
         self.observes_at = 0  # the cadence's observe count at this optimizer's last step
-        self.seen = True  # an observe came between this optimizer's last two steps (a policy loss was built)
+        self.seen = True  # at a measured step: an observe came since this optimizer's previous step
 
 
 class Cadence:
@@ -150,11 +157,11 @@ class Cadence:
         self.quiet = False
         skipped, self.skipping = self.skipping, self.thin > 1 and self._thinned_out()
         for clock in self.clocks.values():
-            if clock.segment:  # an optimizer that did not step in the segment keeps its last length
-                clock.previous = clock.segment
+            if clock.steps > clock.start:  # an optimizer that did not step in the segment keeps its last length
+                clock.previous = clock.steps - clock.start
                 if not skipped:  # a thinned-out segment measured nothing by design: no early end seen
                     clock.late_before = clock.late
-            clock.segment, clock.late, clock.decision = 0, False, None
+            clock.start, clock.late, clock.decision, clock.quiet_until = clock.steps, False, None, 0
         return True
 
     def lrs_moved(self) -> bool:
@@ -253,12 +260,19 @@ class Cadence:
                     self._attend_steps()
             every = self.every if n >= _EARLY * self.every else max(1, self.every // _EARLY)  # denser early on
             return n < clock.attend_until or (n + n // every) % every == 0
+        # in a segment: its predicted last step, one in ``every`` before it, and the step after the first when the
+        # last segment ended early; a False holds until the next of those positions (``quiet_until``)
         if self.skipping:
+            clock.quiet_until = _NEVER
             return False
-        last, pos = max(clock.previous - 1, 1), clock.segment
-        if pos == last or (pos < last and pos % self.every == self.every - 1):
+        every, last, pos = self.every, max(clock.previous - 1, 1), clock.steps - clock.start
+        if pos == last or (pos < last and pos % every == every - 1) or (pos == 1 and not clock.late_before):
             return True
-        return pos == 1 and not clock.late_before  # the last segment ended before its predicted last step
+        ahead = [min(last, pos - pos % every + every - 1)] if pos < last else []
+        if pos < 1 and not clock.late_before:
+            ahead.append(1)
+        clock.quiet_until = clock.steps + min(ahead) - pos if ahead else _NEVER
+        return False
 
     def _attend_steps(self) -> None:
         """Without segments: every optimizer's next ``_ATTEND_STEPS`` steps are measured (an lr at or to 0)."""
@@ -270,13 +284,14 @@ class Cadence:
         decided here already (unless that needs a read of the learning rates, which waits for the step itself):
         the hooks of an unmeasured step then read one cached flag, :attr:`quiet`."""
         clock = self.clocks.get(key) or self.clock(key)
-        observes = self.observes
-        clock.seen, clock.observes_at = observes != clock.observes_at, observes
         if measured:
             clock.measured += 1
-            clock.late = clock.late or clock.segment > 0
+            clock.late = clock.late or clock.steps > clock.start
+            clock.seen = self.observes != clock.observes_at
+        clock.observes_at = self.observes
         clock.steps += 1
-        clock.segment += 1
+        if clock.steps < clock.quiet_until:  # decided already: unmeasured (see ``Clock.quiet_until``)
+            return
         decision = self._decide(clock, early=True) if len(self.clocks) == 1 else None
         clock.decision, self.quiet = decision, decision is False
 

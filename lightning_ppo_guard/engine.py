@@ -11,9 +11,10 @@ fit set-up / start            :meth:`~MonitorEngine.reset`, :meth:`~MonitorEngin
                               :meth:`~MonitorEngine.attach` (registers the optimizer step hooks)
 training batch start / end    :meth:`~MonitorEngine.batch_start`, :meth:`~MonitorEngine.batch_end`
 backward done                 :meth:`~MonitorEngine.after_backward`
-optimizer step announced      :meth:`~MonitorEngine.before_optimizer_step`
-optimizer step ran            :meth:`~MonitorEngine.pre_step` / :meth:`~MonitorEngine.post_step` (hooks on
-                              the unwrapped ``torch.optim.Optimizer``, registered by ``attach``)
+optimizer step announced      :meth:`~MonitorEngine.before_optimizer_step` (Lightning's hook, before the update)
+optimizer step ran            :meth:`~MonitorEngine.post_step` (a hook on the unwrapped ``torch.optim.Optimizer``,
+                              registered by ``attach``); :meth:`~MonitorEngine.pre_step` (its pre-hook) only for
+                              an optimizer whose steps are not announced (a Fabric loop, a raw optimizer)
 ``observe(...)``              :meth:`~MonitorEngine.keep`, then :meth:`~MonitorEngine.record` or
                               :meth:`~MonitorEngine.boundary`
 validation in the fit         :attr:`MonitorEngine.training`
@@ -31,8 +32,8 @@ What is measured, per role (actor, ``agent_i``, critic, shared):
   AMP;
 * gradient as the optimizer stepped with it (the step post-hook: after every clip, in both optimization modes; the
   pre-hook cannot read it, as in automatic optimization it runs before the closure's backward);
-* the exact parameter update across the step (snapshot in preallocated buffers in the pre-hook, fused difference
-  in the post-hook);
+* the exact parameter update across the step (snapshot in preallocated buffers where the step is announced, or in
+  the step pre-hook of an optimizer whose steps are not, fused difference in the post-hook);
 * steps announced by ``before_optimizer_step`` that never ran (AMP's GradScaler skipped them);
 * optimizer binding: which share of the role's trainable tensors some param group holds, by identity, and at which
   learning rate;
@@ -56,11 +57,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, is_grad_enabled, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_ppo_guard._binding import Binding, RoleCache, StepGroups, step_groups
-from lightning_ppo_guard._cadence import Cadence
+from lightning_ppo_guard._cadence import Cadence, Clock
 from lightning_ppo_guard._inputs import PolicyTerm
 from lightning_ppo_guard._plan import PreClip, transfer
 from lightning_ppo_guard._protocols import ModuleLike, TrainerLike
@@ -80,7 +81,8 @@ def _warn(message: str) -> None:
 
 @dataclass(slots=True)
 class Progress:
-    """The engine's progress through a fit: saved in checkpoints and restored on resume."""
+    """The engine's progress through a fit: saved in checkpoints and restored on resume. The step counts are
+    kept on the cadence's clocks during a fit and added here where they are read (:meth:`MonitorEngine.tally`)."""
 
     optimizer_steps: int = 0
     observes: int = 0
@@ -120,13 +122,16 @@ class Progress:
 
 
 @dataclass(slots=True)
-class InFlight:
-    """What one optimizer step hands from one hook to the next; empty between steps."""
+class Stepping:
+    """One optimizer of the fit as its step hooks see it: its clock, and what one of its steps hands from one hook
+    to the next (empty between steps)."""
 
-    pre_clip: PreClip | None = None  # every role's gradient norms after the last backward
-    param_sq: dict[int, Tensor] = field(default_factory=dict)  # id(optimizer) -> actors' squared norms before it
-    groups: dict[int, list[StepGroups]] = field(default_factory=dict)  # ... its roles' param groups then
-    awaiting: set[int] = field(default_factory=set)  # optimizers past before_optimizer_step, step not run yet
+    clock: Clock  # its cadence clock (counts its steps)
+    announced: bool = False  # past before_optimizer_step, its step not run yet
+    param_sq: Tensor | None = None  # a measured step's snapshot: the actors' squared norms before it
+    groups: list[StepGroups] | None = None  # ... and its roles' param groups then
+    pre_hook: RemovableHandle | None = None  # its step pre-hook, kept while its steps are not announced
+    tallied: int = 0  # its steps already added to the engine's progress (:meth:`MonitorEngine.tally`)
 
 
 @dataclass(slots=True)
@@ -140,7 +145,11 @@ class FitState:
     observe_slots: dict[str, Tensor]
     cache: RoleCache
     cadence: Cadence
-    hooks: list[RemovableHandle] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)  # the step post-hooks
+    steppings: dict[int, Stepping] = field(default_factory=dict)  # id(optimizer) -> its step in flight, its clock
+    announced: int = 0  # optimizers past before_optimizer_step whose step has not run yet
+    pre_clip: PreClip | None = None  # every role's gradient norms after the last backward (of a measured step)
+    trunk: bool = False  # a shared trunk is probed (the post-hook keeps its module hooks on the measured steps)
     batches: int = 0  # training batches started
     training: bool = True  # False while a validation loop runs inside the fit
     manual: bool = False  # manual optimization (read once: a LightningModule property)
@@ -152,6 +161,7 @@ class FitState:
     steps_since_row: int = 0
     batches_since_row: int = 0
     thin_said: bool = False  # the thinned cadence was announced
+    published: bool = False  # a record went to the listener since the last batch end (which is then a read point)
 
     @property
     def fraction(self) -> float | None:
@@ -290,7 +300,8 @@ class Listener(Protocol):
         """A logged row was written (or had nothing to write): a read point."""
 
     def batch_ended(self) -> None:
-        """A training batch ended."""
+        """A training batch ended in which records were published (observed, stepped or step_skipped): a read
+        point."""
 
     def train_ended(self) -> None:
         """Training ends: read everything pending (the engine writes its last row after this)."""
@@ -378,7 +389,6 @@ class MonitorEngine:
         self.last_logged: dict[str, float] = {}
         self.snapshot_bytes = 0  # the only persistent allocation: the moving roles' snapshot buffers
         self.progress = Progress()
-        self.flight = InFlight()
         self.fit: FitState | None = None
         self.keys: tuple[Any, ...] = ()  # what observe(key, ...) reaches this engine through, while attached
 
@@ -392,14 +402,31 @@ class MonitorEngine:
         """The optimizer step findings and rows are filed under: the host's ``global_step`` during a fit."""
         return self.fit.trainer.global_step if self.fit is not None else self.progress.optimizer_steps
 
+    def tally(self) -> Progress:
+        """:attr:`progress` with its step counts up to date. The step post-hook counts each step on the optimizer's
+        cadence clock only; the steps since the last tally are added here to ``optimizer_steps`` and to each actor's
+        ``rollout_steps`` (an actor's: those of the optimizers whose plan steps it), wherever they are read."""
+        fit, progress = self.fit, self.progress
+        if fit is not None:
+            counts = progress.rollout_steps
+            for key, stepping in fit.steppings.items():
+                new = stepping.clock.steps - stepping.tallied
+                if new > 0:
+                    stepping.tallied = stepping.clock.steps
+                    progress.optimizer_steps += new
+                    plan = fit.cache.plans.get(key)
+                    for name in plan.actor_names if plan is not None else ():
+                        counts[name] = counts.get(name, 0) + new
+        return progress
+
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
 
     # ------------------------------------------------------------------ set-up and tear-down
     def reset(self) -> None:
-        """A fresh start: progress, the step in flight, the fit's bindings, the listener's state."""
+        """A fresh start: progress, the fit's bindings (and its steps in flight), the listener's state."""
         self.detach()
-        self.progress, self.flight, self.last_logged, self.thinning = Progress(), InFlight(), {}, None
+        self.progress, self.last_logged, self.thinning = Progress(), {}, None
         if self.listener is not None:
             self.listener.reset()
 
@@ -418,9 +445,9 @@ class MonitorEngine:
         self.detach()
         fit = self.fit = FitState.start(trainer, module, self.prefix, self.roles,
                                         Cadence(self.dense_steps, self.measure_every_n_steps, self.overhead_budget))
-        for opt in trainer.optimizers:
-            fit.cadence.clock(id(opt))
-            fit.hooks.append(opt.register_step_pre_hook(self.pre_step))
+        for opt in trainer.optimizers:  # the pre-hook stays until the optimizer's steps are announced
+            fit.steppings[id(opt)] = Stepping(fit.cadence.clock(id(opt)), pre_hook=opt.register_step_pre_hook(
+                self.pre_step))
             fit.hooks.append(opt.register_step_post_hook(self.post_step))
         self.keys = keys
         for key in keys:
@@ -430,15 +457,15 @@ class MonitorEngine:
     def detach(self) -> None:
         """Remove the optimizer hooks, unregister from ``observe`` and drop everything bound to the fit
         (idempotent)."""
+        self.tally()
         fit, self.fit = self.fit, None
         if fit is not None:
-            for handle in fit.hooks:
+            for handle in [*fit.hooks, *(s.pre_hook for s in fit.steppings.values() if s.pre_hook is not None)]:
                 handle.remove()
             fit.cache.close()
         for key in self.keys:
             detach_monitor(key, self)
         self.keys = ()
-        self.flight = InFlight()
         if self.listener is not None:
             self.listener.detached()
 
@@ -455,11 +482,12 @@ class MonitorEngine:
         fit = self.fit
         if fit is None:
             return
-        changed = fit.cache.refresh(self.roles, fit.trainer.optimizers, fit.module, self.progress.optimizer_steps)
-        self.bindings = fit.cache.bindings
+        steps = self.tally().optimizer_steps  # before the plans (which actors each optimizer steps) are rebuilt
+        changed = fit.cache.refresh(self.roles, fit.trainer.optimizers, fit.module, steps)
+        self.bindings, fit.trunk = fit.cache.bindings, fit.cache.trunk is not None
         if changed is not None:
             self.snapshot_bytes = fit.cache.snapshot_bytes
-            self.flight.pre_clip = None
+            fit.pre_clip = None
             if changed and self.listener is not None:
                 self.listener.roles_changed(changed)
         if self.listener is not None:
@@ -500,97 +528,123 @@ class MonitorEngine:
             t0 = time.perf_counter()
             scaler = fit.trainer.scaler
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-            self.flight.pre_clip = PreClip(fit.cache.all_plan, 1.0 / scale)
+            fit.pre_clip = PreClip(fit.cache.all_plan, 1.0 / scale)
             fit.cadence.charge(t0)
 
     def before_optimizer_step(self, optimizer: Any) -> None:
+        """Lightning announces an optimizer step (after backward, before the update): snapshot a measured step's
+        actors here; an optimizer announced this way needs no step pre-hook (removed at its first announcement)."""
         fit = self.fit
         if fit is None:
             return
-        key, awaiting = id(optimizer), self.flight.awaiting
-        # A step that never ran since this optimizer's last before_optimizer_step was skipped (GradScaler).
-        if key in awaiting:
-            self.skipped(key)
-        awaiting.add(key)
-        # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
-        if fit.manual or fit.cadence.quiet:
+        key = id(optimizer)
+        stepping = fit.steppings.get(key)
+        if stepping is None:  # not an optimizer of this fit
             return
-        if fit.cache.all_plan is not None and fit.cadence.measuring(key):
-            t0 = time.perf_counter()
-            self.flight.pre_clip = PreClip(fit.cache.all_plan, 1.0)
-            fit.cadence.charge(t0)
+        if stepping.announced:  # its step announced last time never ran (AMP's GradScaler skipped it)
+            self.skipped(key, stepping)
+        stepping.announced = True
+        fit.announced += 1
+        if stepping.pre_hook is not None:
+            stepping.pre_hook.remove()
+            stepping.pre_hook = None
+        if fit.cadence.quiet or not fit.cadence.measuring(key):
+            return
+        t0 = time.perf_counter()
+        # Automatic optimization: Lightning has unscaled the gradients already (AMP) and clips right after this hook.
+        if not fit.manual and fit.cache.all_plan is not None:
+            fit.pre_clip = PreClip(fit.cache.all_plan, 1.0)
+        if stepping.param_sq is None:  # (in automatic optimization a first step's pre-hook ran before it)
+            self.snapshot(fit, key, stepping)
+        fit.cadence.charge(t0)
 
     def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """The optimizer's step pre-hook: snapshot the moving roles before a measured step."""
+        """The step pre-hook of an optimizer whose steps are not announced: snapshot a measured step's actors."""
         fit = self.fit
         if fit is None or fit.cadence.quiet or not fit.cadence.measuring(id(optimizer)):
             return
-        t0 = time.perf_counter()
+        stepping = fit.steppings.get(id(optimizer))
+        if stepping is not None:
+            t0 = time.perf_counter()
+            self.snapshot(fit, id(optimizer), stepping)
+            fit.cadence.charge(t0)
+
+    def snapshot(self, fit: FitState, key: int, stepping: Stepping) -> None:
+        """Before a measured step of optimizer ``key``: its actors' parameters (into the plan's buffers, for the
+        update), their norms and the param groups' settings."""
         if fit.cache.lazy:  # lazy parameters materialise at the first forward: measure them from now on
             self.refresh()
-        plan = fit.cache.plans.get(id(optimizer))
+        plan = fit.cache.plans.get(key)
         if plan is not None:
-            self.flight.param_sq[id(optimizer)] = plan.before()
-            self.flight.groups[id(optimizer)] = [step_groups(self.bindings[r.name], fit.trainer.optimizers)
-                                                 for r in plan.roles]
-        fit.cadence.charge(t0)
+            stepping.param_sq = plan.before()
+            stepping.groups = [step_groups(self.bindings[r.name], fit.trainer.optimizers) for r in plan.roles]
 
     def post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """The optimizer's step post-hook: count the step; measure it if the pre-hook took a snapshot."""
-        # every step of every optimizer runs this: the unmeasured path is kept to a few slot and dict operations
+        """The optimizer's step post-hook: count the step (on its cadence clock: :meth:`tally`); measure it if a
+        snapshot was taken before it."""
+        # every step of every optimizer runs this: the unmeasured path is kept to a few slot operations
         fit = self.fit
         if fit is None:
             return
-        key, flight = id(optimizer), self.flight
-        flight.awaiting.discard(key)
-        plan = fit.cache.plans.get(key)
-        if plan is None:
+        stepping = fit.steppings.get(id(optimizer))
+        if stepping is None:  # not an optimizer of this fit
             return
-        progress = self.progress
-        progress.optimizer_steps += 1
-        counts = progress.rollout_steps
-        for name in plan.actor_names:
-            counts[name] = counts.get(name, 0) + 1
-        if flight.param_sq and key in flight.param_sq:
-            self.measured(fit, plan, key, flight.param_sq.pop(key))
+        if stepping.announced:
+            stepping.announced = False
+            fit.announced -= 1
+        elif stepping.pre_hook is None:  # a step not announced (a raw optimizer, a Fabric loop): hook its pre-step
+            stepping.pre_hook = optimizer.register_step_pre_hook(self.pre_step)
+        clock = stepping.clock
+        if stepping.param_sq is not None:  # the snapshot of a measured step
+            self.measured(fit, id(optimizer), stepping)
+        elif clock.steps + 1 < clock.quiet_until:  # Cadence.stepped's quiet case, inline (see Clock.quiet_until)
+            clock.steps += 1
+            clock.observes_at = fit.cadence.observes
         else:
-            fit.cadence.stepped(key)
-        if fit.cache.trunk is not None:
+            fit.cadence.stepped(id(optimizer))
+        if fit.trunk:
             fit.cache.hook_trunk(fit.cadence)
         if self.log_every is not None:
             fit.steps_since_row += 1
             if fit.steps_since_row >= self.log_every:
                 self.write_row()
 
-    def measured(self, fit: FitState, plan: Any, key: int, param_sq: Tensor) -> None:
+    def measured(self, fit: FitState, key: int, stepping: Stepping) -> None:
         """The measured step's work (the post-hook's rare branch)."""
         t0 = time.perf_counter()
-        flight, cadence = self.flight, fit.cadence
+        cadence, plan = fit.cadence, fit.cache.plans[key]  # a snapshot is taken only with a plan
+        param_sq, groups, stepping.param_sq, stepping.groups = stepping.param_sq, stepping.groups or [], None, None
+        assert param_sq is not None
         counted = cadence.counting_nonzero(key)
         cadence.stepped(key, measured=True)
-        pre = flight.pre_clip
+        pre = fit.pre_clip
         block, nones, mask = plan.measure(param_sq, pre, counted)
         if pre is not None and not pre.unused:
-            flight.pre_clip = None
+            fit.pre_clip = None
         fit.rows.queue(block, mask, plan.slots)
-        step, groups = self.current_step, flight.groups.pop(key)
+        step = self.current_step
         segment = cadence.segments if cadence.segment_id is not None else None
         # a step with no observe since this optimizer's last, of an optimizer holding the policy, is of another phase
         # (an auxiliary one); a critic's own optimizer steps on value losses alone (Spinning Up's train_v_iters)
-        observed = cadence.clocks[key].seen or cadence.observes == 0 or not plan.actors
+        observed = stepping.clock.seen or cadence.observes == 0 or not plan.actors
+        fit.published = True
         if self.listener is not None:
             self.listener.stepped([StepRecord(name, step, block[i], nones[i], groups[i], segment, fit.fraction,
                                               observed) for i, name in enumerate(plan.names)])
         cadence.charge(t0)
 
-    def skipped(self, opt_id: int) -> None:
-        """An optimizer step was announced and never ran."""
-        self.flight.awaiting.discard(opt_id)
-        self.flight.param_sq.pop(opt_id, None)
-        plan = self.fit.cache.plans.get(opt_id) if self.fit is not None else None
+    def skipped(self, key: int, stepping: Stepping) -> None:
+        """An optimizer step was announced (:meth:`before_optimizer_step`) and never ran."""
+        fit = self.fit
+        if fit is None:
+            return
+        stepping.announced, stepping.param_sq, stepping.groups = False, None, None
+        fit.announced -= 1
+        plan = fit.cache.plans.get(key)
         if plan is None:
             return
         self.progress.count_skipped(plan.names)
+        fit.published = True
         if self.listener is not None:
             self.listener.step_skipped(plan.names)
 
@@ -598,15 +652,18 @@ class MonitorEngine:
         fit = self.fit
         if fit is None:
             return
-        if self.flight.awaiting:  # a batch ended with a step announced but never run
-            for opt_id in list(self.flight.awaiting):
-                self.skipped(opt_id)
+        if fit.announced:  # a batch ended with a step announced but never run
+            for key, stepping in fit.steppings.items():
+                if stepping.announced:
+                    self.skipped(key, stepping)
         if self.log_every is None:
             fit.batches_since_row += 1
             if fit.batches_since_row >= fit.log_every_batches:
                 self.write_row()
-        if self.listener is not None:
-            self.listener.batch_ended()
+        if fit.published:
+            fit.published = False
+            if self.listener is not None:
+                self.listener.batch_ended()
 
     # ------------------------------------------------------------------ observe
     def keep(self, role: str, rollout: int | None) -> Ticket | None:
@@ -614,7 +671,7 @@ class MonitorEngine:
         rollout's first minibatch. None outside training (validation) or under ``torch.no_grad()``."""
         # The hot path (every minibatch, most not kept) is written flat: few calls, no allocation.
         fit = self.fit
-        if fit is None or not fit.training or not torch.is_grad_enabled():
+        if fit is None or not fit.training or not is_grad_enabled():
             return None
         cadence = fit.cadence
         cadence.observes += 1
@@ -631,7 +688,7 @@ class MonitorEngine:
         if inferred:
             rollout = fit.batches
         if rollout is not None and progress.rollout.get(name) != rollout:
-            first_in_rollout, prev_updates, prev_observes = progress.enter_rollout(name, rollout)
+            first_in_rollout, prev_updates, prev_observes = self.tally().enter_rollout(name, rollout)
             if not inferred:  # manual batches are segments already
                 self.start_segment(fit, ("rollout", rollout), rollout=True)
             elif prev_observes is not None and prev_observes <= 1:
@@ -669,6 +726,8 @@ class MonitorEngine:
             self.fit.cadence.charge(ticket.started)
 
     def _boundary(self, ticket: Ticket) -> None:
+        if self.fit is not None:
+            self.fit.published = True
         if self.listener is not None:
             self.listener.observed(ObserveRecord.boundary(ticket, self.current_step), None, ticket.role)
 
@@ -702,6 +761,7 @@ class MonitorEngine:
         if measured:
             fit.rows.queue(values, fit.rows.mask(present), fit.observe_slots[name])
         progress.observes += 1
+        fit.published = True
         if self.listener is not None:
             self.listener.observed(ObserveRecord.of(term, ticket, self.current_step, values), term, role)
 
@@ -740,7 +800,7 @@ class MonitorEngine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return self.progress.state_dict()
+        return self.tally().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = Progress.from_state(state)

@@ -114,7 +114,7 @@ class PPOMonitor(Callback):
     last_logged = property(lambda self: self.engine.last_logged, doc="The last row logged (key -> value).")
     snapshot_bytes = property(lambda self: self.engine.snapshot_bytes,
                               doc="The only persistent allocation: the moving roles' snapshot buffers.")
-    optimizer_steps = property(lambda self: self.engine.progress.optimizer_steps,
+    optimizer_steps = property(lambda self: self.engine.tally().optimizer_steps,
                                doc="Optimizer steps counted so far.")
     observes = property(lambda self: self.engine.progress.observes, doc="observe() calls kept so far.")
     updates_per_rollout = property(lambda self: self.engine.progress.updates_per_rollout,
@@ -124,8 +124,8 @@ class PPOMonitor(Callback):
 
     @property
     def progress(self) -> Progress:
-        """The engine's progress through the fit (checkpointed)."""
-        return self.engine.progress
+        """The engine's progress through the fit (checkpointed), its step counts up to date."""
+        return self.engine.tally()
 
     @progress.setter
     def progress(self, value: Progress) -> None:
