@@ -323,3 +323,33 @@ def test_one_update_per_rollout_without_rollout_ids_is_no_frozen_policy():
     assert [n["rule"] for n in guard.notices] == ["rollout="]
     recent = module.recent_returns[-20:]
     assert sum(recent) / len(recent) > 60  # it learns (from ~20)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_step_lightning_does_not_announce_is_measured_through_the_optimizer_pre_hook(raw, tmp_path):
+    """The snapshot before a measured step is taken in ``on_before_optimizer_step`` where Lightning announces the
+    step; each optimizer's step pre-hook is removed at its first announcement. Optimizers taken unwrapped
+    (``self.optimizers(use_pl_optimizer=False)``) and stepped by hand are never announced: their pre-hooks stay and
+    snapshot there. Either way every step is counted and the actor's exact update is measured (and logged)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from tests.zoo import styles
+
+    module, kwargs = (styles.raw_optimizers if raw else styles.two_optimizers)(0)
+    guard = PPOGuard(actors="policy_model", critic="value_model", verbose=False)
+    hooked: list[bool] = []
+
+    class PreHooks(Callback):  # listed before the guard: its on_train_end runs while the fit is still attached
+        def on_train_end(self, trainer, pl_module):
+            fit_state = guard.engine.fit
+            assert fit_state is not None
+            hooked.extend(fit_state.steppings[id(opt)].pre_hook is not None for opt in trainer.optimizers)
+
+    trainer = L.Trainer(**kwargs, enable_checkpointing=False, logger=CSVLogger(tmp_path),
+                        callbacks=[PreHooks(), guard])
+    trainer.fit(module)
+    assert hooked == [raw, raw]
+    assert guard.findings == [] and guard.optimizer_steps == 2 * module.cfg.iterations * module.cfg.steps_per_rollout
+    updates = [r["ppo_guard/actor/update_ratio"] for r in guard_rows(read_csv(trainer.log_dir), metric="update_ratio")]
+    assert len(updates) >= module.cfg.iterations - 1 and all(1e-5 < u < 1e-1 for u in updates), updates

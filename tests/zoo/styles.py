@@ -44,6 +44,7 @@ __all__ = [
     "MlpExtractor",
     "NaiveNormPPO",
     "PolicyMLP",
+    "RawOptimizerPPO",
     "SB3StylePPO",
     "SparseEmbeddingPPO",
     "StyleConfig",
@@ -581,6 +582,25 @@ class TwoOptimizerPPO(StylePPO):
             self.lr_schedulers().step()  # type: ignore[union-attr]
 
 
+class RawOptimizerPPO(TwoOptimizerPPO):
+    """The same two Adams taken unwrapped (``self.optimizers(use_pl_optimizer=False)``), clipped with
+    ``clip_grad_norm_`` and stepped by hand: Lightning announces none of these steps (no
+    ``on_before_optimizer_step``) and counts none in ``global_step``."""
+
+    def update(self, mb: dict[str, Tensor], rollout: int) -> None:
+        pi_opt, vf_opt = self.optimizers(use_pl_optimizer=False)
+        loss = self.ppo_loss(mb, rollout)
+        pi_opt.zero_grad()
+        vf_opt.zero_grad()
+        self.manual_backward(loss)
+        for net in (self.value_model, self.policy_model):
+            nn.utils.clip_grad_norm_(net.parameters(), self.cfg.max_grad_norm)
+        vf_opt.step()
+        pi_opt.step()
+        if self.cfg.actor_lr_drop_at is not None:
+            self.lr_schedulers().step()  # type: ignore[union-attr]
+
+
 class BinnedPolicy(nn.Module):
     """Embeds the discretised observation (one bin index per dimension, ``sparse=True``) next to the raw one."""
 
@@ -844,6 +864,17 @@ def two_optimizers_lr_drop(seed: int) -> tuple[Any, dict[str, Any]]:
     return _fit(TwoOptimizerPPO(cfg))
 
 
+def raw_optimizers(seed: int) -> tuple[Any, dict[str, Any]]:
+    """The two optimizers unwrapped and stepped by hand (``use_pl_optimizer=False``): no step is announced."""
+    return _fit(RawOptimizerPPO(StyleConfig(seed=seed)))
+
+
+def raw_optimizers_lr_drop(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Unwrapped optimizers and the actor's ``MultiStepLR`` gamma typo: lr 1e-9 from its 192nd update on."""
+    cfg = StyleConfig(seed=seed, iterations=19, actor_lr_drop_at=_LR_DROP_STEP // 2)
+    return _fit(RawOptimizerPPO(cfg))
+
+
 def sparse_embedding(seed: int) -> tuple[Any, dict[str, Any]]:
     """Sparse gradients: an ``nn.Embedding(sparse=True)`` of the discretised observation inside the policy,
     optimised by its own ``SparseAdam`` next to ``Adam`` (recommender-style features, tile coding)."""
@@ -957,6 +988,14 @@ VARIANTS: list[Variant] = [
             expect=frozenset({("PPG204", _ACTOR)}), deadline=_LR_DROP_STEP + 5 * _TWO_OPT_STEPS_PER_ROLLOUT,
             guard_kwargs={"actors": "policy_model", "critic": "value_model"},
             note="actor lr 1e-9 from step 384 (MultiStepLR gamma typo): update-too-small within 5 rollouts"),
+    Variant("raw-optimizers", "optimizer", raw_optimizers,
+            guard_kwargs={"actors": "policy_model", "critic": "value_model"},
+            note="unwrapped optimizers stepped by hand: measured through their step pre-hooks, quiet"),
+    Variant("raw-optimizers-actor-lr-1e-9", "optimizer", raw_optimizers_lr_drop,
+            expect=frozenset({("PPG204", _ACTOR)}),
+            guard_kwargs={"actors": "policy_model", "critic": "value_model"},
+            note="unwrapped optimizers, actor lr 1e-9 from its 192nd update: update-too-small (Lightning's "
+                 "global_step stays 0 without its optimizer wrapper, so the finding's step is 0: no deadline)"),
     Variant("sparse-embedding-sparseadam", "optimizer", sparse_embedding,
             note="sparse gradients (SparseAdam) in the actor: measured, not a crash"),
     Variant("lazy-linear", "layout", lazy_linear,
