@@ -70,7 +70,7 @@ from lightning_ppo_guard.metrics import Layout, RowBuffer, arrange, host_values
 from lightning_ppo_guard.observe import attach_monitor, detach_monitor
 from lightning_ppo_guard.roles import PartsSpec, Role, RoleSpec, actor_role, announcement, resolve_roles
 
-__all__ = ["FitState", "Listener", "MonitorEngine", "ObserveRecord", "Progress", "StepRecord", "Ticket"]
+__all__ = ["FitState", "Listener", "MonitorEngine", "ObserveRecord", "Progress", "StepRecord", "Stepping", "Ticket"]
 
 _log = logging.getLogger("lightning_ppo_guard")
 
