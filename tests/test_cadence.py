@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_ppo_guard import PPOGuard, PPOMonitor, _cadence
 from lightning_ppo_guard._cadence import Cadence
@@ -249,3 +251,38 @@ def test_segments_of_one_step_are_measured_one_step_in_every(clock: FakeTime) ->
     early, later = [row[0] for row in measured[16:256]], [row[0] for row in measured[256:]]
     assert 240 // 16 - 1 <= sum(early) <= 240 // 16 + 1
     assert 344 // 64 - 1 <= sum(later) <= 344 // 64 + 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(dense=st.sampled_from([0, 1, 8]), every=st.sampled_from([2, 4, 64]), optimizers=st.integers(1, 3),
+       lengths=st.lists(st.integers(1, 40), min_size=1, max_size=25), fast=st.booleans())
+def test_a_held_decision_is_the_decision_made_afresh(dense: int, every: int, optimizers: int, lengths: list[int],
+                                                     fast: bool) -> None:
+    """``Clock.quiet_until`` holds a False decision over the coming steps of a segment, and the engine's post-hook
+    counts those steps inline (``fast``: as it does, ``steps``/``observes_at`` only). A twin cadence made to decide
+    every step afresh (its cached decision and hold cleared before each) measures the very same steps, over
+    segments of any lengths (one-step segments too) and several optimizers stepped in turn."""
+    held, fresh = Cadence(dense, every), Cadence(dense, every)
+    keys = list(range(1, optimizers + 1))
+    for cadence in (held, fresh):
+        for key in keys:
+            cadence.clock(key)
+    for segment, length in enumerate(lengths):
+        for cadence in (held, fresh):
+            cadence.start_segment(("rollout", segment), rollout=True)
+        for _ in range(length):
+            for key in keys:
+                for cadence in (held, fresh):
+                    cadence.observes += 1
+                c = fresh.clocks[key]
+                c.decision, c.quiet_until = None, 0
+                assert held.measuring(key) == fresh.measuring(key)
+                measured = fresh.measuring(key)
+                clock = held.clocks[key]
+                if fast and not measured and clock.steps + 1 < clock.quiet_until:
+                    clock.steps += 1
+                    clock.observes_at = held.observes
+                else:
+                    held.stepped(key, measured=measured)
+                fresh.stepped(key, measured=measured)
+                assert held.clocks[key].seen == fresh.clocks[key].seen
