@@ -613,8 +613,8 @@ class MonitorEngine:
         """The measured step's work (the post-hook's rare branch)."""
         t0 = time.perf_counter()
         cadence, plan = fit.cadence, fit.cache.plans[key]  # a snapshot is taken only with a plan
-        param_sq, groups, stepping.param_sq, stepping.groups = stepping.param_sq, stepping.groups or [], None, None
-        assert param_sq is not None
+        param_sq, groups, stepping.param_sq, stepping.groups = stepping.param_sq, stepping.groups, None, None
+        assert param_sq is not None and groups is not None  # taken together by snapshot()
         counted = cadence.counting_nonzero(key)
         cadence.stepped(key, measured=True)
         pre = fit.pre_clip
